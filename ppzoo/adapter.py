@@ -1,0 +1,259 @@
+"""The ``Adapter`` base class: what an architecture must and may supply.
+
+An adapter says how a Hugging Face causal LM is laid out (input modules, the repeated layer
+container, output modules) and how one pipeline stage runs: embed (first stage only), build masks
+and rotary embeddings from ``attention_mask`` / ``position_ids``, run the stage's layers, then
+norm and head (last stage only). Only ``hidden_states`` cross a stage boundary.
+
+The defaults fit Llama; an architecture that looks like Llama is a subclass with a few overrides.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Adapter", "KeyMap", "Layout", "FULL", "SLIDING"]
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model's pieces live, by module FQN.
+
+    Attributes:
+        inputs: modules that run before the first layer (``model.embed_tokens``), first stage.
+        layers: the repeated layer container (``model.layers``); layer ``i`` is ``f"{layers}.{i}"``.
+        num_layers: how many layers the container holds.
+        outputs: modules that run after the last layer (``model.norm``, ``lm_head``), last stage.
+        shared: parameter-free modules every stage keeps (``model.rotary_emb``).
+    """
+
+    inputs: tuple[str, ...]
+    layers: str
+    num_layers: int
+    outputs: tuple[str, ...]
+    shared: tuple[str, ...] = ()
+
+    def layer(self, index: int) -> str:
+        return f"{self.layers}.{index}"
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every parameter-holding module in forward order."""
+        return self.inputs + tuple(self.layer(i) for i in range(self.num_layers)) + self.outputs
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Checkpoint key ⇄ module FQN conversion.
+
+    The default is the identity. ``rules`` maps a parameter FQN pattern (``{}`` stands for the
+    layer index, ``{e}`` for an expert index) to the checkpoint keys it is built from; adapters
+    with fused parameters override :meth:`sources`, :meth:`combine` and :meth:`split`.
+    """
+
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def sources(self, fqn: str, available: Callable[[str], bool]) -> list[str]:
+        """Checkpoint keys that hold ``fqn`` (``available(key)`` says whether the checkpoint has a key)."""
+        return [fqn]
+
+    def combine(self, fqn: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Build the parameter ``fqn`` from the tensors read for :meth:`sources`."""
+        (tensor,) = tensors
+        return tensor
+
+    def split(self, fqn: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors for the parameter ``fqn`` (the inverse of :meth:`combine`)."""
+        return {fqn: tensor}
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_params(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids) -> Any:
+    """Call a transformers mask function with the argument names the installed version uses."""
+    params = _mask_params(fn)
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
+    # NOTE: transformers renamed input_embeds -> inputs_embeds and past_key_values -> cache, and
+    # dropped cache_position; stages never carry a cache.
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    if "cache" in params:
+        kwargs["cache"] = None
+    elif "past_key_values" in params:
+        kwargs["past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    if "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    return fn(**kwargs)
+
+
+class Adapter:
+    """How ppzoo pipelines one family of architectures. Subclass and override what differs."""
+
+    #: short unique name, shown in ``ppzoo list`` and errors
+    name: str = "base"
+    #: ``config.model_type`` values this adapter handles
+    model_types: tuple[str, ...] = ()
+    #: ``config.architectures`` entries this adapter handles (matched after model types)
+    architectures: tuple[str, ...] = ()
+    #: declared features, used by the conformance kit: "sliding_window", "tied_embeddings", "moe", ...
+    capabilities: frozenset[str] = frozenset()
+    #: a fallback adapter is tried last, for any config its :meth:`matches` accepts
+    fallback: bool = False
+
+    # Attribute names; the defaults are Llama's.
+    inner_name = "model"
+    embed_name = "embed_tokens"
+    layers_name = "layers"
+    norm_name = "norm"
+    head_name = "lm_head"
+    rotary_name = "rotary_emb"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- discovery ---------------------------------------------------------------------------
+    def matches(self, config: Any) -> bool:
+        return getattr(config, "model_type", None) in self.model_types
+
+    def text_config(self, config: Any) -> Any:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    # -- layout ------------------------------------------------------------------------------
+    def fqn_layout(self, config: Any) -> Layout:
+        p = self.inner_name
+        return Layout(
+            inputs=(f"{p}.{self.embed_name}",),
+            layers=f"{p}.{self.layers_name}",
+            num_layers=int(self.text_config(config).num_hidden_layers),
+            outputs=(f"{p}.{self.norm_name}", self.head_name),
+            shared=(f"{p}.{self.rotary_name}",),
+        )
+
+    def layer_types(self, config: Any) -> list[str]:
+        """Attention type of each layer (``"full_attention"`` / ``"sliding_attention"``)."""
+        cfg = self.text_config(config)
+        types_ = getattr(cfg, "layer_types", None)
+        return list(types_) if types_ else [FULL] * int(cfg.num_hidden_layers)
+
+    def tied_weights(self, config: Any) -> dict[str, str]:
+        """Tied parameters as ``{copy_fqn: source_fqn}``; the copy lives on the last stage."""
+        if getattr(self.text_config(config), "tie_word_embeddings", False) or getattr(
+            config, "tie_word_embeddings", False
+        ):
+            return {f"{self.head_name}.weight": f"{self.inner_name}.{self.embed_name}.weight"}
+        return {}
+
+    def key_map(self, config: Any) -> KeyMap:
+        return KeyMap()
+
+    def active_matrix_params(self, config: Any, layer: nn.Module, matrix_params: int) -> int:
+        """Matrix weights one token multiplies in ``layer`` (MoE adapters count only routed experts)."""
+        return matrix_params
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self, config: Any, plan: Any = None) -> list[str]:
+        """Every reason ``config`` cannot run under ``plan``; empty when it can."""
+        problems = []
+        if getattr(config, "is_encoder_decoder", False):
+            problems.append(
+                f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs"
+            )
+        cfg = self.text_config(config)
+        known = {FULL, SLIDING}
+        unknown = sorted(set(self.layer_types(config)) - known)
+        if unknown:
+            problems.append(f"layer_types {unknown} are not supported by adapter {self.name!r} (known: {sorted(known)})")
+        if SLIDING in self.layer_types(config) and not getattr(cfg, "sliding_window", None):
+            problems.append("layer_types has sliding_attention layers but sliding_window is not set")
+        return problems
+
+    # -- build ---------------------------------------------------------------------------------
+    def init_buffers(self, model: nn.Module, module: nn.Module) -> None:
+        """Re-create the non-persistent buffers of ``module`` (RoPE ``inv_freq``, embedding scales).
+
+        Called after meta init and before weights are loaded, so it may also touch parameters.
+        The default asks the model's own ``_init_weights``, which knows its buffers.
+        """
+        model._init_weights(module)
+
+    def tiny_config(self) -> Any:
+        """A tiny config for tests (hidden 32-64, 2-4 heads, vocab ~100, >= 8 layers)."""
+        raise NotImplementedError(f"adapter {self.name!r} has no tiny_config()")
+
+    # -- stage forward pieces ------------------------------------------------------------------
+    def embed(self, inner: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return getattr(inner, self.embed_name)(input_ids)
+
+    def masks(self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str]) -> dict:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        fns = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+        return {t: build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+
+    def position_embeddings(self, inner: nn.Module, hidden: torch.Tensor, position_ids, needed: set[str]) -> dict:
+        rope = getattr(inner, self.rotary_name)(hidden, position_ids=position_ids)
+        return {t: rope for t in needed}
+
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids) -> torch.Tensor:
+        # NOTE: keyword arguments only: some families put position_embeddings second.
+        out = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def final_norm(self, inner: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(inner, self.norm_name)(hidden)
+
+    def logits(self, lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(lm, self.head_name)(hidden)
+
+    # -- forward patches -----------------------------------------------------------------------
+    def patch_inner_forward(self, inner: nn.Module) -> None:
+        """Make ``inner`` map (token ids | hidden states) to hidden states for its own layers."""
+        inner.forward = types.MethodType(functools.partial(_inner_stage_forward, adapter=self), inner)
+
+    def patch_causal_lm_forward(self, lm: nn.Module) -> None:
+        """Make ``lm`` run its inner stage, then the head when this stage holds it (logits out)."""
+        lm.forward = types.MethodType(functools.partial(_causal_lm_stage_forward, adapter=self), lm)
+
+
+def _inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
+    if getattr(inner, adapter.embed_name, None) is not None:
+        hidden = adapter.embed(inner, x)
+    else:
+        hidden = x
+    layers = getattr(inner, adapter.layers_name)
+    if len(layers):
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kinds = adapter.layer_types(inner.config)
+        needed = {kinds[int(i)] for i in layers.keys()}
+        masks = adapter.masks(inner, hidden, attention_mask, position_ids, needed)
+        ropes = adapter.position_embeddings(inner, hidden, position_ids, needed)
+        for key, layer in layers.items():
+            kind = kinds[int(key)]
+            hidden = adapter.call_layer(
+                layer, hidden, mask=masks[kind], position_embeddings=ropes[kind], position_ids=position_ids
+            )
+    if getattr(inner, adapter.norm_name, None) is not None:
+        hidden = adapter.final_norm(inner, hidden)
+    return hidden
+
+
+def _causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
+    hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids)
+    if getattr(lm, adapter.head_name, None) is None:
+        return hidden
+    return adapter.logits(lm, hidden)

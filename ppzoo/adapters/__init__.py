@@ -1,0 +1,1 @@
+"""Built-in adapters, one module per architecture family; each module is a ppzoo plugin."""

@@ -1,0 +1,358 @@
+"""Plan: layout → stages → ranks, from a config alone (no weights are read).
+
+The plan decides how many stages there are (``pp`` × stages per rank, or from
+``layers_per_stage``), which modules each stage holds, and which rank holds each stage:
+loop placement (stage ``s`` on rank ``s % pp``) or V placement (rank ``r`` holds stages ``r`` and
+``2·pp − 1 − r``). The default split balances estimated compute, counting the embedding and the LM
+head, so a large-vocabulary head does not leave the last stage the slowest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ppzoo import registry
+from ppzoo.adapter import SLIDING, Adapter, Layout
+
+__all__ = ["Plan", "StagePlan", "SCHEDULES", "plan", "load_config", "schedule_kind", "meta_model"]
+
+#: torch schedule names (lower-cased) → placement kind: "single" (one stage a rank), "loop", "v"
+SCHEDULES: dict[str, tuple[str, str]] = {
+    "gpipe": ("GPipe", "single"),
+    "1f1b": ("1F1B", "single"),
+    "interleaved1f1b": ("Interleaved1F1B", "loop"),
+    "loopedbfs": ("LoopedBFS", "loop"),
+    "interleavedzerobubble": ("InterleavedZeroBubble", "loop"),
+    "zbvzerobubble": ("ZBVZeroBubble", "v"),
+    "dualpipev": ("DualPipeV", "v"),
+}
+
+
+def schedule_kind(schedule: str) -> tuple[str, str]:
+    """``(canonical name, kind)`` for a schedule name or CSV file; kind is single, loop, v or csv.
+
+    Raises:
+        ValueError: the name is neither a known schedule nor a ``.csv`` file.
+    """
+    if str(schedule).lower().endswith(".csv"):
+        return str(schedule), "csv"
+    try:
+        return SCHEDULES[str(schedule).lower()]
+    except KeyError:
+        names = ", ".join(name for name, _ in SCHEDULES.values())
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {names}, or a path to a .csv schedule") from None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    rank: int
+    modules: tuple[str, ...]
+    layers: tuple[int, ...]
+    params: int
+    bytes: int
+    cost: float
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_type: str
+    adapter: str
+    pp: int
+    schedule: str
+    placement: str  # "loop" or "v"
+    layout: Layout
+    stages: tuple[StagePlan, ...]
+    total_params: int
+    dtype: str
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def stages_per_rank(self) -> int:
+        return len(self.stages) // self.pp
+
+    def stages_for_rank(self, rank: int) -> list[StagePlan]:
+        return [s for s in self.stages if s.rank == rank]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "adapter": self.adapter,
+            "pp": self.pp,
+            "schedule": self.schedule,
+            "placement": self.placement,
+            "dtype": self.dtype,
+            "total_params": self.total_params,
+            "stages": [
+                {k: v for k, v in asdict(s).items() if k in ("index", "rank", "modules", "params", "bytes")}
+                | {"modules": list(s.modules)}
+                for s in self.stages
+            ],
+        }
+
+
+def load_config(config_or_path: Any) -> Any:
+    """A transformers config from a config object, a local directory or a hub id."""
+    if isinstance(config_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        path = os.fspath(config_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face model directory or hub id")
+        return AutoConfig.from_pretrained(path)
+    return config_or_path
+
+
+def _dtype_of(config: Any, dtype: Any) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def meta_model(config: Any, *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.nn.Module:
+    """The whole causal LM on the meta device: structure and shapes, no memory, no init."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with torch.device("meta"), no_init_weights(), _default_dtype(dtype):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _module_costs(config: Any, adapter: Adapter, model: torch.nn.Module, layout: Layout, seq_len: int) -> dict[str, float]:
+    """Estimated forward FLOPs per token of each module (backward scales them all alike).
+
+    Matrix multiplies cost 2 FLOPs per weight; attention adds 4·heads·head_dim per attended key
+    (a causal query sees seq/2 keys on average, a sliding one at most the window); the head adds
+    the softmax of the loss. An embedding is a lookup: a row read and written per token.
+    """
+    cfg = adapter.text_config(config)
+    hidden = int(cfg.hidden_size)
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    window = getattr(cfg, "sliding_window", None) or seq_len
+    kinds = adapter.layer_types(config)
+    costs: dict[str, float] = {}
+    for fqn in layout.modules:
+        module = model.get_submodule(fqn)
+        matrix = sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+        if fqn in layout.inputs:
+            costs[fqn] = 2.0 * hidden * len(list(module.parameters()))
+        elif fqn in layout.outputs:
+            vocab = getattr(cfg, "vocab_size", 0) if matrix else 0
+            costs[fqn] = 2.0 * matrix + 5.0 * vocab + 4.0 * hidden
+        else:
+            index = int(fqn.rsplit(".", 1)[1])
+            keys = min(window, seq_len / 2) if kinds[index] == SLIDING else seq_len / 2
+            costs[fqn] = 2.0 * adapter.active_matrix_params(cfg, module, matrix) + 4.0 * heads * head_dim * keys
+    return costs
+
+
+def _balanced_split(layer_costs: Sequence[float], first_extra: float, last_extra: float, stages: int) -> list[int]:
+    """Layer counts per stage (each ≥ 1) minimising the most expensive stage; contiguous."""
+    n = len(layer_costs)
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: minimal max-cost splitting the first i layers into s stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n - (stages - s) + 1):
+            for j in range(s - 1, i):
+                cost = prefix[i] - prefix[j]
+                if s == 1:
+                    cost += first_extra
+                if s == stages:
+                    cost += last_extra
+                value = max(best[s - 1][j], cost)
+                # NOTE: on ties prefer the earlier cut, which keeps the split deterministic.
+                if value < best[s][i] - 1e-9 * abs(value):
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(stages, 0, -1):
+        j = cut[s][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]
+
+
+def _stages_from_modules(layout: Layout, stage_modules: Sequence[Sequence[str]]) -> list[list[str]]:
+    known = layout.modules
+    position = {fqn: i for i, fqn in enumerate(known)}
+    seen: dict[str, int] = {}
+    for s, mods in enumerate(stage_modules):
+        if not mods:
+            raise ValueError(f"stage_modules[{s}] is empty; every stage needs at least one module")
+        for fqn in mods:
+            if fqn not in position:
+                raise ValueError(
+                    f"stage_modules[{s}] names unknown module {fqn!r}; known modules are "
+                    f"{known[0]!r} … {known[-1]!r} ({', '.join(layout.inputs)}, {layout.layers}.0-"
+                    f"{layout.num_layers - 1}, {', '.join(layout.outputs)})"
+                )
+            if fqn in seen:
+                raise ValueError(f"module {fqn!r} is listed in stage {seen[fqn]} and again in stage {s}")
+            seen[fqn] = s
+    missing = [fqn for fqn in known if fqn not in seen]
+    if missing:
+        raise ValueError(f"stage_modules leaves {missing} in no stage; every module must be in exactly one stage")
+    order = [fqn for mods in stage_modules for fqn in mods]
+    if order != list(known):
+        raise ValueError(
+            "stage_modules must keep forward order (inputs, layers in order, outputs) across stages; "
+            f"got {order}"
+        )
+    return [list(m) for m in stage_modules]
+
+
+def plan(
+    config_or_path: Any,
+    *,
+    pp: int,
+    schedule: str = "1F1B",
+    stages_per_rank: int | None = None,
+    layers_per_stage: int | None = None,
+    stage_modules: Sequence[Sequence[str]] | None = None,
+    dtype: Any = None,
+    seq_len: int = 2048,
+    validate: bool = True,
+) -> Plan:
+    """Split a model into pipeline stages and place them on ranks.
+
+    Args:
+        config_or_path: a transformers config, a directory with ``config.json``, or a hub id.
+        pp: pipeline-parallel degree (ranks along the pipeline).
+        schedule: a torch schedule name (case-insensitive) or a ``.csv`` schedule file.
+        stages_per_rank: stages each rank holds; default 1 for GPipe/1F1B, 2 otherwise.
+        layers_per_stage: fixed layers per stage instead of the cost-balanced split.
+        stage_modules: an explicit split: one list of module FQNs per stage, in forward order.
+        dtype: parameter dtype for ``bytes``; default the config's dtype, else float32.
+        seq_len: sequence length the cost model assumes for attention.
+        validate: run the adapter's and plugins' validation rules on the result.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        ValueError: impossible degrees or splits; the message names the numbers.
+        ppzoo.registry.ValidationError: the adapter rejects the config.
+    """
+    config = load_config(config_or_path)
+    adapter = registry.adapter_for(config)
+    layout = adapter.fqn_layout(config)
+    name, kind = schedule_kind(schedule)
+    if not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
+    n_layers = layout.num_layers
+
+    if stage_modules is not None:
+        split = _stages_from_modules(layout, stage_modules)
+        num_stages = len(split)
+    elif layers_per_stage is not None:
+        if layers_per_stage < 1:
+            raise ValueError(f"layers_per_stage must be >= 1, got {layers_per_stage}")
+        num_stages = -(-n_layers // layers_per_stage)
+        split = None
+    else:
+        if stages_per_rank is None:
+            stages_per_rank = 1 if kind == "single" else 2
+        num_stages = pp * stages_per_rank
+        split = None
+
+    if num_stages % pp:
+        raise ValueError(
+            f"{num_stages} stages cannot be spread evenly over pp={pp} ranks; "
+            f"choose a stage count divisible by {pp}"
+        )
+    per_rank = num_stages // pp
+    if stages_per_rank is not None and per_rank != stages_per_rank:
+        raise ValueError(f"stages_per_rank={stages_per_rank} but the split has {per_rank} stages per rank")
+    if num_stages > n_layers:
+        raise ValueError(
+            f"{num_stages} stages (pp={pp} × {per_rank} per rank) is more than the model's {n_layers} layers; "
+            "lower pp or stages per rank"
+        )
+    if kind == "single" and per_rank != 1:
+        raise ValueError(f"schedule {name} runs one stage per rank, but the plan puts {per_rank} on each")
+    if kind == "v" and per_rank != 2:
+        raise ValueError(f"schedule {name} needs V placement with exactly two stages per rank, got {per_rank}")
+    placement = "v" if kind == "v" else "loop"
+
+    pdtype = _dtype_of(config, dtype)
+    model = meta_model(config, dtype=pdtype)
+    costs = _module_costs(config, adapter, model, layout, seq_len)
+    if split is None:
+        layer_costs = [costs[layout.layer(i)] for i in range(n_layers)]
+        if layers_per_stage is not None:
+            counts = [min(layers_per_stage, n_layers - s * layers_per_stage) for s in range(num_stages)]
+        else:
+            counts = _balanced_split(
+                layer_costs, sum(costs[m] for m in layout.inputs), sum(costs[m] for m in layout.outputs), num_stages
+            )
+        split, start = [], 0
+        for s, count in enumerate(counts):
+            mods = [layout.layer(i) for i in range(start, start + count)]
+            start += count
+            if s == 0:
+                mods = list(layout.inputs) + mods
+            if s == num_stages - 1:
+                mods = mods + list(layout.outputs)
+            split.append(mods)
+
+    tied = adapter.tied_weights(config)
+    tied_numel = sum(model.get_parameter(copy).numel() for copy in tied)
+    total = sum(p.numel() for p in model.parameters()) - tied_numel
+    element = torch.empty((), dtype=pdtype).element_size()
+    stages = []
+    for s, mods in enumerate(split):
+        rank = s % pp if placement == "loop" else (s if s < pp else 2 * pp - 1 - s)
+        params = sum(_numel(model.get_submodule(m)) for m in mods)
+        layers = tuple(int(m.rsplit(".", 1)[1]) for m in mods if m.startswith(layout.layers + "."))
+        stages.append(StagePlan(s, rank, tuple(mods), layers, params, params * element, sum(costs[m] for m in mods)))
+    result = Plan(
+        model_type=config.model_type,
+        adapter=adapter.name,
+        pp=pp,
+        schedule=name,
+        placement=placement,
+        layout=layout,
+        stages=tuple(stages),
+        total_params=total,
+        dtype=str(pdtype).replace("torch.", ""),
+    )
+    if validate:
+        registry.validate(config, result, adapter=adapter)
+    return result

@@ -1,0 +1,185 @@
+"""Safetensors checkpoints: the index, per-stage reads, key conversion and tied weights.
+
+A stage opens only the shard files that hold its own tensors and reads only those tensors, cast
+straight to the requested device and dtype. Nothing else of the checkpoint is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ppzoo.adapter import Adapter
+
+__all__ = ["Checkpoint", "CheckpointError", "load_stage_weights", "resolve"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing a tensor or a file, or holds a tensor of the wrong shape."""
+
+
+def resolve(model_id: str | os.PathLike) -> Path:
+    """A local directory for ``model_id``: the directory itself, or a hub snapshot of its metadata.
+
+    For a hub id only ``config.json``, the index and small side files are fetched here; shard files
+    are fetched on demand by :class:`Checkpoint`, so a rank downloads only the shards it reads.
+    """
+    path = Path(os.fspath(model_id)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{str(path)!r} is a file; pass the checkpoint directory that holds it")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model_id), allow_patterns=["*.json", "*.model", "*.txt", "*.jinja"]))
+
+
+class Checkpoint:
+    """The safetensors files of one model directory (``model.safetensors`` or an index + shards)."""
+
+    def __init__(self, directory: str | os.PathLike, *, repo_id: str | None = None):
+        self.directory = Path(directory)
+        self.repo_id = repo_id
+        index = self.directory / INDEX_FILE
+        single = self.directory / SINGLE_FILE
+        if index.is_file():
+            with open(index) as f:
+                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = {key: SINGLE_FILE for key in f.keys()}
+        else:
+            raise CheckpointError(
+                f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.directory)!r}; "
+                "ppzoo loads safetensors checkpoints (save with save_pretrained(safe_serialization=True))"
+            )
+        self.files_opened: list[str] = []
+
+    def has(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def file_of(self, key: str) -> Path:
+        try:
+            name = self.weight_map[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {str(self.directory)!r}") from None
+        path = self.directory / name
+        if not path.is_file():
+            if self.repo_id is not None:
+                from huggingface_hub import hf_hub_download
+
+                return Path(hf_hub_download(self.repo_id, name))
+            raise CheckpointError(
+                f"shard {name!r} (holding {key!r}) is listed in {INDEX_FILE} but missing from {str(self.directory)!r}"
+            )
+        return path
+
+    def open(self, device: torch.device | str = "cpu") -> "_Reader":
+        return _Reader(self, device)
+
+    def _get_tensor(self, handle: Any, key: str) -> torch.Tensor:
+        # NOTE: the single place a tensor is read, so tests can record what a stage reads.
+        return handle.get_tensor(key)
+
+
+class _Reader:
+    """Reads tensors from a checkpoint, opening each shard at most once."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device | str):
+        self.checkpoint = checkpoint
+        self.device = str(device)
+        self.handles: dict[Path, Any] = {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.checkpoint._get_tensor(self._handle(key), key)
+
+    def _handle(self, key: str):
+        path = self.checkpoint.file_of(key)
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, framework="pt", device=self.device)
+            self.checkpoint.files_opened.append(path.name)
+        return self.handles[path]
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self.handles.clear()
+
+
+def _persistent_state(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(fqn, owner, attribute, tensor) for every parameter and persistent buffer, ties included."""
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for name, param in owner._parameters.items():
+            if param is not None:
+                yield (f"{prefix}.{name}" if prefix else name), owner, name, param
+        for name, buf in owner._buffers.items():
+            if buf is not None and name not in owner._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), owner, name, buf
+
+
+def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Adapter, config: Any) -> list[str]:
+    """Fill every parameter and persistent buffer of a materialised stage from the checkpoint.
+
+    Only the tensors of this stage are read. A tied copy (``lm_head.weight`` tied to the
+    embedding) is read from its own key when the checkpoint has one, else from its source's key.
+
+    Returns:
+        The checkpoint keys read.
+
+    Raises:
+        CheckpointError: a tensor is missing or has the wrong shape; the message names key and file.
+    """
+    key_map = adapter.key_map(config)
+    tied = adapter.tied_weights(config)
+    device = next((t.device for _, _, _, t in _persistent_state(module)), torch.device("cpu"))
+    reader = checkpoint.open(device)
+    done: set[int] = set()
+    read: list[str] = []
+    try:
+        for fqn, _owner, _name, target in _persistent_state(module):
+            if id(target) in done:
+                continue  # one tensor under two names (tied on this stage): filled once
+            sources = key_map.sources(fqn, checkpoint.has)
+            if not all(checkpoint.has(k) for k in sources) and fqn in tied and checkpoint.has(tied[fqn]):
+                sources = key_map.sources(tied[fqn], checkpoint.has)
+            missing = [k for k in sources if not checkpoint.has(k)]
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint at {str(checkpoint.directory)!r} has no tensor {missing[0]!r} "
+                    f"(needed for {fqn!r}); is it a checkpoint of this architecture?"
+                )
+            tensors = []
+            for key in sources:
+                expected = None if len(sources) > 1 else tuple(target.shape)
+                if expected is not None and reader.shape(key) != expected:
+                    raise CheckpointError(
+                        f"tensor {key!r} in {checkpoint.file_of(key).name!r} has shape {reader.shape(key)}, "
+                        f"but {fqn!r} expects {expected}; the config does not match the checkpoint"
+                    )
+                tensors.append(reader.read(key))
+                read.append(key)
+            value = key_map.combine(fqn, tensors)
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(value)  # casts to the stage's dtype
+            done.add(id(target))
+    finally:
+        reader.close()
+    return read
