@@ -1,0 +1,90 @@
+"""The ``ppzoo`` command: ``list``, ``plan``, ``train`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from ppzoo import registry
+
+    for name, adapter in registry.adapters().items():
+        types_ = ", ".join(adapter.model_types) or ("(fallback)" if adapter.fallback else "-")
+        print(f"{name:<14} {types_:<32} {registry.adapter_source(adapter)}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import ppzoo
+
+    result = ppzoo.plan(
+        args.path,
+        pp=args.pp,
+        schedule=args.schedule,
+        stages_per_rank=args.stages_per_rank,
+        layers_per_stage=args.layers_per_stage,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(
+        f"{result.model_type} ({result.adapter} adapter): {_human(result.total_params)} parameters, "
+        f"pp={result.pp}, {result.num_stages} stages, schedule {result.schedule}, {result.placement} placement"
+    )
+    total_cost = sum(s.cost for s in result.stages)
+    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'bytes':>9} {'cost':>6}  modules")
+    for s in result.stages:
+        mods = list(s.modules)
+        layer_mods = [m for m in mods if m.startswith(result.layout.layers + ".")]
+        others = [m for m in mods if m not in layer_mods]
+        span = f"{result.layout.layers}.{s.layers[0]}-{s.layers[-1]}" if s.layers else ""
+        shown = ", ".join([m for m in others if m in result.layout.inputs] + ([span] if span else []) + [m for m in others if m in result.layout.outputs])
+        print(f"{s.index:>5} {s.rank:>4} {_human(s.params):>9} {_human(s.bytes) + 'B':>9} {s.cost / total_cost:>6.1%}  {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppzoo", description="Pipeline-parallel training of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered adapters and the plugins that provide them")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("plan", help="show how a model splits into stages (reads config.json only)")
+    p.add_argument("path", help="directory holding config.json (weights optional), or a hub id")
+    p.add_argument("--pp", type=int, required=True, help="pipeline-parallel degree")
+    p.add_argument("--schedule", default="1F1B", help="schedule name (GPipe, 1F1B, Interleaved1F1B, ...) or .csv file")
+    p.add_argument("--stages-per-rank", type=int, default=None)
+    p.add_argument("--layers-per-stage", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="parameter dtype for byte counts (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ppzoo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
