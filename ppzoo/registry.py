@@ -74,6 +74,7 @@ class _Registry:
         self.pm = pluggy.PluginManager("ppzoo")
         self.pm.add_hookspecs(hookspecs)
         self.sources: dict[object, str] = {}
+        self.entries: dict[object, list[_Entry]] = {}  # per plugin, in registration order
         self.by_name: dict[str, _Entry] = {}
         self.by_model_type: dict[str, _Entry] = {}
         self._load()
@@ -107,36 +108,41 @@ class _Registry:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            self.pm.unregister(plugin)
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             raise PluginError(f"ppzoo plugin {source} is invalid: {exc}") from exc
         self.sources[plugin] = source
+        added = self.entries[plugin] = []
         for impl in self.pm.hook.ppzoo_register_adapters.get_hookimpls():
             if impl.plugin is plugin:
                 try:
-                    impl.function(register=lambda a, _s=source: self._add_adapter(a, _s))
-                except PluginError:
-                    raise
+                    impl.function(register=lambda a, _s=source: added.append(self._add_adapter(a, _s)))
                 except Exception as exc:
-                    self.pm.unregister(plugin)
+                    # NOTE: a half-registered plugin would stay in the hook tables and break
+                    # every later lookup; drop it and what it registered before failing.
+                    self._unregister_plugin(plugin)
+                    if isinstance(exc, PluginError):
+                        raise
                     raise PluginError(
                         f"ppzoo plugin {source} raised while registering adapters: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
 
     def _unregister_plugin(self, plugin: object) -> None:
-        source = self.sources.pop(plugin, None)
+        self.sources.pop(plugin, None)
+        self.entries.pop(plugin, None)
         self.pm.unregister(plugin)
-        # Rebuild the adapter tables from the remaining plugins, in registration order.
+        # Rebuild the adapter tables from what the remaining plugins registered, in order; the
+        # adapter objects stay the same, so references held elsewhere remain valid.
         self.by_name.clear()
         self.by_model_type.clear()
-        for impl in self.pm.hook.ppzoo_register_adapters.get_hookimpls():
-            src = self.sources.get(impl.plugin, str(impl.plugin_name))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                impl.function(register=lambda a, _s=src: self._add_adapter(a, _s))
-        del source
+        for entries in self.entries.values():
+            for entry in entries:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._add_adapter(entry.adapter, entry.source)
 
-    def _add_adapter(self, adapter: Adapter, source: str) -> None:
+    def _add_adapter(self, adapter: Adapter, source: str) -> _Entry:
         if not isinstance(adapter, Adapter):
             raise PluginError(
                 f"ppzoo plugin {source} registered {adapter!r}, which is not a ppzoo.Adapter instance"
@@ -152,6 +158,7 @@ class _Registry:
                 )
             self.by_model_type[model_type] = entry
         self.by_name[adapter.name] = entry
+        return entry
 
 
 _lock = threading.Lock()
