@@ -14,7 +14,7 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -163,6 +163,15 @@ class Adapter:
     def active_matrix_params(self, config: Any, layer: nn.Module, matrix_params: int) -> int:
         """Matrix weights one token multiplies in ``layer`` (MoE adapters count only routed experts)."""
         return matrix_params
+
+    def aux_loss(self, config: Any, stages: Sequence[nn.Module], attention_mask=None) -> torch.Tensor | None:
+        """What the CausalLM forward adds to the LM loss besides cross-entropy, from ``stages``' last forward.
+
+        None when it adds nothing (the default). MoE adapters return the weighted router
+        load-balancing loss, from what each stage recorded during its forward (see
+        ``ppzoo.adapters.moe``). Add the result to the LM loss.
+        """
+        return None
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, config: Any, plan: Any = None) -> list[str]:

@@ -43,6 +43,13 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ppzoo.adapters.llama",
     "ppzoo.adapters.mistral",
     "ppzoo.adapters.qwen2",
+    "ppzoo.adapters.gemma",
+    "ppzoo.adapters.phi3",
+    "ppzoo.adapters.olmo2",
+    "ppzoo.adapters.granite",
+    "ppzoo.adapters.mixtral",
+    "ppzoo.adapters.qwen_moe",
+    "ppzoo.adapters.generic",
 )
 
 

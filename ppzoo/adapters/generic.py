@@ -1,0 +1,104 @@
+"""The generic fallback: any causal LM whose config carries the standard ``base_model_pp_plan``.
+
+Transformers marks pipeline-splittable models with ``base_model_pp_plan``; those whose plan is
+exactly ``embed_tokens → layers → norm`` and whose CausalLM holds ``model.embed_tokens``,
+``model.layers``, ``model.norm``, ``model.rotary_emb`` and ``lm_head`` run Llama's stage forward:
+embed, masks per ``config.layer_types``, one RoPE for all layers, the layers, norm, head.
+
+Whatever such a model does *around* its layers beyond that cannot be seen from the module tree, so
+the fallback refuses every config that announces such a step (a logit scale, an embedding
+multiplier, soft-capped logits, per-layer-type RoPE, experts and their router loss, ...) instead of
+running it silently wrong. Those architectures need an adapter of their own.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from ppzoo.adapter import Adapter
+from ppzoo.hookspecs import hookimpl
+
+STANDARD_PP_PLAN = frozenset({"embed_tokens", "layers", "norm"})
+
+#: config attribute → the step it announces, which the generic stage forward would skip
+FORWARD_EXTRAS = {
+    "logit_scale": "a logit scale in the CausalLM head",
+    "logits_scaling": "logit scaling in the CausalLM head",
+    "final_logit_softcapping": "final-logit soft-capping in the CausalLM head",
+    "embedding_multiplier": "an embedding multiplier in the base model's forward",
+    "scale_emb": "an embedding scale in the base model's forward",
+    "dim_model_base": "a hidden-state rescale before the CausalLM head",
+    "embedding_dropout": "embedding dropout in the base model's forward",
+    "use_bidirectional_attention": "bidirectional attention",
+    "output_router_logits": "a router aux loss added in the CausalLM forward",
+}
+#: config attributes that count experts
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+class GenericAdapter(Adapter):
+    name = "generic"
+    fallback = True
+
+    def matches(self, config) -> bool:
+        plan = getattr(self.text_config(config), "base_model_pp_plan", None)
+        return bool(plan) and frozenset(plan) == STANDARD_PP_PLAN
+
+    def validate(self, config, plan=None):
+        problems = super().validate(config, plan)
+        cfg = self.text_config(config)
+        kind = f"model_type {config.model_type!r}"
+        for attr, step in FORWARD_EXTRAS.items():
+            value = getattr(cfg, attr, None)
+            if value not in (None, False, 0):
+                problems.append(f"{kind} has {attr}={value!r} ({step}), which the generic adapter does not apply; {_ADVICE}")
+        experts = {a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 0}
+        if experts:
+            shown = ", ".join(f"{a}={v}" for a, v in experts.items())
+            problems.append(
+                f"{kind} is a mixture of experts ({shown}): expert checkpoint keys and the router aux loss "
+                f"need a dedicated adapter; {_ADVICE}"
+            )
+        rope = getattr(cfg, "rope_parameters", None)
+        if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+            problems.append(f"{kind} has per-layer-type RoPE (rope_parameters keyed by {sorted(rope)}); {_ADVICE}")
+        if getattr(cfg, "sliding_window", None) and not getattr(cfg, "layer_types", None):
+            problems.append(
+                f"{kind} sets sliding_window={cfg.sliding_window} without layer_types, so which layers slide "
+                f"is decided in its forward; {_ADVICE}"
+            )
+        if not problems:
+            problems.extend(self._layout_problems(config, kind))
+        return problems
+
+    def _layout_problems(self, config, kind: str) -> list[str]:
+        from ppzoo.plan import meta_model
+
+        model = meta_model(config)
+        layout = self.fqn_layout(config)
+        wanted = layout.inputs + (layout.layers,) + layout.outputs + layout.shared
+        missing = [fqn for fqn in wanted if _find(model, fqn) is None]
+        if missing:
+            return [f"{kind} ({type(model).__name__}) has no module {', '.join(map(repr, missing))}; {_ADVICE}"]
+        rotary = inspect.signature(type(_find(model, layout.shared[0])).forward).parameters
+        layer = inspect.signature(type(_find(model, layout.layer(0))).forward).parameters
+        if "layer_type" in rotary:
+            return [f"{kind} has per-layer-type RoPE (rotary_emb takes a layer_type); {_ADVICE}"]
+        if "position_embeddings" not in layer:
+            return [f"{kind}'s decoder layers do not take position_embeddings; {_ADVICE}"]
+        return []
+
+
+_ADVICE = "write an Adapter subclass for it (see docs/adapters.md)"
+
+
+def _find(model, fqn: str):
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
+@hookimpl
+def ppzoo_register_adapters(register):
+    register(GenericAdapter())

@@ -1,0 +1,38 @@
+"""Mixtral: Mistral's attention (one sliding window for all layers, or none) with routed experts.
+
+Hub checkpoints name the MoE block ``block_sparse_moe`` and its expert matrices ``w1`` (gate),
+``w3`` (up) and ``w2`` (down); transformers holds ``mlp.gate`` and fused ``mlp.experts.*`` (see
+``ppzoo.adapters.moe`` for the key conversion and the router aux loss).
+"""
+
+from __future__ import annotations
+
+from ppzoo.adapters.llama import TINY
+from ppzoo.adapters.mistral import MistralAdapter
+from ppzoo.adapters.moe import MoEAdapter
+from ppzoo.hookspecs import hookimpl
+
+#: the MoE shape every tiny MoE config shares: few, small experts
+MOE_TINY = dict(TINY, intermediate_size=16, num_experts_per_tok=2)
+
+
+class MixtralAdapter(MoEAdapter, MistralAdapter):
+    name = "mixtral"
+    model_types = ("mixtral",)
+    architectures = ("MixtralForCausalLM",)
+    capabilities = MoEAdapter.capabilities | {"sliding_window"}
+    expert_matrices = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+    checkpoint_renames = (("mlp", "block_sparse_moe"),)
+
+    def num_experts(self, config):
+        return int(config.num_local_experts)
+
+    def tiny_config(self):
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**MOE_TINY, num_local_experts=4, sliding_window=5)
+
+
+@hookimpl
+def ppzoo_register_adapters(register):
+    register(MixtralAdapter())
