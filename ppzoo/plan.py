@@ -111,6 +111,8 @@ def load_config(config_or_path: Any) -> Any:
         path = os.fspath(config_or_path)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face model directory or hub id")
+        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+            raise FileNotFoundError(f"no directory {path!r}; pass a Hugging Face model directory or hub id")
         return AutoConfig.from_pretrained(path)
     return config_or_path
 
@@ -119,7 +121,9 @@ def _dtype_of(config: Any, dtype: Any) -> torch.dtype:
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""))
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32")
     return dtype
 
 
@@ -270,20 +274,22 @@ def plan(
         ValueError: impossible degrees or splits; the message names the numbers.
         ppzoo.registry.ValidationError: the adapter rejects the config.
     """
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
+    if stage_modules is not None and layers_per_stage is not None:
+        raise ValueError("pass either stage_modules or layers_per_stage, not both")
+    name, kind = schedule_kind(schedule)
     config = load_config(config_or_path)
     adapter = registry.adapter_for(config)
     layout = adapter.fqn_layout(config)
-    name, kind = schedule_kind(schedule)
-    if not isinstance(pp, int) or pp < 1:
-        raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
     n_layers = layout.num_layers
 
     if stage_modules is not None:
         split = _stages_from_modules(layout, stage_modules)
         num_stages = len(split)
     elif layers_per_stage is not None:
-        if layers_per_stage < 1:
-            raise ValueError(f"layers_per_stage must be >= 1, got {layers_per_stage}")
+        if isinstance(layers_per_stage, bool) or not isinstance(layers_per_stage, int) or layers_per_stage < 1:
+            raise ValueError(f"layers_per_stage must be an integer >= 1, got {layers_per_stage!r}")
         num_stages = -(-n_layers // layers_per_stage)
         split = None
     else:
@@ -332,10 +338,15 @@ def plan(
                 mods = mods + list(layout.outputs)
             split.append(mods)
 
-    tied = adapter.tied_weights(config)
-    tied_numel = sum(model.get_parameter(copy).numel() for copy in tied)
-    total = sum(p.numel() for p in model.parameters()) - tied_numel
-    element = torch.empty((), dtype=pdtype).element_size()
+    # NOTE: parameters() already counts a shared tensor once; a tie the meta model did not make
+    # (the copy is a separate tensor) is subtracted here, as num_parameters() counts it once too.
+    untied_copies = [
+        model.get_parameter(copy)
+        for copy, source in adapter.tied_weights(config).items()
+        if model.get_parameter(copy) is not model.get_parameter(source)
+    ]
+    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in untied_copies)
+    element = pdtype.itemsize
     stages = []
     for s, mods in enumerate(split):
         rank = s % pp if placement == "loop" else (s if s < pp else 2 * pp - 1 - s)
