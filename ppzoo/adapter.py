@@ -190,6 +190,12 @@ class Adapter:
             problems.append("layer_types has sliding_attention layers but sliding_window is not set")
         return problems
 
+    def validation_cases(self) -> list[tuple[Any, str]]:
+        """``(config, problem)`` pairs: configs this adapter's own rules reject, each with one
+        problem :meth:`validate` reports for it, word for word. The conformance kit proves each
+        rule fires; the base class's rules are checked without being listed here."""
+        return []
+
     # -- build ---------------------------------------------------------------------------------
     def init_buffers(self, model: nn.Module, module: nn.Module) -> None:
         """Re-create the non-persistent buffers of ``module`` (RoPE ``inv_freq``, embedding scales).
