@@ -10,6 +10,7 @@ head, so a large-vocabulary head does not leave the last stage the slowest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -145,8 +146,10 @@ def meta_model(config: Any, *, dtype: torch.dtype = torch.float32, **kwargs: Any
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
+    # NOTE: from_config prefers config.dtype to the default dtype, and writes the dtype it uses
+    # back into the config it is given: pass the dtype explicitly, on a copy of the config.
     with torch.device("meta"), no_init_weights(), _default_dtype(dtype):
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, **kwargs)
 
 
 def _numel(module: torch.nn.Module) -> int:

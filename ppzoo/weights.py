@@ -52,9 +52,12 @@ class Checkpoint:
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
         if index.is_file():
+            #: the file that lists the checkpoint's tensors, named in errors
+            self.listing = INDEX_FILE
             with open(index) as f:
                 self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
         elif single.is_file():
+            self.listing = SINGLE_FILE
             with safe_open(single, framework="pt") as f:
                 self.weight_map = {key: SINGLE_FILE for key in f.keys()}
         else:
@@ -71,7 +74,7 @@ class Checkpoint:
         try:
             name = self.weight_map[key]
         except KeyError:
-            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {str(self.directory)!r}") from None
+            raise CheckpointError(f"tensor {key!r} is not in {self.listing!r} in {str(self.directory)!r}") from None
         path = self.directory / name
         if not path.is_file():
             if self.repo_id is not None:
@@ -159,8 +162,8 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
             missing = [k for k in sources if not checkpoint.has(k)]
             if missing:
                 raise CheckpointError(
-                    f"checkpoint at {str(checkpoint.directory)!r} has no tensor {missing[0]!r} "
-                    f"(needed for {fqn!r}); is it a checkpoint of this architecture?"
+                    f"tensor {missing[0]!r} (needed for {fqn!r}) is not in {checkpoint.listing!r} in "
+                    f"{str(checkpoint.directory)!r}; is it a checkpoint of this architecture?"
                 )
             tensors = []
             for key in sources:
