@@ -51,7 +51,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         mods = list(s.modules)
         layer_mods = [m for m in mods if m.startswith(result.layout.layers + ".")]
         others = [m for m in mods if m not in layer_mods]
-        span = f"{result.layout.layers}.{s.layers[0]}-{s.layers[-1]}" if s.layers else ""
+        span = result.layout.layer(s.layers[0]) if s.layers else ""
+        if len(s.layers) > 1:
+            span += f"-{s.layers[-1]}"
         shown = ", ".join([m for m in others if m in result.layout.inputs] + ([span] if span else []) + [m for m in others if m in result.layout.outputs])
         print(f"{s.index:>5} {s.rank:>4} {_human(s.params):>9} {_human(s.bytes) + 'B':>9} {s.cost / total_cost:>6.1%}  {shown}")
     return 0
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: no such directory, or a hub id that cannot be fetched
         print(f"ppzoo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

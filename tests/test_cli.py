@@ -1,0 +1,189 @@
+"""The ``ppzoo`` command: ``plan`` (text and JSON), ``list``, and the errors a user sees."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ppzoo import registry
+from ppzoo.adapters.llama import TINY
+from ppzoo.cli import main
+from ppzoo.testing.reference import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    """A directory holding config.json and nothing else."""
+    directory = tmp_path_factory.mktemp("config")
+    LlamaConfig(**TINY).save_pretrained(directory)
+    return directory
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_text(config_dir, capsys):
+    code, out, err = run(capsys, "plan", config_dir, "--pp", "2")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "llama (llama adapter): 80.4K parameters, pp=2, 2 stages, schedule 1F1B, loop placement",
+        "stage rank    params     bytes   cost  modules",
+        "    0    0     40.2K   160.8KB  49.7%  model.embed_tokens, model.layers.0-3",
+        "    1    1     40.2K   160.9KB  50.3%  model.layers.4-7, model.norm, lm_head",
+    ]
+
+
+def test_plan_text_v_placement_with_one_layer_stages(config_dir, capsys):
+    code, out, _ = run(capsys, "plan", config_dir, "--pp", "4", "--schedule", "DualPipeV")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "llama (llama adapter): 80.4K parameters, pp=4, 8 stages, schedule DualPipeV, v placement"
+    rows = [line.split() for line in lines[2:]]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 3), (5, 2), (6, 1), (7, 0)]
+    assert lines[2].endswith("  model.embed_tokens, model.layers.0")
+    assert lines[3].endswith("  model.layers.1")
+    assert lines[9].endswith("  model.layers.7, model.norm, lm_head")
+
+
+def test_plan_json(config_dir, capsys):
+    code, out, err = run(capsys, "plan", config_dir, "--pp", "2", "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    assert data["total_params"] == model.num_parameters()
+    layers = [f"model.layers.{i}" for i in range(8)]
+    assert [s["modules"] for s in data["stages"]] == [
+        ["model.embed_tokens", *layers[:4]],
+        [*layers[4:], "model.norm", "lm_head"],
+    ]
+    assert [s["index"] for s in data["stages"]] == [0, 1]
+    assert [s["rank"] for s in data["stages"]] == [0, 1]
+    for stage in data["stages"]:
+        assert stage["params"] == sum(p.numel() for m in stage["modules"] for p in model.get_submodule(m).parameters())
+        assert stage["bytes"] == 4 * stage["params"]
+
+
+def test_plan_json_options(config_dir, capsys):
+    code, out, _ = run(
+        capsys, "plan", config_dir, "--pp", "2", "--schedule", "Interleaved1F1B", "--layers-per-stage", "2",
+        "--dtype", "bfloat16", "--json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert [s["rank"] for s in data["stages"]] == [0, 1, 0, 1]
+    assert [len([m for m in s["modules"] if m.startswith("model.layers.")]) for s in data["stages"]] == [2, 2, 2, 2]
+    assert all(s["bytes"] == 2 * s["params"] for s in data["stages"])
+    code, out, _ = run(capsys, "plan", config_dir, "--pp", "2", "--schedule", "ZBVZeroBubble", "--json")
+    assert [s["rank"] for s in json.loads(out)["stages"]] == [0, 1, 1, 0]
+
+
+def test_plan_of_a_full_checkpoint_equals_its_config(config_dir, tmp_path, capsys):
+    save_tiny_model(registry.adapters()["llama"], tmp_path)
+    _, with_weights, _ = run(capsys, "plan", tmp_path, "--pp", "3", "--json")
+    _, config_only, _ = run(capsys, "plan", config_dir, "--pp", "3", "--json")
+    assert json.loads(with_weights) == json.loads(config_only)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pp", "0"], "pp must be an integer >= 1, got 0"),
+        (["--pp", "9"], "9 stages (pp=9 × 1 per rank) is more than the model's 8 layers; lower pp or stages per rank"),
+        (
+            ["--pp", "2", "--layers-per-stage", "3"],
+            "3 stages cannot be spread evenly over pp=2 ranks; choose a stage count divisible by 2",
+        ),
+        (
+            ["--pp", "2", "--schedule", "ZBVZeroBubble", "--stages-per-rank", "3"],
+            "schedule ZBVZeroBubble needs V placement with exactly two stages per rank, got 3",
+        ),
+        (
+            ["--pp", "2", "--schedule", "nope"],
+            "unknown schedule 'nope'; use one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, "
+            "ZBVZeroBubble, DualPipeV, or a path to a .csv schedule",
+        ),
+        (["--pp", "2", "--dtype", "float33"], "dtype 'float33' is not a torch dtype; use e.g. bfloat16, float16 or float32"),
+    ],
+    ids=["pp0", "too-many-stages", "not-divisible", "v-needs-two", "schedule", "dtype"],
+)
+def test_plan_errors(config_dir, capsys, args, message):
+    code, out, err = run(capsys, "plan", config_dir, *args)
+    assert (code, out) == (2, "")
+    assert err == f"ppzoo plan: error: {message}\n"
+
+
+def test_plan_of_a_missing_directory(tmp_path, capsys):
+    code, _, err = run(capsys, "plan", tmp_path / "nowhere", "--pp", "2")
+    assert code == 2
+    assert err == (
+        f"ppzoo plan: error: no directory {str(tmp_path / 'nowhere')!r}; pass a Hugging Face model directory or hub id\n"
+    )
+
+
+def test_plan_of_a_directory_without_config(tmp_path, capsys):
+    code, _, err = run(capsys, "plan", tmp_path, "--pp", "2")
+    assert code == 2
+    assert err == f"ppzoo plan: error: {str(tmp_path)!r} has no config.json; pass a Hugging Face model directory or hub id\n"
+
+
+def test_plan_of_an_unreachable_hub_id(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run(capsys, "plan", "ppzoo-test/not-a-model", "--pp", "2")
+    assert (code, out) == (2, "")
+    assert err.startswith("ppzoo plan: error: ") and "Traceback" not in err
+
+
+def test_plan_of_an_unknown_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    code, _, err = run(capsys, "plan", tmp_path, "--pp", "2")
+    assert code == 2
+    assert err.startswith("ppzoo plan: error: no ppzoo adapter for model_type 'bert'; registered: ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "somewhere"], "the following arguments are required: --pp"),
+        (["plan", "somewhere", "--pp", "two"], "argument --pp: invalid int value: 'two'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list(capsys):
+    code, out, err = run(capsys, "list")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    adapters = registry.adapters()
+    assert [line.split()[0] for line in lines] == list(adapters)
+    assert f"{'llama':<14} {'llama':<32} ppzoo (built-in ppzoo.adapters.llama)" in lines
+    assert f"{'qwen3':<14} {'qwen3':<32} ppzoo (built-in ppzoo.adapters.qwen2)" in lines
+    for line, adapter in zip(lines, adapters.values()):
+        types_ = ", ".join(adapter.model_types) or "(fallback)"
+        assert line.startswith(f"{adapter.name:<14} {types_:<32} "), line
+
+
+def test_list_shows_a_plugin_adapter(capsys):
+    from ppzoo import Adapter, hookimpl
+
+    class Toy(Adapter):
+        name = "toy"
+        model_types = ("toy_lm",)
+
+    class Plugin:
+        @hookimpl
+        def ppzoo_register_adapters(self, register):
+            register(Toy())
+
+    with registry.plugin(Plugin(), name="toy-plugin"):
+        code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert f"{'toy':<14} {'toy_lm':<32} toy-plugin (registered at run time)" in out.splitlines()
