@@ -284,6 +284,10 @@ def plan(
     name, kind = schedule_kind(schedule)
     config = load_config(config_or_path)
     adapter = registry.adapter_for(config)
+    if validate:
+        # NOTE: config rules first: nothing is built from a config the adapter refuses (a
+        # vision-language config, say, has no layout to cost). The plan's own rules run at the end.
+        registry.validate(config, None, adapter=adapter)
     layout = adapter.fqn_layout(config)
     n_layers = layout.num_layers
 

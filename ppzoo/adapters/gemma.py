@@ -74,18 +74,18 @@ class Gemma3TextAdapter(Gemma2Adapter):
 
     def validate(self, config, plan=None):
         if config.model_type == "gemma3":
-            return [
-                "model_type 'gemma3' is the vision-language Gemma3ForConditionalGeneration, which has no "
-                "text-only path in ppzoo; pipeline a text-only checkpoint (model_type 'gemma3_text', "
-                "Gemma3ForCausalLM) instead"
-            ]
+            return [VLM_PROBLEM]
         problems = super().validate(config, plan)
         if getattr(config, "use_bidirectional_attention", False):
-            problems.append(
-                "use_bidirectional_attention=True makes Gemma 3 an encoder (EmbeddingGemma); "
-                "ppzoo pipelines causal LMs, set use_bidirectional_attention=False"
-            )
+            problems.append(BIDIRECTIONAL_PROBLEM)
         return problems
+
+    def validation_cases(self):
+        from transformers import Gemma3Config
+
+        bidirectional = self.tiny_config()
+        bidirectional.use_bidirectional_attention = True
+        return [(Gemma3Config(), VLM_PROBLEM), (bidirectional, BIDIRECTIONAL_PROBLEM)]
 
     def tiny_config(self):
         from transformers import Gemma3TextConfig
@@ -101,6 +101,16 @@ class Gemma3TextAdapter(Gemma2Adapter):
             },
             final_logit_softcapping=3.0,
         )
+
+
+VLM_PROBLEM = (
+    "model_type 'gemma3' is the vision-language Gemma3ForConditionalGeneration, which has no text-only path "
+    "in ppzoo; pipeline a text-only checkpoint (model_type 'gemma3_text', Gemma3ForCausalLM) instead"
+)
+BIDIRECTIONAL_PROBLEM = (
+    "use_bidirectional_attention=True makes Gemma 3 an encoder (EmbeddingGemma); ppzoo pipelines causal LMs, "
+    "set use_bidirectional_attention=False"
+)
 
 
 @hookimpl

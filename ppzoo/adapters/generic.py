@@ -40,8 +40,18 @@ class GenericAdapter(Adapter):
     name = "generic"
     fallback = True
 
+    def tiny_config(self):
+        """A tiny config of one architecture the fallback serves (Helium: no adapter of its own)."""
+        from transformers import HeliumConfig
+
+        from ppzoo.adapters.llama import TINY
+
+        return HeliumConfig(**TINY, head_dim=8)
+
     def matches(self, config) -> bool:
-        plan = getattr(self.text_config(config), "base_model_pp_plan", None)
+        # NOTE: the config's own plan, not its text config's: a vision-language model's text tower
+        # carries one too, but the CausalLM around it is laid out differently.
+        plan = getattr(config, "base_model_pp_plan", None)
         return bool(plan) and frozenset(plan) == STANDARD_PP_PLAN
 
     def validate(self, config, plan=None):
@@ -71,15 +81,36 @@ class GenericAdapter(Adapter):
             problems.extend(self._layout_problems(config, kind))
         return problems
 
+    def validation_cases(self):
+        scaled, windowed = self.tiny_config(), self.tiny_config()
+        scaled.logit_scale = 0.5
+        windowed.sliding_window = 4
+        kind = f"model_type {scaled.model_type!r}"
+        return [
+            (scaled, f"{kind} has logit_scale=0.5 (a logit scale in the CausalLM head), which the generic adapter does not apply; {_ADVICE}"),
+            (windowed, f"{kind} sets sliding_window=4 without layer_types, so which layers slide is decided in its forward; {_ADVICE}"),
+        ]
+
     def _layout_problems(self, config, kind: str) -> list[str]:
         from ppzoo.plan import meta_model
 
-        model = meta_model(config)
+        try:
+            model = meta_model(config)
+        except Exception as exc:  # noqa: BLE001 - any build failure is reported, not raised
+            return [f"{kind} cannot be built from its config ({type(exc).__name__}: {exc})"]
         layout = self.fqn_layout(config)
         wanted = layout.inputs + (layout.layers,) + layout.outputs + layout.shared
         missing = [fqn for fqn in wanted if _find(model, fqn) is None]
         if missing:
             return [f"{kind} ({type(model).__name__}) has no module {', '.join(map(repr, missing))}; {_ADVICE}"]
+        held = layout.inputs + (layout.layers,) + layout.outputs
+        depth = lambda name: 2 if name.startswith(f"{self.inner_name}.") else 1  # noqa: E731
+        stray = sorted(
+            {".".join(n.split(".")[: depth(n)]) for n, _ in model.named_parameters() if not n.startswith(tuple(f"{m}." for m in held))}
+        )
+        if stray:
+            shown = ", ".join(map(repr, stray[:3])) + (" ..." if len(stray) > 3 else "")
+            return [f"{kind} has parameters outside embed_tokens/layers/norm/lm_head ({shown}); {_ADVICE}"]
         rotary = inspect.signature(type(_find(model, layout.shared[0])).forward).parameters
         layer = inspect.signature(type(_find(model, layout.layer(0))).forward).parameters
         if "layer_type" in rotary:

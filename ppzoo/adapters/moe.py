@@ -147,6 +147,12 @@ class MoEAdapter(LlamaAdapter):
             )
         return problems
 
+    def validation_cases(self):
+        config = self.tiny_config()
+        experts = self.num_experts(config)
+        config.num_experts_per_tok = experts + 1
+        return [(config, f"num_experts_per_tok={experts + 1} must be between 1 and the {experts} experts per layer")]
+
     # -- router logits side channel and aux loss ------------------------------------------------
     def patch_causal_lm_forward(self, lm: nn.Module) -> None:
         super().patch_causal_lm_forward(lm)

@@ -74,12 +74,22 @@ def batch(vocab_size: int, *, batch_size: int = 4, seq_len: int = 12, seed: int 
     return ids, mask, labels
 
 
-def grad_mismatches(named_params, reference: torch.nn.Module, *, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
-    """Names whose gradient differs from the reference's (or is missing); empty when all match."""
+def grad_mismatches(
+    named_params, reference: torch.nn.Module, *, rtol: float = 1e-5, atol: float = 1e-6, tied: dict[str, str] | None = None
+) -> list[str]:
+    """Names whose gradient differs from the reference's (or is missing); empty when all match.
+
+    ``tied`` (``adapter.tied_weights(config)``) names copies held apart from their source on
+    another stage: the reference's one tied parameter gets the sum of both gradients, so the
+    copy's gradient is added to the source's before comparing.
+    """
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for name, p in named_params}
+    for copy, source in (tied or {}).items():
+        if copy in grads and source in grads and grads[copy] is not None and grads[source] is not None:
+            grads[source] = grads[source] + grads.pop(copy)
     bad = []
-    for name, p in named_params:
+    for name, grad in grads.items():
         ref = reference.get_parameter(name).grad
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         if grad is None or ref is None:
             if not (grad is None and ref is None):
                 bad.append(f"{name}: grad is {'missing' if grad is None else 'present'}, reference's is not")

@@ -1,0 +1,233 @@
+"""Every built-in architecture, split into 1-4 stages and chained in one process, is the HF model.
+
+Loss, logits and every gradient match ``from_pretrained`` in fp32 (left padding, ``-100`` labels,
+sliding windows shorter than the sequence). Tied models: the reference's one tied gradient is the
+sum of the first stage's embedding gradient and the last stage's ``lm_head`` gradient.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.adapter import SLIDING, Adapter
+from ppzoo.loss import causal_lm_loss
+from ppzoo.plan import load_config
+from ppzoo.registry import ValidationError
+from ppzoo.stage import build_stage, run_chain
+from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+from ppzoo.weights import Checkpoint
+
+AUX = {"output_router_logits": True, "router_aux_loss_coef": 0.5}
+#: case id → (adapter name, config overrides)
+CASES = {
+    "gemma": ("gemma", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3_text": ("gemma3_text", {}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
+    "mixtral": ("mixtral", AUX),
+    "qwen2_moe": ("qwen2_moe", AUX),
+    "qwen3_moe": ("qwen3_moe", AUX),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+}
+SEQ_LEN = 12
+
+
+def tiny(name, **overrides):
+    adapter = registry.adapters()[name]
+    config = adapter.tiny_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return adapter, config
+
+
+def chain(directory, n, ids, mask, adapter=None):
+    config = load_config(directory)
+    adapter = adapter or registry.adapter_for(config)
+    plan = ppzoo.plan(directory, pp=n)
+    stages = [
+        build_stage(config, adapter, plan, i, checkpoint=Checkpoint(directory), attn_implementation="eager")
+        for i in range(n)
+    ]
+    return stages, run_chain(stages, ids, attention_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(case_id)`` → ``(adapter, config, directory)``: each tiny model is saved once per module."""
+    cache = {}
+
+    def get(case_id):
+        if case_id not in cache:
+            name, overrides = CASES[case_id]
+            adapter, config = tiny(name, **overrides)
+            cache[case_id] = adapter, config, save_tiny_model(adapter, tmp_path_factory.mktemp(case_id), config=config)
+        return cache[case_id]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, saved):
+    """A saved tiny model and the reference's loss, logits and gradients on a left-padded batch."""
+    adapter, _, directory = saved(request.param)
+    reference = load_reference(directory)
+    ids, mask, labels = batch(reference.config.vocab_size, seq_len=SEQ_LEN)
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return request.param, adapter, directory, reference, out, (ids, mask, labels)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_stage_chain_equals_reference(case, n):
+    case_id, adapter, directory, reference, out, (ids, mask, labels) = case
+    config = reference.config
+    stages, logits = chain(directory, n, ids, mask)
+    loss = causal_lm_loss(logits, labels)
+    aux = adapter.aux_loss(config, stages, mask)
+    if getattr(config, "output_router_logits", False):
+        # NOTE: the aux loss is large enough here that leaving it out fails the loss check.
+        assert aux is not None and config.router_aux_loss_coef * out.aux_loss.item() > 0.1
+        loss = loss + aux
+    else:
+        assert aux is None
+    loss.backward()
+
+    torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=0)
+    named = [(k, p) for s in stages for k, p in s.named_parameters()]
+    tied = adapter.tied_weights(config)
+    expected = {k for k, _ in reference.named_parameters()} | (set(tied) if n > 1 else set())
+    assert sorted(k for k, _ in named) == sorted(expected)
+    assert grad_mismatches(named, reference, tied=tied) == [], f"{case_id} with {n} stages"
+    if tied:
+        assert_tied_gradient(stages, reference)
+
+
+def assert_tied_gradient(stages, reference):
+    """The reference's one tied gradient is the first stage's embedding grad + the last stage's head grad."""
+    first, last = stages[0], stages[-1]
+    want = reference.model.embed_tokens.weight.grad
+    if len(stages) == 1:
+        assert first.lm_head.weight is first.model.embed_tokens.weight
+        torch.testing.assert_close(first.model.embed_tokens.weight.grad, want, rtol=1e-5, atol=1e-6)
+        return
+    assert first.lm_head is None and last.model.embed_tokens is None
+    torch.testing.assert_close(last.lm_head.weight, first.model.embed_tokens.weight, rtol=0, atol=0)
+    got = first.model.embed_tokens.weight.grad + last.lm_head.weight.grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first.model.embed_tokens.weight.grad, want, atol=1e-4)  # one part alone is not it
+
+
+@pytest.mark.parametrize("case_id", ["gemma", "gemma2", "gemma3_text", "llama-tied", "qwen2-tied"])
+def test_tied_models_are_saved_without_lm_head(case_id, saved):
+    adapter, config, directory = saved(case_id)
+    assert "tied_embeddings" in adapter.capabilities or case_id.endswith("-tied")
+    assert adapter.tied_weights(config) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert not Checkpoint(directory).has("lm_head.weight")  # loading fills the head from the embedding
+
+
+@pytest.mark.parametrize("case_id", ["gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
+def test_sliding_window_is_shorter_than_the_sequence(case_id, saved):
+    """The tiny configs exercise the window: the same weights with a long window give other logits."""
+    adapter, config, directory = saved(case_id)
+    assert "sliding_window" in adapter.capabilities
+    assert SLIDING in adapter.layer_types(config) and config.sliding_window < SEQ_LEN
+    ids, mask, _ = batch(config.vocab_size, seq_len=SEQ_LEN)
+    with torch.no_grad():
+        windowed = load_reference(directory)(input_ids=ids, attention_mask=mask).logits
+        unwindowed = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, attn_implementation="eager", sliding_window=64
+        )(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(windowed, unwindowed, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "pieces"),
+    [("granite", ["embed"]), ("granite", ["logits"]), ("gemma2", ["logits"]), ("gemma3_text", ["logits"])],
+    ids=["granite-embedding_multiplier", "granite-logits_scaling", "gemma2-softcap", "gemma3-softcap"],
+)
+def test_forward_overrides_change_the_result(case_id, pieces, saved):
+    """Negative control: the same adapter with one forward piece reset to the base's is not the model."""
+    adapter, config, directory = saved(case_id)
+    plain = type("Plain", (type(adapter),), {piece: getattr(Adapter, piece) for piece in pieces})()
+    ids, mask, _ = batch(config.vocab_size, seq_len=SEQ_LEN)
+    with torch.no_grad():
+        want = load_reference(directory)(input_ids=ids, attention_mask=mask).logits
+        _, right = chain(directory, 2, ids, mask)
+        _, wrong = chain(directory, 2, ids, mask, adapter=plain)
+    torch.testing.assert_close(right, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(wrong, want, atol=1e-3)
+
+
+def test_gemma_embed_scale_is_recreated_after_meta_init(saved):
+    _, config, directory = saved("gemma")
+    stage = chain(directory, 2, *batch(config.vocab_size)[:2])[0][0]
+    scale = stage.model.embed_tokens.embed_scale
+    assert scale.device.type == "cpu" and float(scale) == pytest.approx(config.hidden_size**0.5)
+
+
+def test_gemma3_ropes_differ_per_layer_type(saved):
+    adapter, config, directory = saved("gemma3_text")
+    stage = chain(directory, 1, *batch(config.vocab_size)[:2])[0][0]
+    hidden = torch.zeros(1, SEQ_LEN, config.hidden_size)
+    pos = torch.arange(SEQ_LEN).unsqueeze(0)
+    ropes = adapter.position_embeddings(stage.model, hidden, pos, {"full_attention", "sliding_attention"})
+    assert not torch.allclose(ropes["full_attention"][0], ropes["sliding_attention"][0])
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def test_multimodal_gemma3_is_refused_before_anything_is_built():
+    from transformers import Gemma3Config
+
+    problem = (
+        "model_type 'gemma3' is the vision-language Gemma3ForConditionalGeneration, which has no text-only path "
+        "in ppzoo; pipeline a text-only checkpoint (model_type 'gemma3_text', Gemma3ForCausalLM) instead"
+    )
+    with pytest.raises(ValidationError) as exc:
+        ppzoo.plan(Gemma3Config(), pp=2)
+    assert exc.value.problems == [problem]
+    assert str(exc.value) == f"ppzoo cannot run this gemma3 as configured:\n  - {problem}"
+
+
+def test_every_problem_is_reported_at_once():
+    _, config = tiny("gemma3_text", use_bidirectional_attention=True, is_encoder_decoder=True, sliding_window=None)
+    with pytest.raises(ValidationError) as exc:
+        registry.validate(config)
+    assert exc.value.problems == [
+        "gemma3_text is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
+        "layer_types has sliding_attention layers but sliding_window is not set",
+        "use_bidirectional_attention=True makes Gemma 3 an encoder (EmbeddingGemma); ppzoo pipelines causal LMs, "
+        "set use_bidirectional_attention=False",
+    ]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_top_k_beyond_the_experts_is_refused(name):
+    _, config = tiny(name, num_experts_per_tok=5)
+    with pytest.raises(ValidationError) as exc:
+        registry.validate(config)
+    assert exc.value.problems == ["num_experts_per_tok=5 must be between 1 and the 4 experts per layer"]
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "generic"])
+def test_declared_validation_cases_fire(name):
+    adapter = registry.adapters()[name]
+    cases = adapter.validation_cases()
+    assert cases
+    for config, problem in cases:
+        assert problem in adapter.validate(config)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES.values() if not c[1]] + ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_tiny_configs_validate_and_match_their_adapter(name):
+    adapter, config = tiny(name)
+    assert registry.adapter_for(config) is adapter
+    assert adapter.validate(config) == []
+    assert config.num_hidden_layers == 8 and 32 <= config.hidden_size <= 64 and config.vocab_size <= 128
