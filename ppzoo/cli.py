@@ -59,6 +59,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ppzoo import registry
+    from ppzoo.testing import check_adapters
+    from ppzoo.testing.report import render_matrix
+
+    known = registry.adapters()
+    if args.all == bool(args.adapter):
+        raise ValueError("name adapters with --adapter NAME (repeatable) or check every registered one with --all")
+    unknown = [name for name in args.adapter if name not in known]
+    if unknown:
+        raise ValueError(f"no registered adapter {unknown[0]!r}; registered: {', '.join(known)} (see `ppzoo list`)")
+    selected = list(known.values()) if args.all else [known[name] for name in dict.fromkeys(args.adapter)]
+    results = check_adapters(selected)
+    sources = {a.name: registry.adapter_source(a).split(" (", 1)[0] for a in selected}
+    print(render_matrix(results, sources=sources, markdown=args.markdown))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppzoo", description="Pipeline-parallel training of Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="parameter dtype for byte counts (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("check", help="run the conformance kit and print an architecture x check table")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME", help="an adapter to check (repeatable)")
+    p.add_argument("--all", action="store_true", help="check every registered adapter")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.set_defaults(func=_cmd_check)
     return parser
 
 

@@ -1,0 +1,472 @@
+"""The conformance checks that run in one process: plain functions, one property each.
+
+Every ``check_<property>(adapter)`` builds what it needs from ``adapter.tiny_config()`` (saved to a
+temporary directory, never fetched from a hub), raises ``AssertionError`` listing every problem it
+found, and returns None when the property holds. The distributed check lives in
+:mod:`ppzoo.testing.step`; :mod:`ppzoo.testing.kit` decides which checks apply to an adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ppzoo import registry
+from ppzoo.adapter import SLIDING, Adapter
+from ppzoo.hookspecs import hookimpl
+from ppzoo.loss import causal_lm_loss
+from ppzoo.plan import Plan, meta_model, plan
+from ppzoo.stage import build_stage, run_chain
+from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+from ppzoo.weights import Checkpoint
+
+__all__ = [
+    "SEQ_LEN",
+    "check_buffers_after_meta_init",
+    "check_layout",
+    "check_plan",
+    "check_stage_chain",
+    "check_stage_reads",
+    "check_tied_weights",
+    "check_tiny_config",
+    "check_validation",
+    "resolving_to",
+]
+
+#: sequence length of the kit's batches; a tiny sliding window must be shorter to be exercised
+SEQ_LEN = 12
+#: the tiny config must split into this many stages with two layers each (interleaved, pp=4)
+MIN_LAYERS = 8
+#: above this many parameters the matrix stops being fast on two CPU cores
+MAX_TINY_PARAMS = 2_000_000
+#: (pp, schedule, extra plan arguments) the plan check exercises: every placement kind
+PLAN_CASES: tuple[tuple[int, str, dict], ...] = (
+    (1, "1F1B", {}),
+    (2, "GPipe", {}),
+    (3, "1F1B", {}),
+    (4, "1F1B", {}),
+    (2, "Interleaved1F1B", {}),
+    (4, "Interleaved1F1B", {}),
+    (2, "ZBVZeroBubble", {}),
+    (4, "DualPipeV", {}),
+)
+
+
+class _Claim:
+    """A plugin that makes the registry resolve an adapter's configs to that very adapter."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    @hookimpl
+    def ppzoo_adapter_for(self, config: Any) -> Adapter | None:
+        archs = getattr(config, "architectures", None) or ()
+        if self.adapter.matches(config) or any(a in self.adapter.architectures for a in archs):
+            return self.adapter
+        return None
+
+
+@contextlib.contextmanager
+def resolving_to(adapter: Adapter) -> Iterator[None]:
+    """Make ``registry.adapter_for`` return ``adapter`` for its configs inside the block.
+
+    The checks go through the real entry points (``ppzoo.plan``, ``ppzoo.pipeline``), which ask the
+    registry; an adapter under test that is not the registered one (an instance built in a test,
+    or one whose package is not installed) is claimed for the duration of the block.
+    """
+    try:
+        current = registry.adapter_for(adapter.tiny_config())
+    except registry.UnknownArchitectureError:
+        current = None
+    if current is adapter:
+        yield
+        return
+    with registry.plugin(_Claim(adapter), name=f"ppzoo.testing claim for {adapter.name}"):
+        yield
+
+
+def _fail_if(problems: list[str], heading: str) -> None:
+    if problems:
+        raise AssertionError(heading + "".join(f"\n  - {p}" for p in problems))
+
+
+@contextlib.contextmanager
+def _tiny_checkpoint(adapter: Adapter, **kwargs: Any) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"ppzoo-{adapter.name}-") as tmp:
+        yield save_tiny_model(adapter, tmp, **kwargs)
+
+
+def _build_stages(adapter: Adapter, config: Any, the_plan: Plan, checkpoint_dir: os.PathLike, **kwargs: Any):
+    return [
+        build_stage(config, adapter, the_plan, i, checkpoint=Checkpoint(checkpoint_dir), attn_implementation="eager", **kwargs)
+        for i in range(the_plan.num_stages)
+    ]
+
+
+def _owners(name: str, modules: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if name.startswith(m + ".")]
+
+
+# -- tiny config -------------------------------------------------------------------------------
+def _exercised(adapter: Adapter, config: Any) -> dict[str, bool]:
+    """Whether the tiny config exercises each capability the kit knows how to recognise."""
+    cfg = adapter.text_config(config)
+    window = getattr(cfg, "sliding_window", None)
+    experts = max(int(getattr(cfg, a, None) or 0) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return {
+        "tied_embeddings": bool(adapter.tied_weights(config)),
+        "sliding_window": SLIDING in adapter.layer_types(config) and window is not None and window < SEQ_LEN,
+        "moe": experts > 1,
+        "softcap": any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "attn_logit_softcapping")),
+    }
+
+
+def check_tiny_config(adapter: Adapter) -> None:
+    """The tiny config is small, splits into 4 stages of 2+ layers, and exercises every declared
+    capability the kit recognises (and declares every one it exercises)."""
+    config = adapter.tiny_config()
+    problems = []
+    layers = adapter.fqn_layout(config).num_layers
+    if layers < MIN_LAYERS:
+        problems.append(f"tiny_config() has {layers} layers; the kit splits it into up to 8 stages, give it >= {MIN_LAYERS}")
+    params = sum(p.numel() for p in meta_model(config).parameters())
+    if params > MAX_TINY_PARAMS:
+        problems.append(f"tiny_config() has {params:,} parameters; keep it under {MAX_TINY_PARAMS:,} (hidden 32-64, vocab ~100)")
+    for capability, exercised in _exercised(adapter, config).items():
+        declared = capability in adapter.capabilities
+        if declared and not exercised:
+            problems.append(f"declares {capability!r} but tiny_config() does not exercise it, so no check would test it")
+        if exercised and not declared:
+            problems.append(f"tiny_config() exercises {capability!r}; add it to {type(adapter).__name__}.capabilities")
+    _fail_if(problems, f"adapter {adapter.name!r}: tiny config")
+
+
+# -- layout ----------------------------------------------------------------------------------
+def check_layout(adapter: Adapter) -> None:
+    """``fqn_layout`` names existing modules and covers every parameter exactly once."""
+    config = adapter.tiny_config()
+    layout = adapter.fqn_layout(config)
+    model = meta_model(config)
+    problems = []
+    for fqn in layout.inputs + layout.outputs + layout.shared + (layout.layers,):
+        try:
+            model.get_submodule(fqn)
+        except AttributeError:
+            problems.append(f"layout names module {fqn!r}, which the model does not have")
+    _fail_if(problems, f"adapter {adapter.name!r}: layout")
+    held = len(model.get_submodule(layout.layers))
+    if held != layout.num_layers:
+        problems.append(f"layout says {layout.num_layers} layers but {layout.layers!r} holds {held}")
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        owners = _owners(name, layout.modules)
+        if len(owners) != 1:
+            problems.append(f"parameter {name!r} is in {len(owners)} layout modules {owners}; it must be in exactly one")
+    for fqn in layout.shared:
+        names = [n for n, _ in model.get_submodule(fqn).named_parameters()]
+        if names:
+            problems.append(f"shared module {fqn!r} holds parameters {names}; every stage keeps a copy, so they would not be trained once")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for copy_, source in adapter.tied_weights(config).items():
+        for fqn, side, modules in ((copy_, "copy", layout.outputs), (source, "source", layout.inputs)):
+            if fqn not in params:
+                problems.append(f"tied {side} {fqn!r} is not a parameter of the model")
+            elif not _owners(fqn, modules):
+                problems.append(f"tied {side} {fqn!r} must be in an {'output' if side == 'copy' else 'input'} module")
+    _fail_if(problems, f"adapter {adapter.name!r}: layout")
+
+
+# -- plan --------------------------------------------------------------------------------------
+def _plan_problems(the_plan: Plan, adapter: Adapter, config: Any, model: torch.nn.Module, label: str) -> list[str]:
+    layout = the_plan.layout
+    problems = []
+    order = [m for s in the_plan.stages for m in s.modules]
+    if order != list(layout.modules):
+        problems.append(f"{label}: stages do not hold every layout module once, in forward order: {order}")
+    if [s.index for s in the_plan.stages] != list(range(the_plan.num_stages)):
+        problems.append(f"{label}: stage indices are {[s.index for s in the_plan.stages]}")
+    for s in the_plan.stages:
+        want = tuple(int(m.rsplit(".", 1)[1]) for m in s.modules if m.startswith(layout.layers + "."))
+        if not s.layers or s.layers != want:
+            problems.append(f"{label}: stage {s.index} lists layers {s.layers}, its modules hold {want}")
+        numel = sum(p.numel() for m in s.modules for p in model.get_submodule(m).parameters())
+        if s.params != numel:
+            problems.append(f"{label}: stage {s.index} counts {s.params} parameters, its modules hold {numel}")
+    if not set(layout.inputs) <= set(the_plan.stages[0].modules):
+        problems.append(f"{label}: the first stage does not hold the inputs {layout.inputs}")
+    if not set(layout.outputs) <= set(the_plan.stages[-1].modules):
+        problems.append(f"{label}: the last stage does not hold the outputs {layout.outputs}")
+    pp, n = the_plan.pp, the_plan.num_stages
+    for s in the_plan.stages:
+        want_rank = s.index % pp if the_plan.placement == "loop" else min(s.index, 2 * pp - 1 - s.index)
+        if s.rank != want_rank:
+            problems.append(f"{label}: stage {s.index} is on rank {s.rank}, {the_plan.placement} placement puts it on {want_rank}")
+    per_rank = [len(the_plan.stages_for_rank(r)) for r in range(pp)]
+    if per_rank != [n // pp] * pp:
+        problems.append(f"{label}: stages per rank are {per_rank}, expected {n // pp} each")
+    unique = sum(p.numel() for p in model.parameters())
+    if the_plan.total_params != unique:
+        problems.append(f"{label}: total_params is {the_plan.total_params}, the model has {unique} (tied counted once)")
+    return problems
+
+
+def check_plan(adapter: Adapter) -> None:
+    """Plans for every placement kind keep forward order, cover every module once, place stages
+    where their schedule needs them, count parameters right, and round-trip through
+    ``stage_modules`` and through a saved ``config.json``."""
+    from transformers import AutoModelForCausalLM
+
+    config = adapter.tiny_config()
+    # NOTE: a real model, not ppzoo's meta build: Hugging Face ties its embeddings, so its
+    # parameter count is the truth the plan's total must match.
+    model = AutoModelForCausalLM.from_config(config)
+    problems = []
+    n_layers = adapter.fqn_layout(config).num_layers
+    cases = PLAN_CASES + ((2, "1F1B", {"layers_per_stage": -(-n_layers // 2)}),)
+    with resolving_to(adapter), tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        for pp, schedule, extra in cases:
+            label = f"pp={pp} {schedule}" + "".join(f" {k}={v}" for k, v in extra.items())
+            the_plan = plan(config, pp=pp, schedule=schedule, **extra)
+            problems += _plan_problems(the_plan, adapter, config, model, label)
+            explicit = plan(config, pp=pp, schedule=schedule, stage_modules=[s.modules for s in the_plan.stages])
+            if explicit.stages != the_plan.stages:
+                problems.append(f"{label}: the same split passed as stage_modules gives other stages")
+            if plan(tmp, pp=pp, schedule=schedule, **extra).to_dict() != the_plan.to_dict():
+                problems.append(f"{label}: the plan from the saved config.json differs from the plan from the config")
+            if the_plan.placement == "v" and the_plan.stages[0].rank != the_plan.stages[-1].rank:
+                problems.append(f"{label}: V placement must put the first and last stage on one rank")
+    _fail_if(problems, f"adapter {adapter.name!r}: plan")
+
+
+# -- per-stage reads ---------------------------------------------------------------------------
+def check_stage_reads(adapter: Adapter) -> None:
+    """Each stage reads exactly its own tensors from a sharded checkpoint, each once, and opens
+    only the shards that hold them; together the stages read every tensor."""
+    config = adapter.tiny_config()
+    tied = adapter.tied_weights(config)
+    problems = []
+    with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
+        everything = set(Checkpoint(directory).weight_map)
+        for pp, schedule in ((2, "1F1B"), (4, "1F1B"), (2, "ZBVZeroBubble")):
+            the_plan = plan(directory, pp=pp, schedule=schedule)
+            read_by_any: set[str] = set()
+            for stage in the_plan.stages:
+                checkpoint = Checkpoint(directory)
+                reads: list[str] = []
+                original = checkpoint._get_tensor
+
+                def recording(handle, key, _reads=reads, _original=original):
+                    _reads.append(key)
+                    return _original(handle, key)
+
+                checkpoint._get_tensor = recording
+                build_stage(config, adapter, the_plan, stage.index, checkpoint=checkpoint, attn_implementation="eager")
+                label = f"pp={pp} {schedule} stage {stage.index}"
+                own = {k for k in everything if _owners(k, stage.modules)}
+                # NOTE: a checkpoint saved with tied embeddings stores only the source; the stage
+                # holding the copy reads the source's key, and nothing else outside its modules.
+                borrowed = {src for cp, src in tied.items() if _owners(cp, stage.modules) and cp not in everything}
+                twice = sorted({k for k in reads if reads.count(k) > 1})
+                if twice:
+                    problems.append(f"{label} read {twice} more than once")
+                foreign = sorted(set(reads) - own - borrowed)
+                if foreign:
+                    problems.append(f"{label} read tensors of other stages: {foreign}")
+                missed = sorted(own - set(reads))
+                if missed:
+                    problems.append(f"{label} did not read its own tensors {missed}")
+                shards = {checkpoint.weight_map[k] for k in reads}
+                extra_files = sorted(set(checkpoint.files_opened) - shards)
+                if extra_files:
+                    problems.append(f"{label} opened shards {extra_files} that hold none of its tensors")
+                read_by_any |= set(reads)
+            unread = sorted(everything - read_by_any)
+            if unread:
+                problems.append(f"pp={pp} {schedule}: no stage read {unread}")
+    _fail_if(problems, f"adapter {adapter.name!r}: per-stage reads")
+
+
+# -- stage chain ---------------------------------------------------------------------------------
+def _sync_tied_grads(stages, tied: dict[str, str]) -> None:
+    """What the pipeline's tied-gradient all-reduce does, for stages in one process."""
+    for copy_, source in tied.items():
+        a = stages[-1].get_parameter(copy_)
+        b = stages[0].get_parameter(source)
+        if a is not b:
+            total = a.grad + b.grad
+            a.grad, b.grad = total.clone(), total.clone()
+
+
+def _chain_loss(adapter, config, stages, logits, labels, mask):
+    loss = causal_lm_loss(logits, labels)
+    aux = adapter.aux_loss(config, stages, attention_mask=mask)
+    return loss if aux is None else loss + aux
+
+
+def check_stage_chain(adapter: Adapter) -> None:
+    """Stages run one after another in one process give the Hugging Face model's logits, loss and
+    gradients (fp32, left-padded batch) for 1, 2, 3 and 4 stages."""
+    problems = []
+    with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
+        reference = load_reference(directory)
+        config = reference.config
+        ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
+        out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        with torch.no_grad():
+            unmasked = reference(input_ids=ids).logits
+        want_names = {n for n, _ in reference.named_parameters(remove_duplicate=False)}
+        tied = adapter.tied_weights(config)
+        for n in (1, 2, 3, 4):
+            stages = _build_stages(adapter, config, plan(directory, pp=n), directory)
+            names = {k for s in stages for k, _ in s.named_parameters(remove_duplicate=False)}
+            if names != want_names:
+                problems.append(f"{n} stages hold {sorted(names ^ want_names)} differently from the reference")
+            logits = run_chain(stages, ids, attention_mask=mask)
+            loss = _chain_loss(adapter, config, stages, logits, labels, mask)
+            loss.backward()
+            _sync_tied_grads(stages, tied)
+            if not torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6):
+                problems.append(f"{n} stages: logits differ by {(logits - out.logits).abs().max().item():.3e}")
+            if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
+                problems.append(f"{n} stages: loss {loss.item():.8f} != reference {out.loss.item():.8f}")
+            named = [(k, p) for s in stages for k, p in s.named_parameters()]
+            problems += [f"{n} stages: gradient of {m}" for m in grad_mismatches(named, reference)]
+            if n == 2:
+                with torch.no_grad():
+                    plain = run_chain(stages, ids)
+                if not torch.allclose(plain, unmasked, rtol=1e-5, atol=1e-6):
+                    problems.append(f"2 stages without attention_mask: logits differ by {(plain - unmasked).abs().max().item():.3e}")
+    _fail_if(problems, f"adapter {adapter.name!r}: stage chain vs Hugging Face")
+
+
+# -- tied weights ----------------------------------------------------------------------------------
+def check_tied_weights(adapter: Adapter) -> None:
+    """Tied parameters are one tensor in Hugging Face's model; split over stages, the copy on the
+    last stage is loaded equal to the source, and the two gradients sum to the reference's."""
+    problems = []
+    with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
+        reference = load_reference(directory)
+        config = reference.config
+        tied = adapter.tied_weights(config)
+        if not tied:
+            raise AssertionError(f"adapter {adapter.name!r} declares 'tied_embeddings' but tied_weights(tiny_config()) is empty")
+        for copy_, source in tied.items():
+            if reference.get_parameter(copy_) is not reference.get_parameter(source):
+                problems.append(f"Hugging Face does not tie {copy_!r} to {source!r} for the tiny config")
+        (one,) = _build_stages(adapter, config, plan(directory, pp=1), directory)
+        for copy_, source in tied.items():
+            if one.get_parameter(copy_) is not one.get_parameter(source):
+                problems.append(f"one stage holds {copy_!r} and {source!r} as two tensors; they must be one")
+        v_plan = plan(directory, pp=2, schedule="ZBVZeroBubble")
+        if v_plan.stages[0].rank != v_plan.stages[-1].rank:
+            problems.append("V placement puts the tied copy and its source on different ranks")
+        ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
+        reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        stages = _build_stages(adapter, config, plan(directory, pp=2), directory)
+        _chain_loss(adapter, config, stages, run_chain(stages, ids, attention_mask=mask), labels, mask).backward()
+        for copy_, source in tied.items():
+            a, b = stages[-1].get_parameter(copy_), stages[0].get_parameter(source)
+            want = reference.get_parameter(source)
+            if a is b:
+                problems.append(f"two stages share {copy_!r} with {source!r}; the last stage needs its own copy")
+                continue
+            if not torch.equal(a, want) or not torch.equal(b, want):
+                problems.append(f"{copy_!r} on the last stage or {source!r} on the first is not loaded equal to the checkpoint's")
+            if not torch.allclose(a.grad + b.grad, want.grad, rtol=1e-5, atol=1e-6):
+                problems.append(f"the gradients of {copy_!r} and {source!r} do not sum to the tied reference gradient")
+    _fail_if(problems, f"adapter {adapter.name!r}: tied weights")
+
+
+# -- validation -------------------------------------------------------------------------------------
+class _ExtraRule:
+    PROBLEM = "a plugin's rule (added by the conformance kit)"
+
+    @hookimpl
+    def ppzoo_validate(self, config: Any, plan: Any) -> list[str]:
+        return [self.PROBLEM]
+
+
+def _problems_raised(adapter: Adapter, config: Any) -> list[str]:
+    try:
+        registry.validate(config, adapter=adapter)
+    except registry.ValidationError as exc:
+        if str(exc).count("\n  - ") != len(exc.problems):
+            return [f"<the message does not list every problem: {exc}>"]
+        return exc.problems
+    return []
+
+
+def check_validation(adapter: Adapter) -> None:
+    """The tiny config passes every rule; each rule the adapter claims (``validation_cases()``)
+    and the base class's encoder-decoder rule raise their exact problem, reported together with
+    every plugin's rules; a plan with more stages than layers is refused naming both numbers."""
+    config = adapter.tiny_config()
+    problems = []
+    with resolving_to(adapter):
+        n_layers = adapter.fqn_layout(config).num_layers
+        the_plan = plan(config, pp=2, validate=False)
+        if adapter.validate(config, the_plan) or adapter.validate(config, None):
+            problems.append(f"the tiny config is rejected: {adapter.validate(config, the_plan)}")
+        enc_dec = copy.deepcopy(config)
+        enc_dec.is_encoder_decoder = True
+        cases = [(enc_dec, f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs")]
+        cases += list(adapter.validation_cases())
+        for bad, claimed in cases:
+            raised = _problems_raised(adapter, bad)
+            if claimed not in raised:
+                problems.append(f"rule {claimed!r} did not fire; validation raised {raised}")
+        with registry.plugin(_ExtraRule(), name="ppzoo.testing extra rule"):
+            for bad, claimed in cases:
+                raised = _problems_raised(adapter, bad)
+                if claimed not in raised or _ExtraRule.PROBLEM not in raised:
+                    problems.append(f"{claimed!r} is not reported together with plugin rules: {raised}")
+        too_many = n_layers + 1
+        want = (
+            f"{too_many} stages (pp={too_many} × 1 per rank) is more than the model's {n_layers} layers; "
+            "lower pp or stages per rank"
+        )
+        try:
+            plan(config, pp=too_many)
+            problems.append(f"plan(pp={too_many}) for {n_layers} layers did not raise")
+        except ValueError as exc:
+            if str(exc) != want:
+                problems.append(f"plan(pp={too_many}) raised {str(exc)!r}, expected {want!r}")
+    _fail_if(problems, f"adapter {adapter.name!r}: validation")
+
+
+# -- buffers ------------------------------------------------------------------------------------------
+def check_buffers_after_meta_init(adapter: Adapter) -> None:
+    """Every buffer of every built stage (RoPE ``inv_freq``, embedding scales, ...) equals the
+    ``from_pretrained`` model's, in value and dtype, in fp32 and bf16; no buffer is left out."""
+    problems = []
+    with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
+        from transformers import AutoModelForCausalLM
+
+        for dtype in (torch.float32, torch.bfloat16):
+            reference = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
+            want = dict(reference.named_buffers())
+            for pp in (1, 2, 4):
+                stages = _build_stages(adapter, reference.config, plan(directory, pp=pp), directory, dtype=dtype)
+                seen = set()
+                for index, stage in enumerate(stages):
+                    for name, buf in stage.named_buffers():
+                        seen.add(name)
+                        label = f"{str(dtype)[6:]} pp={pp} stage {index}: buffer {name!r}"
+                        ref = want.get(name)
+                        if ref is None:
+                            problems.append(f"{label} is not in the Hugging Face model")
+                        elif buf.dtype != ref.dtype or buf.shape != ref.shape:
+                            problems.append(f"{label} is {buf.dtype} {tuple(buf.shape)}, reference {ref.dtype} {tuple(ref.shape)}")
+                        elif not torch.equal(buf, ref):
+                            problems.append(f"{label} differs from the reference by {(buf.double() - ref.double()).abs().max().item():.3e}")
+                missing = sorted(set(want) - seen)
+                if missing:
+                    problems.append(f"{str(dtype)[6:]} pp={pp}: no stage holds buffers {missing}")
+    _fail_if(problems, f"adapter {adapter.name!r}: buffers after meta init")
