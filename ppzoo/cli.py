@@ -71,7 +71,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"no registered adapter {unknown[0]!r}; registered: {', '.join(known)} (see `ppzoo list`)")
     selected = list(known.values()) if args.all else [known[name] for name in dict.fromkeys(args.adapter)]
-    results = check_adapters(selected)
+    results = check_adapters(selected, select=args.check or None)
     sources = {a.name: registry.adapter_source(a).split(" (", 1)[0] for a in selected}
     print(render_matrix(results, sources=sources, markdown=args.markdown))
     return 1 if any(r.status == "failed" for r in results) else 0
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="run the conformance kit and print an architecture x check table")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME", help="an adapter to check (repeatable)")
     p.add_argument("--all", action="store_true", help="check every registered adapter")
+    p.add_argument("--check", action="append", default=[], metavar="CHECK", help="run only this check (repeatable)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.set_defaults(func=_cmd_check)
     return parser

@@ -101,22 +101,29 @@ def _skip_reason(adapter: Adapter, check: Check) -> str | None:
     return None
 
 
-def checks(adapter: Adapter, *, expected_failures: Mapping[str, str] | None = None) -> Iterator[Case]:
+def checks(
+    adapter: Adapter, *, expected_failures: Mapping[str, str] | None = None, select: Sequence[str] | None = None
+) -> Iterator[Case]:
     """Every conformance check for ``adapter``, in order, as :class:`Case` objects.
 
     Args:
         adapter: the adapter under test.
         expected_failures: ``{check name: reason}`` for checks known to fail; each becomes a strict
             expected failure, so a fix is noticed.
+        select: only these checks (by name); default all.
 
     Raises:
-        ValueError: ``expected_failures`` names an unknown check or one that does not apply.
+        ValueError: ``expected_failures`` or ``select`` names an unknown check, or
+            ``expected_failures`` names one that does not apply.
     """
     expected = dict(expected_failures or {})
-    unknown = sorted(set(expected) - set(_BY_NAME))
-    if unknown:
-        raise ValueError(f"expected_failures names unknown checks {unknown}; the checks are {', '.join(_BY_NAME)}")
+    for what, names in (("expected_failures", expected), ("select", select or ())):
+        unknown = sorted(set(names) - set(_BY_NAME))
+        if unknown:
+            raise ValueError(f"{what} names unknown checks {unknown}; the checks are {', '.join(_BY_NAME)}")
     for check in CHECKS:
+        if select is not None and check.name not in select:
+            continue
         skip = _skip_reason(adapter, check)
         if skip and check.name in expected:
             raise ValueError(f"expected_failures names {check.name!r}, which does not apply: {skip}")
@@ -142,23 +149,34 @@ def _outcome(case: Case, **kwargs) -> CheckResult:
     return CheckResult(name, check, "passed")
 
 
-def check_adapter(adapter: Adapter, *, expected_failures: Mapping[str, str] | None = None) -> list[CheckResult]:
+def check_adapter(
+    adapter: Adapter, *, expected_failures: Mapping[str, str] | None = None, select: Sequence[str] | None = None
+) -> list[CheckResult]:
     """Run every conformance check for ``adapter`` (no pytest needed).
+
+    Args:
+        adapter: the adapter under test.
+        expected_failures: ``{check name: reason}``; see :func:`checks`.
+        select: only these checks (by name); default all.
 
     Returns:
         One :class:`CheckResult` per check, in order.
     """
-    return check_adapters([adapter], expected_failures={adapter.name: dict(expected_failures or {})})
+    return check_adapters([adapter], expected_failures={adapter.name: dict(expected_failures or {})}, select=select)
 
 
 def check_adapters(
-    adapters: Sequence[Adapter], *, expected_failures: Mapping[str, Mapping[str, str]] | None = None
+    adapters: Sequence[Adapter],
+    *,
+    expected_failures: Mapping[str, Mapping[str, str]] | None = None,
+    select: Sequence[str] | None = None,
 ) -> list[CheckResult]:
     """Run every conformance check for each adapter; one process group runs all distributed steps.
 
     Args:
         adapters: the adapters under test (unique names).
         expected_failures: ``{adapter name: {check name: reason}}``.
+        select: only these checks (by name); default all.
 
     Returns:
         One :class:`CheckResult` per adapter and check, adapter by adapter.
@@ -167,7 +185,7 @@ def check_adapters(
     unknown = sorted(set(expected) - {a.name for a in adapters})
     if unknown:
         raise ValueError(f"expected_failures names adapters {unknown} that are not being checked")
-    cases = [case for a in adapters for case in checks(a, expected_failures=expected.get(a.name))]
+    cases = [case for a in adapters for case in checks(a, expected_failures=expected.get(a.name), select=select)]
     stepped = [c.adapter for c in cases if c.check.name == "distributed_step" and not c.skip]
     try:
         step_problems = distributed_step_problems(stepped) if stepped else {}

@@ -24,6 +24,9 @@ The ``ppzoo_plugin`` fixture registers plugins for one test and always unregiste
 from __future__ import annotations
 
 import contextlib
+import json
+import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -31,19 +34,23 @@ import pytest
 from ppzoo import registry
 from ppzoo.adapter import Adapter
 from ppzoo.testing.kit import CHECKS, Check, checks
+from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
-__all__ = ["ppzoo_plugin"]
+__all__ = ["ppzoo_case", "ppzoo_plugin"]
 
 _MARKER = "ppzoo_adapters"
+_STEP_PROBLEMS = pytest.StashKey[dict]()
 
 
 class ConformanceCase:
     """A test's view of one check for one adapter; the adapter is looked up when the test runs,
     so a registry reset between collection and run does not leave a stale adapter object."""
 
-    def __init__(self, adapter: str | Adapter, check: Check):
+    def __init__(self, adapter: str | Adapter, check: Check, *, skip: str | None = None):
         self._adapter = adapter
         self.check = check
+        self.skip = skip
+        self._step_problems: Callable[[], dict[str, list[str]]] | None = None
 
     @property
     def adapter(self) -> Adapter:
@@ -58,7 +65,11 @@ class ConformanceCase:
 
     def run(self) -> None:
         """Run the check; raises ``AssertionError`` naming every problem when it fails."""
-        self.check.function(self.adapter)
+        adapter = self.adapter
+        if self.check.function is check_distributed_step and self._step_problems is not None:
+            check_distributed_step(adapter, problems=self._step_problems()[adapter.name])
+        else:
+            self.check.function(adapter)
 
     def __repr__(self) -> str:
         return f"<ConformanceCase {self.id}>"
@@ -105,14 +116,61 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 marks.append(pytest.mark.skip(reason=case.skip))
             if case.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
-            params.append(pytest.param(ConformanceCase(ref, case.check), id=case.id, marks=marks))
+            params.append(pytest.param(ConformanceCase(ref, case.check, skip=case.skip), id=case.id, marks=marks))
     unused = sorted(set(expected) - used)
     if unused:
         raise pytest.UsageError(
             f"{_MARKER} expected_failures keys {unused} name no check of these adapters; "
             f"use a check name ({', '.join(c.name for c in CHECKS)}) or an '<adapter>-<check>' id"
         )
-    metafunc.parametrize("ppzoo_case", params)
+    metafunc.parametrize("ppzoo_case", params, indirect=True)
+
+
+@pytest.fixture
+def ppzoo_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ConformanceCase:
+    """One conformance check for one adapter (parametrized by the plugin); call ``.run()``."""
+    case: ConformanceCase = request.param
+    case._step_problems = lambda: _session_step_problems(request.session, tmp_path_factory)
+    return case
+
+
+def _session_step_problems(session: pytest.Session, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """The distributed step problems of every adapter selected in this run, found in ONE process
+    group: the first distributed item runs the group for all; with pytest-xdist the first worker
+    to take the lock runs it and the others read its results."""
+    found = session.config.stash.get(_STEP_PROBLEMS, None)
+    if found is not None:
+        return found
+    adapters = {}
+    for item in session.items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("ppzoo_case")
+        if isinstance(case, ConformanceCase) and case.check.function is check_distributed_step and not case.skip:
+            adapter = case.adapter
+            adapters.setdefault(adapter.name, adapter)
+    worker = getattr(session.config, "workerinput", None)
+    if worker is None:
+        found = _run_group(list(adapters.values()))
+    else:
+        from filelock import FileLock
+
+        # NOTE: the base temp's parent is shared by the workers of one run; the run id keeps
+        # results of earlier runs out.
+        path = Path(tmp_path_factory.getbasetemp()).parent / f"ppzoo-step-{worker['testrunuid']}.json"
+        with FileLock(f"{path}.lock"):
+            if path.is_file():
+                found = json.loads(path.read_text())
+            else:
+                found = _run_group(list(adapters.values()))
+                path.write_text(json.dumps(found))
+    session.config.stash[_STEP_PROBLEMS] = found
+    return found
+
+
+def _run_group(adapters: list[Adapter]) -> dict[str, list[str]]:
+    try:
+        return distributed_step_problems(adapters)
+    except Exception:  # noqa: BLE001 - reported on every distributed item
+        return {a.name: [f"the process group could not run:\n{traceback.format_exc()}"] for a in adapters}
 
 
 @pytest.fixture
