@@ -104,7 +104,7 @@ class Plan:
         }
 
 
-def load_config(config_or_path: Any) -> Any:
+def load_config(config_or_path: Any, **kwargs: Any) -> Any:
     """A transformers config from a config object, a local directory or a hub id."""
     if isinstance(config_or_path, (str, os.PathLike)):
         from transformers import AutoConfig
@@ -114,7 +114,7 @@ def load_config(config_or_path: Any) -> Any:
             raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face model directory or hub id")
         if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
             raise FileNotFoundError(f"no directory {path!r}; pass a Hugging Face model directory or hub id")
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **kwargs)
     return config_or_path
 
 

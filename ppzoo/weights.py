@@ -27,7 +27,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing a tensor or a file, or holds a tensor of the wrong shape."""
 
 
-def resolve(model_id: str | os.PathLike) -> Path:
+def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
     """A local directory for ``model_id``: the directory itself, or a hub snapshot of its metadata.
 
     For a hub id only ``config.json``, the index and small side files are fetched here; shard files
@@ -40,7 +40,9 @@ def resolve(model_id: str | os.PathLike) -> Path:
         raise CheckpointError(f"{str(path)!r} is a file; pass the checkpoint directory that holds it")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model_id), allow_patterns=["*.json", "*.model", "*.txt", "*.jinja"]))
+    return Path(
+        snapshot_download(str(model_id), allow_patterns=["*.json", "*.model", "*.txt", "*.jinja"], **hub_kwargs)
+    )
 
 
 class Checkpoint:

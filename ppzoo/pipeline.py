@@ -1,0 +1,367 @@
+"""The ``Pipeline`` object users hold, and ``pipeline()``, which builds it on every rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+
+from ppzoo import registry
+from ppzoo.loss import causal_lm_loss, count_label_tokens
+from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
+from ppzoo.plan import Plan, load_config, plan as make_plan, schedule_kind
+from ppzoo.schedule import build_schedule, check_batch, check_microbatches, csv_stage_count
+from ppzoo.stage import build_stage
+from ppzoo.weights import Checkpoint, resolve
+
+__all__ = ["Pipeline", "pipeline"]
+
+log = logging.getLogger("ppzoo")
+
+#: keyword arguments of ``from_pretrained`` that ppzoo passes on when loading the config
+_CONFIG_LOADING_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir")
+#: how many batch shapes keep their stages and schedules (each shape needs its own, see below)
+_SHAPE_CACHE = 4
+
+
+class Pipeline:
+    """This rank's pipeline stages and the schedules that run them.
+
+    Every rank calls :meth:`step` / :meth:`eval` with the full batch. ``PipelineStage`` fixes its
+    communication shapes when built, so the pipeline keeps one set of stages and schedules per
+    (microbatch size, sequence length) it has seen (the last few): a batch of a new length simply
+    gets its own, with no change to the modules or their gradients. Sequences need no padding to a
+    fixed length; pad them yourself if you want to avoid the extra set of buffers per length.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        adapter: Any,
+        plan: Plan,
+        modules: dict[int, nn.Module],
+        mesh: Any,
+        device: torch.device,
+        microbatches: int,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.adapter = adapter
+        self.plan = plan
+        self.mesh = mesh
+        self.device = device
+        self.microbatches = microbatches
+        self.dtype = dtype
+        self._modules = modules  # stage index -> module, in stage order
+        self._pp_group = mesh["pp"].get_group()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self._last_rank = plan.stages[-1].rank
+        self._num_tokens = 1
+        self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
+        self._tied_group = self._tie_or_group()
+
+    # -- what this rank holds ----------------------------------------------------------------
+    @property
+    def stages(self) -> list[nn.Module]:
+        """This rank's stage modules, in stage order."""
+        return list(self._modules.values())
+
+    @property
+    def holds_first(self) -> bool:
+        return 0 in self._modules
+
+    @property
+    def holds_last(self) -> bool:
+        return self.plan.num_stages - 1 in self._modules
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their original FQNs (a parameter shared by two stages once)."""
+        seen: set[int] = set()
+        for module in self._modules.values():
+            for name, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "rank": dist.get_rank(),
+            "pp_rank": self.pp_rank,
+            "pp": self.plan.pp,
+            "schedule": self.plan.schedule,
+            "placement": self.plan.placement,
+            "microbatches": self.microbatches,
+            "num_stages": self.plan.num_stages,
+            "stages": [
+                {
+                    "index": index,
+                    "modules": list(self.plan.stages[index].modules),
+                    "params": sum(p.numel() for p in module.parameters()),
+                }
+                for index, module in self._modules.items()
+            ],
+        }
+
+    # -- tied embeddings -----------------------------------------------------------------------
+    def _tie_or_group(self) -> Any:
+        """Tie the head to the embedding on one rank, or make the group that syncs their grads."""
+        tied = self.adapter.tied_weights(self.config)
+        if not tied or self.plan.num_stages == 1:
+            return None
+        first, last = self.plan.stages[0].rank, self.plan.stages[-1].rank
+        if first == last:
+            if self.pp_rank == first:
+                head, body = self._modules[self.plan.num_stages - 1], self._modules[0]
+                for copy, source in tied.items():
+                    owner, _, name = copy.rpartition(".")
+                    setattr(head.get_submodule(owner) if owner else head, name, body.get_parameter(source))
+            return None
+        # NOTE: new_group is collective over the world: every rank creates every pp line's group.
+        mine = None
+        pp_lines = self.mesh.mesh.reshape(self.plan.pp, -1).T  # one row per (dp, cp, tp) position
+        for line in pp_lines.tolist():
+            group = dist.new_group([line[first], line[last]])
+            if dist.get_rank() in (line[first], line[last]):
+                mine = group
+        return mine
+
+    def _sync_tied_grads(self) -> None:
+        if self._tied_group is None:
+            return
+        for copy, source in self.adapter.tied_weights(self.config).items():
+            name = source if self.holds_first else copy
+            module = self._modules[0] if self.holds_first else self._modules[self.plan.num_stages - 1]
+            param = module.get_parameter(name)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            dist.all_reduce(grad, group=self._tied_group)
+
+    # -- running -------------------------------------------------------------------------------
+    def _runtime(self, microbatch_size: int, seq_len: int, train: bool) -> Any:
+        key = (microbatch_size, seq_len, train)
+        if key in self._runtimes:
+            self._runtimes.move_to_end(key)
+            return self._runtimes[key]
+        hidden = int(self.adapter.text_config(self.config).hidden_size)
+        vocab = int(self.adapter.text_config(self.config).vocab_size)
+        stages = []
+        for index, module in self._modules.items():
+            spec = self.plan.stages[index]
+            meta = dict(device="meta")
+            # NOTE: static shapes spare the dummy forward torch would run to infer them; hidden
+            # states (and logits) require grad, which tells the stage to exchange gradients.
+            inputs = (
+                torch.empty(microbatch_size, seq_len, dtype=torch.long, **meta)
+                if spec.index == 0
+                else torch.empty(microbatch_size, seq_len, hidden, dtype=self.dtype, requires_grad=train, **meta)
+            )
+            last = spec.index == self.plan.num_stages - 1
+            outputs = torch.empty(
+                microbatch_size, seq_len, vocab if last else hidden, dtype=self.dtype, requires_grad=train, **meta
+            )
+            stages.append(
+                PipelineStage(
+                    module,
+                    spec.index,
+                    self.plan.num_stages,
+                    self.device,
+                    input_args=(inputs,),
+                    output_args=(outputs,),
+                    group=self._pp_group,
+                )
+            )
+        runtime = build_schedule(
+            self.plan.schedule, stages, microbatches=self.microbatches, loss_fn=self._loss if train else None
+        )
+        self._runtimes[key] = runtime
+        while len(self._runtimes) > _SHAPE_CACHE:
+            self._runtimes.popitem(last=False)
+        return runtime
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(logits, labels, self._num_tokens)
+
+    def _inputs(self, input_ids, attention_mask, position_ids) -> tuple[tuple, dict]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        check_batch(batch_size=batch, microbatches=self.microbatches)
+        kwargs = {}
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, seq):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, seq)}")
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        if position_ids is not None:
+            # NOTE: microbatching splits every kwarg along dim 0, so a shared (1, seq) row is expanded.
+            kwargs["position_ids"] = position_ids.to(self.device).expand(batch, seq).contiguous()
+        args = (input_ids.to(self.device),) if self.holds_first else ()
+        return args, kwargs
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One training step over all microbatches; gradients accumulate in ``.grad``.
+
+        Every rank passes the whole batch. The loss is Hugging Face's: labels shifted inside,
+        ``-100`` ignored, mean over the valid tokens of the whole batch.
+
+        Returns:
+            The batch loss (a detached scalar), the same on every rank.
+        """
+        args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        self._num_tokens = count_label_tokens(labels)
+        if self._num_tokens == 0:
+            raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
+        runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=True)
+        for module in self._modules.values():
+            module.train()
+        losses: list[torch.Tensor] = []
+        runtime.step(*args, target=labels.to(self.device) if self.holds_last else None, losses=losses, **kwargs)
+        self._sync_tied_grads()
+        if self.holds_last:
+            loss = torch.stack([l.detach().float() for l in losses]).sum()
+        else:
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
+        return loss
+
+    @torch.no_grad()
+    def eval(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """A pipelined forward without gradients.
+
+        Returns:
+            The logits ``(batch, sequence, vocab)`` on the rank holding the last stage; None elsewhere.
+        """
+        args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+        runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=False)
+        for module in self._modules.values():
+            module.eval()
+        out = runtime.step(*args, **kwargs)
+        return out if self.holds_last else None
+
+
+def pipeline(
+    model: str | os.PathLike,
+    *,
+    pp: int,
+    schedule: str = "1F1B",
+    microbatches: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str | None = None,
+    stages_per_rank: int | None = None,
+    layers_per_stage: int | None = None,
+    stage_modules: Sequence[Sequence[str]] | None = None,
+    dp_replicate: int = 1,
+    dp_shard: int = 1,
+    cp: int = 1,
+    tp: int = 1,
+    attn_implementation: str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> Pipeline:
+    """Build this rank's pipeline stages of ``model`` and the schedule that runs them.
+
+    Call it on every rank (under ``torchrun``, or with a process group already initialised).
+
+    Args:
+        model: a local checkpoint directory or a hub id.
+        pp: pipeline-parallel degree.
+        schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble,
+            DualPipeV (any case), or a path to a ``.csv`` schedule.
+        microbatches: microbatches per step (default: the number of stages).
+        dtype: parameter dtype.
+        device: target device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
+        stages_per_rank, layers_per_stage, stage_modules: how to split; see :func:`ppzoo.plan`.
+        dp_replicate, dp_shard, cp, tp: the other mesh degrees.
+        attn_implementation: as in ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...).
+        **from_pretrained_kwargs: other ``from_pretrained`` keywords: ``trust_remote_code``,
+            ``revision``, ``token``, ``cache_dir``, or config attributes to override.
+
+    Returns:
+        The :class:`Pipeline`.
+
+    Raises:
+        ValueError: impossible degrees, split or schedule settings, before any communication.
+        ppzoo.registry.ValidationError: the adapter rejects the config.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
+    degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+    others = {d: getattr(degrees, d) for d in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(degrees, d) != 1}
+    if others:
+        raise ValueError(
+            f"{', '.join(f'{k}={v}' for k, v in others.items())}: parallelism inside a stage is not available in "
+            "this version of ppzoo; use pp alone (other degrees 1)"
+        )
+    name, kind = schedule_kind(schedule)
+    if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
+        stages_per_rank = csv_stage_count(name) // pp
+    loading = {k: from_pretrained_kwargs.pop(k) for k in _CONFIG_LOADING_KWARGS if k in from_pretrained_kwargs}
+    local = resolve(model, **{k: v for k, v in loading.items() if k != "trust_remote_code"})
+    config = load_config(local, trust_remote_code=loading.get("trust_remote_code", False))
+    for key, value in from_pretrained_kwargs.items():
+        if not hasattr(config, key):
+            raise TypeError(f"pipeline() got an unexpected keyword argument {key!r} (not a config attribute either)")
+        setattr(config, key, value)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    the_plan = make_plan(
+        config,
+        pp=pp,
+        schedule=name,
+        stages_per_rank=stages_per_rank,
+        layers_per_stage=layers_per_stage,
+        stage_modules=stage_modules,
+        dtype=dtype,
+    )
+    microbatches = the_plan.num_stages if microbatches is None else microbatches
+    check_microbatches(schedule=name, microbatches=microbatches, num_stages=the_plan.num_stages, pp=pp)
+    adapter = registry.adapter_for(config)
+
+    init_distributed(device)
+    mesh = build_mesh(degrees, device)
+    pp_rank = mesh["pp"].get_local_rank()
+    checkpoint = Checkpoint(local, repo_id=None if Path(os.fspath(model)).is_dir() else str(model))
+    modules: dict[int, nn.Module] = {}
+    for spec in the_plan.stages_for_rank(pp_rank):
+        started = time.perf_counter()
+        modules[spec.index] = build_stage(
+            config, adapter, the_plan, spec.index, checkpoint=checkpoint, device=device, dtype=dtype,
+            attn_implementation=config._attn_implementation,
+        )
+        log.info(
+            "rank %d: stage %d/%d ready (%s params) in %.1fs",
+            dist.get_rank(), spec.index, the_plan.num_stages, f"{spec.params:,}", time.perf_counter() - started,
+        )
+    return Pipeline(
+        config=config, adapter=adapter, plan=the_plan, modules=modules, mesh=mesh,
+        device=device, microbatches=microbatches, dtype=dtype,
+    )
+
