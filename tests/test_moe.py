@@ -15,6 +15,16 @@ from ppzoo.weights import Checkpoint
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # NOTE: tiny matrices gain nothing from intra-op threads, and on a busy machine the thread
+    # pool's spinning makes every matmul many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(name, **overrides):
     adapter = registry.adapters()[name]
     config = adapter.tiny_config()
