@@ -1,0 +1,152 @@
+"""The distributed runtime: every schedule's step and eval equal the unsplit Hugging Face model.
+
+One spawned 2-rank gloo group runs every case; each case returns its problems instead of raising,
+so one failure does not leave the peer rank blocked.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+
+SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+
+# A compute-only CSV schedule for 2 ranks × 2 stages (loop placement), 4 microbatches:
+# each row is one rank's actions ("2F1" = stage 2, forward, microbatch 1; "B" = full backward).
+CSV_SCHEDULE = "\n".join(
+    ",".join(
+        [f"{s}F{m}" for s in (r, r + 2) for m in range(4)] + [f"{s}B{m}" for s in (r + 2, r) for m in range(4)]
+    )
+    for r in range(2)
+)
+
+
+def _reference_step(directory, ids, mask, labels):
+    reference = load_reference(directory)
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return reference, out
+
+
+def _schedule_case(directory, schedule):
+    ids, mask, labels = batch(96, batch_size=4)
+    reference, out = _reference_step(directory, ids, mask, labels)
+    pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=4, device="cpu", attn_implementation="eager")
+    loss = pipe.step(ids, labels=labels, attention_mask=mask)
+    problems = []
+    if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
+        problems.append(f"loss {loss.item()} != reference {out.loss.item()}")
+    problems += grad_mismatches(list(pipe.named_parameters()), reference)
+    logits = pipe.eval(ids, attention_mask=mask)
+    if pipe.holds_last != (logits is not None):
+        problems.append(f"eval returned {type(logits).__name__} on a rank with holds_last={pipe.holds_last}")
+    if logits is not None and not torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6):
+        problems.append(f"eval logits differ by {(logits - out.logits).abs().max().item():.3e}")
+    return {"problems": problems, "params": sorted(n for n, _ in pipe.named_parameters()), "info": pipe.info}
+
+
+def _sequence_length_case(directory):
+    """Two steps of different lengths without zeroing: grads are the sum of both reference steps."""
+    first = batch(96, batch_size=4, seq_len=12, seed=1)
+    second = batch(96, batch_size=4, seq_len=7, seed=2)
+    reference = load_reference(directory)
+    ref_losses = []
+    for ids, mask, labels in (first, second, first):
+        out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        ref_losses.append(out.loss)
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="1F1B", microbatches=4, device="cpu", attn_implementation="eager")
+    problems = []
+    for (ids, mask, labels), want in zip((first, second, first), ref_losses):
+        loss = pipe.step(ids, labels=labels, attention_mask=mask)
+        if not torch.allclose(loss, want, rtol=1e-5, atol=0):
+            problems.append(f"seq {ids.shape[1]}: loss {loss.item()} != {want.item()}")
+    problems += grad_mismatches(list(pipe.named_parameters()), reference)
+    ids, mask, _ = second
+    logits = pipe.eval(ids, attention_mask=mask)
+    if logits is not None:
+        want = reference(input_ids=ids, attention_mask=mask).logits
+        if not torch.allclose(logits, want, rtol=1e-5, atol=1e-6):
+            problems.append("eval logits at the second length differ")
+    return {"problems": problems}
+
+
+def _batch_error_case(directory):
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="1F1B", microbatches=4, device="cpu")
+    ids, mask, labels = batch(96, batch_size=6)
+    try:
+        pipe.step(ids, labels=labels, attention_mask=mask)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        message = None
+    # the group is still usable after the refusal: nothing was sent
+    ids, mask, labels = batch(96, batch_size=4)
+    loss = pipe.step(ids, labels=labels, attention_mask=mask)
+    return {"message": message, "loss": loss.item()}
+
+
+def _rank_main(rank, world_size, directory, csv_path):
+    results = {}
+    cases = [(s, _schedule_case, (directory, s)) for s in SCHEDULES + [csv_path]]
+    cases += [("seq-len", _sequence_length_case, (directory,)), ("batch-error", _batch_error_case, (directory,))]
+    for name, fn, args in cases:
+        try:
+            results[name] = fn(*args)
+        except Exception:
+            results[name] = {"problems": [traceback.format_exc()]}
+    return results
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
+    csv_path = tmp_path_factory.mktemp("csv") / "looped.csv"
+    csv_path.write_text(CSV_SCHEDULE + "\n")
+    results = run_distributed(_rank_main, 2, str(directory), str(csv_path), timeout_s=600)
+    return results, str(csv_path), str(directory)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + ["csv"])
+def test_step_and_eval_equal_reference(group_results, schedule):
+    results, csv_path, directory = group_results
+    key = csv_path if schedule == "csv" else schedule
+    for rank, per_rank in enumerate(results):
+        assert per_rank[key]["problems"] == [], f"rank {rank}"
+    # every parameter lives on exactly one rank (a V-tied head is the embedding itself)
+    names = [n for per_rank in results for n in per_rank[key]["params"]]
+    assert len(names) == len(set(names))
+    reference_names = {n for n, _ in load_reference(directory).named_parameters()}
+    assert set(names) == reference_names
+
+
+def test_info_describes_this_ranks_stages(group_results):
+    results = group_results[0]
+    infos = [per_rank["ZBVZeroBubble"]["info"] for per_rank in results]
+    assert [i["pp_rank"] for i in infos] == [0, 1]
+    assert [[s["index"] for s in i["stages"]] for i in infos] == [[0, 3], [1, 2]]
+    assert infos[0]["stages"][0]["modules"][0] == "model.embed_tokens"
+    assert infos[0]["stages"][1]["modules"][-1] == "lm_head"
+
+
+def test_new_sequence_length_keeps_gradients(group_results):
+    results = group_results[0]
+    for per_rank in results:
+        assert per_rank["seq-len"]["problems"] == []
+
+
+def test_indivisible_batch_is_refused_before_communication(group_results):
+    results = group_results[0]
+    for per_rank in results:
+        got = per_rank["batch-error"]
+        assert got["message"] == (
+            "batch of 6 rows cannot be split into 4 equal microbatches; use a batch size divisible by 4"
+        )
+        assert got["loss"] > 0
