@@ -352,3 +352,24 @@ def test_missing_directory(tmp_path):
 def test_unknown_architecture():
     with pytest.raises(registry.UnknownArchitectureError, match="^no ppzoo adapter for model_type 'bert'; registered: "):
         ppzoo.plan(BertConfig(), pp=2)
+
+
+def test_planning_does_not_load_the_runtime(tmp_path):
+    """``import ppzoo`` and a plan leave torch.distributed.pipelining unloaded; the runtime names still work."""
+    import subprocess
+    import sys
+
+    tiny().save_pretrained(tmp_path)
+    script = f"""
+import sys, types
+import ppzoo
+ppzoo.plan({str(tmp_path)!r}, pp=2)
+assert "torch.distributed.pipelining" not in sys.modules, "the plan loaded the runtime"
+import ppzoo.pipeline
+from ppzoo import Pipeline, pipeline
+assert isinstance(ppzoo.pipeline, types.FunctionType) and ppzoo.pipeline is pipeline, ppzoo.pipeline
+assert isinstance(ppzoo.Pipeline, type) and ppzoo.Pipeline is Pipeline
+assert isinstance(ppzoo.plan, types.FunctionType), ppzoo.plan
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
