@@ -21,11 +21,12 @@ is given, times the coefficient, times the share of the model's MoE layers those
 
 - given every stage of the model, run on the same tokens (the single-process stage chain, one
   microbatch), it equals Hugging Face's aux loss exactly, gradients included;
-- given some of the stages (one pipeline rank), it is that share's term. The loss couples all
-  layers through products of per-expert sums, so no split of it into per-stage terms is exact;
-  the terms of disjoint stage groups add up to the whole-model value when every layer routes alike.
-  A pipeline adds each stage's term on that stage (its gradient reaches only that stage's
-  routers), per microbatch, and averages over microbatches.
+- given some of the stages (one pipeline rank), it is that share's term. Exact equality with
+  Hugging Face is impossible there: the loss couples all layers, and all tokens of the batch,
+  through products of per-expert sums. The terms of disjoint stage groups add up to the
+  whole-model value when every layer routes alike. In a pipeline each stage's term belongs on
+  that stage (its gradient reaches only that stage's routers), per microbatch, averaged over
+  the microbatches.
 
 The aux loss is None when ``output_router_logits`` is off, as in Hugging Face.
 """
