@@ -1,0 +1,104 @@
+"""Tied embeddings across stages: grads summed between first and last stage, copies stay identical."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.reference import batch, load_reference, save_tiny_model
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+STEPS = 3
+
+
+def _train_case(directory, pp, schedule):
+    reference = load_reference(directory)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    pipe = ppzoo.pipeline(directory, pp=pp, schedule=schedule, microbatches=4, device="cpu",
+                          attn_implementation="eager")
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.5, momentum=0.9)
+    params = dict(pipe.named_parameters())
+    problems = []
+    for step in range(STEPS):
+        ids, mask, labels = batch(reference.config.vocab_size, batch_size=4, seed=step)
+        ref_opt.zero_grad()
+        reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.zero_grad()
+        pipe.step(ids, labels=labels, attention_mask=mask)
+        want = reference.get_parameter(EMBED).grad
+        for name in (EMBED, HEAD):
+            if name in params and not torch.allclose(params[name].grad, want, rtol=1e-5, atol=1e-6):
+                problems.append(f"step {step}: {name}.grad differs from the tied reference grad by "
+                                f"{(params[name].grad - want).abs().max().item():.3e}")
+        ref_opt.step()
+        opt.step()
+    # After the optimizer steps both copies are bitwise identical (or one parameter).
+    last_rank = pipe.plan.stages[-1].rank
+    head = params[HEAD].detach().clone() if HEAD in params else torch.zeros_like(reference.get_parameter(EMBED))
+    if pipe.holds_last and HEAD not in params:
+        head = params[EMBED].detach().clone()  # V placement: the head is the embedding itself
+    dist.broadcast(head, src=last_rank)
+    if pipe.holds_first and not torch.equal(head, params[EMBED].detach()):
+        problems.append("after the optimizer steps the head copy differs from the embedding")
+    if pipe.holds_first and not torch.allclose(params[EMBED], reference.get_parameter(EMBED), rtol=1e-5, atol=1e-6):
+        problems.append("the trained embedding differs from the unsplit model's")
+    names = [n for n, _ in pipe.named_parameters()]
+    return {"problems": problems, "names": names, "v_tied": pipe.holds_first and pipe.holds_last and HEAD not in params}
+
+
+def _rank_main(rank, world_size, directories, schedules):
+    out = {}
+    for arch, directory in directories.items():
+        for schedule in schedules:
+            try:
+                out[(arch, schedule)] = _train_case(directory, world_size, schedule)
+            except Exception:
+                out[(arch, schedule)] = {"problems": [traceback.format_exc()], "names": [], "v_tied": False}
+    return out
+
+
+def _tied_dirs(tmp_path_factory, archs):
+    dirs = {}
+    for arch in archs:
+        adapter = registry.adapters()[arch]
+        config = adapter.tiny_config()
+        config.tie_word_embeddings = True
+        dirs[arch] = str(save_tiny_model(adapter, tmp_path_factory.mktemp(arch), config=config))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    dirs = _tied_dirs(tmp_path_factory, ["llama", "gemma"])
+    return run_distributed(_rank_main, 2, dirs, ("1F1B", "ZBVZeroBubble"), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def pp4(tmp_path_factory):
+    dirs = _tied_dirs(tmp_path_factory, ["llama"])
+    return run_distributed(_rank_main, 4, dirs, ("1F1B", "ZBVZeroBubble"), timeout_s=600)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_tied_pp2(pp2, arch, schedule):
+    for rank, per_rank in enumerate(pp2):
+        assert per_rank[(arch, schedule)]["problems"] == [], f"rank {rank}"
+    if schedule == "ZBVZeroBubble":
+        # V placement: rank 0 holds the first and last stage, and the head is the embedding itself
+        assert pp2[0][(arch, schedule)]["v_tied"]
+        assert HEAD not in pp2[0][(arch, schedule)]["names"]
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_tied_pp4(pp4, schedule):
+    for rank, per_rank in enumerate(pp4):
+        assert per_rank[("llama", schedule)]["problems"] == [], f"rank {rank}"
+    holders = [r for r, per_rank in enumerate(pp4) if HEAD in per_rank[("llama", schedule)]["names"]]
+    assert holders == ([3] if schedule == "1F1B" else [])
