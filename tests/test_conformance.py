@@ -1,11 +1,275 @@
-"""The conformance matrix: every registered built-in adapter through every check of the kit.
+"""The conformance matrix — every registered built-in adapter through every check of the kit — and
+the kit's own tests: each check catches the breakage it claims to, records and pytest outcomes say
+what happened, and ``ppzoo check`` prints the table.
 
 ``tests/conftest.py`` turns entry-point plugins off, so the registry holds the built-ins alone.
 Select one cell with ``-k``, e.g. ``python -m pytest tests/test_conformance.py -k gemma2-stage_chain``.
 """
 
-pytest_plugins = ["ppzoo.testing.pytest_plugin"]
+import pytest
+import torch
+
+from ppzoo import registry
+from ppzoo.adapter import KeyMap, Layout
+from ppzoo.adapters.llama import LlamaAdapter
+from ppzoo.cli import main
+from ppzoo.testing.parametrize import parametrize_with_checks
+from ppzoo.testing import (
+    CheckResult,
+    check_adapter,
+    check_buffers_after_meta_init,
+    check_layout,
+    check_stage_chain,
+    check_stage_reads,
+    check_tied_weights,
+    check_tiny_config,
+    check_validation,
+)
+
+pytest_plugins = ["ppzoo.testing.pytest_plugin", "pytester"]
 
 
 def test_conformance(ppzoo_case):
     ppzoo_case.run()
+
+
+# -- broken adapters: each check must catch its breakage ----------------------------------------
+class DoubledLogits(LlamaAdapter):
+    name = "doubled-logits"
+
+    def logits(self, lm, hidden):
+        return super().logits(lm, hidden) * 2
+
+
+class NoHead(LlamaAdapter):
+    name = "no-head"
+
+    def fqn_layout(self, config):
+        layout = super().fqn_layout(config)
+        return Layout(layout.inputs, layout.layers, layout.num_layers, ("model.norm",), layout.shared)
+
+
+class _GreedyKeys(KeyMap):
+    def sources(self, fqn, available):
+        return [fqn, "model.embed_tokens.weight"] if fqn == "model.norm.weight" else [fqn]
+
+    def combine(self, fqn, tensors):
+        return tensors[0]
+
+
+class GreedyReads(LlamaAdapter):
+    name = "greedy-reads"
+
+    def key_map(self, config):
+        return _GreedyKeys()
+
+
+class DoubledRope(LlamaAdapter):
+    name = "doubled-rope"
+
+    def init_buffers(self, model, module):
+        super().init_buffers(model, module)
+        if hasattr(module, "inv_freq"):
+            module.inv_freq.mul_(2)
+
+
+class ClaimsTies(LlamaAdapter):
+    name = "claims-ties"
+    capabilities = frozenset({"tied_embeddings"})
+
+
+class ClaimsARule(LlamaAdapter):
+    name = "claims-a-rule"
+
+    def validation_cases(self):
+        return [(self.tiny_config(), "hidden_size must be prime")]
+
+
+def test_stage_chain_catches_a_head_that_scales_logits():
+    with pytest.raises(AssertionError) as raised:
+        check_stage_chain(DoubledLogits())
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "adapter 'doubled-logits': stage chain vs Hugging Face"
+    assert lines[1].startswith("  - 1 stages: logits differ by ")
+
+
+def test_layout_catches_a_parameter_left_out():
+    with pytest.raises(AssertionError) as raised:
+        check_layout(NoHead())
+    assert str(raised.value) == (
+        "adapter 'no-head': layout\n"
+        "  - parameter 'lm_head.weight' is in 0 layout modules []; it must be in exactly one"
+    )
+
+
+def test_stage_reads_catches_a_stage_reading_another_stages_tensor():
+    with pytest.raises(AssertionError) as raised:
+        check_stage_reads(GreedyReads())
+    problems = str(raised.value).splitlines()[1:]
+    assert "  - pp=2 1F1B stage 1 read tensors of other stages: ['model.embed_tokens.weight']" in problems
+    assert "  - pp=4 1F1B stage 3 read tensors of other stages: ['model.embed_tokens.weight']" in problems
+
+
+def test_buffers_catch_a_wrong_rope_init():
+    with pytest.raises(AssertionError) as raised:
+        check_buffers_after_meta_init(DoubledRope())
+    assert "  - float32 pp=1 stage 0: buffer 'model.rotary_emb.inv_freq' differs from the reference by 1.000e+00" in (
+        str(raised.value).splitlines()
+    )
+
+
+def test_a_declared_capability_the_tiny_config_does_not_exercise_fails():
+    with pytest.raises(AssertionError) as raised:
+        check_tied_weights(ClaimsTies())
+    assert str(raised.value) == "adapter 'claims-ties' declares 'tied_embeddings' but tied_weights(tiny_config()) is empty"
+    with pytest.raises(AssertionError) as raised:
+        check_tiny_config(ClaimsTies())
+    assert str(raised.value) == (
+        "adapter 'claims-ties': tiny config\n"
+        "  - declares 'tied_embeddings' but tiny_config() does not exercise it, so no check would test it"
+    )
+
+
+def test_an_exercised_capability_must_be_declared():
+    gemma = registry.adapters()["gemma"]
+
+    class Undeclared(type(gemma)):
+        name = "undeclared-ties"
+        capabilities = frozenset()
+
+    with pytest.raises(AssertionError) as raised:
+        check_tiny_config(Undeclared())
+    assert str(raised.value) == (
+        "adapter 'undeclared-ties': tiny config\n"
+        "  - tiny_config() exercises 'tied_embeddings'; add it to Undeclared.capabilities"
+    )
+
+
+def test_validation_catches_a_rule_that_does_not_fire():
+    with pytest.raises(AssertionError) as raised:
+        check_validation(ClaimsARule())
+    assert str(raised.value).splitlines()[:2] == [
+        "adapter 'claims-a-rule': validation",
+        "  - rule 'hidden_size must be prime' did not fire; validation raised []",
+    ]
+
+
+@parametrize_with_checks(DoubledLogits(), select=["distributed_step"])
+def test_distributed_step_catches_a_head_that_scales_logits(ppzoo_case):
+    """Runs in the same process group as the matrix's distributed checks."""
+    with pytest.raises(AssertionError) as raised:
+        ppzoo_case.run()
+    problems = str(raised.value).splitlines()
+    assert problems[0] == "adapter 'doubled-logits': distributed step vs Hugging Face"
+    for schedule in ("GPipe", "1F1B", "Interleaved1F1B"):
+        assert any(p.startswith(f"  - {schedule} rank 1: loss ") for p in problems), schedule
+        assert any(p.startswith(f"  - {schedule} rank 1: eval logits on the last-stage rank are off by") for p in problems)
+    assert any(p.startswith("  - ZBVZeroBubble rank 0: loss ") for p in problems)
+
+
+# -- records, pytest outcomes and the command line ------------------------------------------------
+def test_check_adapter_records_pass_skip_xfail_and_strict_xpass():
+    llama = registry.adapters()["llama"]
+    assert check_adapter(llama, select=["layout", "tied_weights"]) == [
+        CheckResult("llama", "layout", "passed"),
+        CheckResult("llama", "tied_weights", "skipped", reason="adapter 'llama' does not declare 'tied_embeddings' in its capabilities"),
+    ]
+    (xfailed,) = check_adapter(NoHead(), select=["layout"], expected_failures={"layout": "the head is left out"})
+    assert (xfailed.status, xfailed.reason) == ("xfailed", "the head is left out")
+    assert "parameter 'lm_head.weight' is in 0 layout modules" in xfailed.error
+    (xpassed,) = check_adapter(llama, select=["layout"], expected_failures={"layout": "thought broken"})
+    assert xpassed == CheckResult(
+        "llama", "layout", "failed", reason="thought broken",
+        error="passed, but was expected to fail (thought broken); remove it from expected_failures",
+    )
+
+
+def test_check_adapter_refuses_expected_failures_it_cannot_honour():
+    llama = registry.adapters()["llama"]
+    with pytest.raises(ValueError) as raised:
+        check_adapter(llama, expected_failures={"stage-chain": "typo"})
+    assert str(raised.value) == (
+        "expected_failures names unknown checks ['stage-chain']; the checks are tiny_config, layout, plan, "
+        "validation, stage_reads, buffers, stage_chain, tied_weights, distributed_step"
+    )
+    with pytest.raises(ValueError) as raised:
+        check_adapter(llama, expected_failures={"tied_weights": "n/a"})
+    assert str(raised.value) == (
+        "expected_failures names 'tied_weights', which does not apply: "
+        "adapter 'llama' does not declare 'tied_embeddings' in its capabilities"
+    )
+
+
+def test_pytest_plugin_ids_skips_and_strict_xfails(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        from ppzoo.adapter import Layout
+        from ppzoo.adapters.llama import LlamaAdapter
+
+        class NoHead(LlamaAdapter):
+            name = "no-head"
+
+            def fqn_layout(self, config):
+                layout = super().fqn_layout(config)
+                return Layout(layout.inputs, layout.layers, layout.num_layers, ("model.norm",), layout.shared)
+
+        pytestmark = pytest.mark.ppzoo_adapters(
+            "llama", NoHead(), select=["layout", "plan", "tied_weights"],
+            expected_failures={"no-head-layout": "the head is left out", "llama-plan": "thought broken"},
+        )
+
+        def test_kit(ppzoo_case):
+            ppzoo_case.run()
+        """
+    )
+    collected = pytester.runpytest_inprocess("-p", "ppzoo.testing.pytest_plugin", "--collect-only", "-q")
+    assert [line for line in collected.outlines if "::" in line] == [
+        f"test_pytest_plugin_ids_skips_and_strict_xfails.py::test_kit[{adapter}-{check}]"
+        for adapter in ("llama", "no-head")
+        for check in ("layout", "plan", "tied_weights")
+    ]
+    result = pytester.runpytest_inprocess("-p", "ppzoo.testing.pytest_plugin", "-rfsx", "-k", "not no-head-plan")
+    result.assert_outcomes(passed=1, skipped=2, xfailed=1, failed=1, deselected=1)
+    result.stdout.fnmatch_lines_random([
+        "SKIPPED * adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
+        "XFAIL *test_kit[[]no-head-layout[]] - the head is left out",
+        "FAILED *test_kit[[]llama-plan[]]*",
+        "[[]XPASS(strict)[]] thought broken",
+    ])
+
+
+def test_ppzoo_check_prints_the_table(capsys):
+    assert main(["check", "--adapter", "llama", "--adapter", "gemma", "--check", "layout", "--check", "tied_weights"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "architecture  provided by  layout  tied_weights",
+        "llama         ppzoo        pass    skip (1)",
+        "gemma         ppzoo        pass    pass",
+        "",
+        "(1) adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
+        "",
+        "3 pass, 1 skip",
+    ]
+
+
+def test_ppzoo_check_fails_naming_the_problem(ppzoo_plugin, capsys):
+    class Plugin:
+        @staticmethod
+        @__import__("ppzoo").hookimpl
+        def ppzoo_register_adapters(register):
+            no_head = NoHead()
+            no_head.model_types = ("no-head",)
+            register(no_head)
+
+    ppzoo_plugin(Plugin, "no-head-plugin")
+    assert main(["check", "--adapter", "no-head", "--check", "layout", "--markdown"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "| architecture | provided by | layout |",
+        "| --- | --- | --- |",
+        "| no-head | no-head-plugin | FAIL (1) |",
+        "",
+        "(1) parameter 'lm_head.weight' is in 0 layout modules []; it must be in exactly one",
+        "",
+        "1 FAIL",
+    ]

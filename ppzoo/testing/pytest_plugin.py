@@ -15,8 +15,10 @@ Then every test that takes the argument ``ppzoo_case`` runs once per adapter and
 
 ``ppzoo_adapters`` takes registered adapter names or ``Adapter`` instances; without the marker every
 registered adapter is checked. ``expected_failures`` keys are check names (for every adapter of the
-marker) or test ids; each becomes a strict xfail with its reason. Checks the adapter's capabilities
-rule out are skipped with the reason.
+marker) or test ids; each becomes a strict xfail with its reason; ``select=[...]`` runs only the
+named checks. Checks the adapter's capabilities rule out are skipped with the reason.
+``ppzoo.testing.parametrize.parametrize_with_checks(...)`` takes the same arguments as a decorator
+(for a module that enables the plugin itself, where the marker would be unknown at import time).
 
 The ``ppzoo_plugin`` fixture registers plugins for one test and always unregisters them.
 """
@@ -27,103 +29,43 @@ import contextlib
 import json
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from ppzoo import registry
 from ppzoo.adapter import Adapter
-from ppzoo.testing.kit import CHECKS, Check, checks
+from ppzoo.testing.parametrize import MARKER, ConformanceCase, case_params
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
 __all__ = ["ppzoo_case", "ppzoo_plugin"]
-
-_MARKER = "ppzoo_adapters"
 _STEP_PROBLEMS = pytest.StashKey[dict]()
-
-
-class ConformanceCase:
-    """A test's view of one check for one adapter; the adapter is looked up when the test runs,
-    so a registry reset between collection and run does not leave a stale adapter object."""
-
-    def __init__(self, adapter: str | Adapter, check: Check, *, skip: str | None = None):
-        self._adapter = adapter
-        self.check = check
-        self.skip = skip
-        self._step_problems: Callable[[], dict[str, list[str]]] | None = None
-
-    @property
-    def adapter(self) -> Adapter:
-        if isinstance(self._adapter, Adapter):
-            return self._adapter
-        return _registered(self._adapter)
-
-    @property
-    def id(self) -> str:
-        name = self._adapter if isinstance(self._adapter, str) else self._adapter.name
-        return f"{name}-{self.check.name}"
-
-    def run(self) -> None:
-        """Run the check; raises ``AssertionError`` naming every problem when it fails."""
-        adapter = self.adapter
-        if self.check.function is check_distributed_step and self._step_problems is not None:
-            check_distributed_step(adapter, problems=self._step_problems()[adapter.name])
-        else:
-            self.check.function(adapter)
-
-    def __repr__(self) -> str:
-        return f"<ConformanceCase {self.id}>"
-
-
-def _registered(name: str) -> Adapter:
-    found = registry.adapters()
-    if name not in found:
-        raise pytest.UsageError(
-            f"{_MARKER} names adapter {name!r}, which is not registered (registered: {', '.join(found) or 'none'}); "
-            "install the package that provides it, or pass an Adapter instance"
-        )
-    return found[name]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{_MARKER}(*adapters, expected_failures=None): adapters (names or Adapter instances) the "
-        "ppzoo conformance checks run on; expected_failures maps a check name or test id to a reason",
+        f"{MARKER}(*adapters, expected_failures=None, select=None): adapters (names or Adapter "
+        "instances) the ppzoo conformance checks run on; expected_failures maps a check name or test "
+        "id to a reason; select names the checks to run (default all)",
     )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "ppzoo_case" not in metafunc.fixturenames:
+    if "ppzoo_case" not in metafunc.fixturenames or _parametrized_by_hand(metafunc):
         return
-    marker = metafunc.definition.get_closest_marker(_MARKER)
-    refs: list[Any] = list(marker.args) if marker and marker.args else list(registry.adapters())
-    expected: dict[str, str] = dict(marker.kwargs.get("expected_failures") or {}) if marker else {}
-    params, used = [], set()
-    for ref in refs:
-        if not isinstance(ref, (str, Adapter)):
-            raise pytest.UsageError(f"{_MARKER} takes adapter names or Adapter instances, got {ref!r}")
-        adapter = ref if isinstance(ref, Adapter) else _registered(ref)
-        mine = {}
-        for key, reason in expected.items():
-            check = key.removeprefix(f"{adapter.name}-")
-            if key in {c.name for c in CHECKS} or key != check:
-                mine[check] = reason
-                used.add(key)
-        for case in checks(adapter, expected_failures=mine):
-            marks = []
-            if case.skip:
-                marks.append(pytest.mark.skip(reason=case.skip))
-            if case.xfail:
-                marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
-            params.append(pytest.param(ConformanceCase(ref, case.check, skip=case.skip), id=case.id, marks=marks))
-    unused = sorted(set(expected) - used)
-    if unused:
-        raise pytest.UsageError(
-            f"{_MARKER} expected_failures keys {unused} name no check of these adapters; "
-            f"use a check name ({', '.join(c.name for c in CHECKS)}) or an '<adapter>-<check>' id"
-        )
-    metafunc.parametrize("ppzoo_case", params, indirect=True)
+    marker = metafunc.definition.get_closest_marker(MARKER)
+    refs = list(marker.args) if marker and marker.args else list(registry.adapters())
+    kwargs = dict(marker.kwargs) if marker else {}
+    metafunc.parametrize("ppzoo_case", case_params(refs, **kwargs), indirect=True)
+
+
+def _parametrized_by_hand(metafunc: pytest.Metafunc) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if "ppzoo_case" in (names if isinstance(names, (list, tuple)) else [n.strip() for n in names.split(",")]):
+            return True
+    return False
 
 
 @pytest.fixture
