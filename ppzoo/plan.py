@@ -279,6 +279,9 @@ def plan(
     """
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
+    for arg, value in (("stages_per_rank", stages_per_rank), ("layers_per_stage", layers_per_stage)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
     if stage_modules is not None and layers_per_stage is not None:
         raise ValueError("pass either stage_modules or layers_per_stage, not both")
     name, kind = schedule_kind(schedule)
@@ -295,8 +298,6 @@ def plan(
         split = _stages_from_modules(layout, stage_modules)
         num_stages = len(split)
     elif layers_per_stage is not None:
-        if isinstance(layers_per_stage, bool) or not isinstance(layers_per_stage, int) or layers_per_stage < 1:
-            raise ValueError(f"layers_per_stage must be an integer >= 1, got {layers_per_stage!r}")
         num_stages = -(-n_layers // layers_per_stage)
         split = None
     else:

@@ -316,7 +316,12 @@ def test_plan_from_a_directory_with_config_only(tmp_path):
             dict(pp=2, schedule="Interleaved1F1B", stages_per_rank=2, layers_per_stage=1),
             "stages_per_rank=2 but the split has 4 stages per rank",
         ),
+        (dict(pp=None), "pp must be an integer >= 1, got None"),
         (dict(pp=2, layers_per_stage=0), "layers_per_stage must be an integer >= 1, got 0"),
+        (dict(pp=2, layers_per_stage=2.5), "layers_per_stage must be an integer >= 1, got 2.5"),
+        (dict(pp=2, schedule="Interleaved1F1B", stages_per_rank=0), "stages_per_rank must be an integer >= 1, got 0"),
+        (dict(pp=2, schedule="my.csv", stages_per_rank=-1), "stages_per_rank must be an integer >= 1, got -1"),
+        (dict(pp=2, stages_per_rank=1.5), "stages_per_rank must be an integer >= 1, got 1.5"),
         (
             dict(pp=2, schedule="PipeDream"),
             "unknown schedule 'PipeDream'; use one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
