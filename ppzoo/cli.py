@@ -77,6 +77,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ppzoo import train
+
+    return train.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppzoo", description="Pipeline-parallel training of Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="append", default=[], metavar="CHECK", help="run only this check (repeatable)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("train", help="train with pipeline parallelism: one worker process per rank")
+    from ppzoo.train import add_arguments as add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
