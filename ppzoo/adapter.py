@@ -157,6 +157,11 @@ class Adapter:
             return {f"{self.head_name}.weight": f"{self.inner_name}.{self.embed_name}.weight"}
         return {}
 
+    def tp_plan(self, config: Any) -> dict[str, str]:
+        """Tensor-parallel styles by module FQN pattern; default: transformers' ``base_model_tp_plan``."""
+        plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}
+        return {f"{self.inner_name}.{pattern}": style for pattern, style in plan.items()}
+
     def key_map(self, config: Any) -> KeyMap:
         return KeyMap()
 

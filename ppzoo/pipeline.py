@@ -17,6 +17,7 @@ from torch.distributed.pipelining import PipelineStage
 from ppzoo import registry
 from ppzoo.loss import causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
+from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
 from ppzoo.plan import Plan, load_config, plan as make_plan, schedule_kind
 from ppzoo.schedule import build_schedule, check_batch, check_microbatches, csv_stage_count
 from ppzoo.stage import build_stage
@@ -193,8 +194,14 @@ class Pipeline:
             self._runtimes.popitem(last=False)
         return runtime
 
+    @property
+    def _dp_size(self) -> int:
+        return self.mesh["dp_replicate"].size() * self.mesh["dp_shard"].size()
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(logits, labels, self._num_tokens)
+        # NOTE: data-parallel gradient reduction averages over dp ranks; scaling by dp makes the
+        # average the gradient of (this rank's token loss sum) / (global token count).
+        return causal_lm_loss(logits, labels, self._num_tokens) * self._dp_size
 
     def _inputs(self, input_ids, attention_mask, position_ids) -> tuple[tuple, dict]:
         if input_ids.dim() != 2:
@@ -222,16 +229,17 @@ class Pipeline:
     ) -> torch.Tensor:
         """One training step over all microbatches; gradients accumulate in ``.grad``.
 
-        Every rank passes the whole batch. The loss is Hugging Face's: labels shifted inside,
-        ``-100`` ignored, mean over the valid tokens of the whole batch.
+        Every rank of a pipeline passes the whole batch (with data parallelism: its data-parallel
+        rank's part of the global batch). The loss is Hugging Face's: labels shifted inside,
+        ``-100`` ignored, mean over the valid tokens of the whole (global) batch.
 
         Returns:
-            The batch loss (a detached scalar), the same on every rank.
+            The global batch loss (a detached scalar), the same on every rank.
         """
         args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
         if tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
-        self._num_tokens = count_label_tokens(labels)
+        self._num_tokens = self._dp_sum(torch.tensor(count_label_tokens(labels), device=self.device)).item()
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=True)
@@ -240,12 +248,32 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         runtime.step(*args, target=labels.to(self.device) if self.holds_last else None, losses=losses, **kwargs)
         self._sync_tied_grads()
+        self._sync_tp_replicated_grads()
         if self.holds_last:
-            loss = torch.stack([l.detach().float() for l in losses]).sum()
+            loss = torch.stack([l.detach().float() for l in losses]).sum() / self._dp_size
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
-        return loss
+        return self._dp_sum(loss)
+
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (each holds its own part of the global batch)."""
+        for dim in ("dp_replicate", "dp_shard"):
+            if self.mesh[dim].size() > 1:
+                dist.all_reduce(value, group=self.mesh[dim].get_group())
+        return value
+
+    def _sync_tp_replicated_grads(self) -> None:
+        # NOTE: a replicated parameter applied to tp-sharded activations (per-head q/k norms)
+        # sees only its rank's heads: its gradient is partial until summed over tp.
+        if self.mesh["tp"].size() == 1:
+            return
+        for module in self._modules.values():
+            for name in getattr(module, TP_GRAD_ALLREDUCE, ()):
+                grad = module.get_parameter(name).grad
+                if grad is not None:
+                    grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                    dist.all_reduce(grad, group=self.mesh["tp"].get_group())
 
     @torch.no_grad()
     def eval(
@@ -267,6 +295,28 @@ class Pipeline:
         out = runtime.step(*args, **kwargs)
         return out if self.holds_last else None
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    #: the local directory the model was loaded from; save_pretrained copies its tokenizer files
+    source: Path | None = None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write a Hugging Face checkpoint of the current weights (collective); see :mod:`ppzoo.save`."""
+        from ppzoo.save import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def save_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer, *, step: int) -> Path:
+        """Save model, optimizer and step for resuming, under any split (collective); see :mod:`ppzoo.state`."""
+        from ppzoo.state import save_state
+
+        return save_state(self, directory, optimizer, step=step)
+
+    def load_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
+        """Restore what :meth:`save_state` saved (collective); returns the saved step. See :mod:`ppzoo.state`."""
+        from ppzoo.state import load_state
+
+        return load_state(self, directory, optimizer)
+
 
 def pipeline(
     model: str | os.PathLike,
@@ -283,6 +333,7 @@ def pipeline(
     dp_shard: int = 1,
     cp: int = 1,
     tp: int = 1,
+    parallelize_fn: ParallelizeFn | None = None,
     attn_implementation: str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> Pipeline:
@@ -299,7 +350,11 @@ def pipeline(
         dtype: parameter dtype.
         device: target device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
         stages_per_rank, layers_per_stage, stage_modules: how to split; see :func:`ppzoo.plan`.
-        dp_replicate, dp_shard, cp, tp: the other mesh degrees.
+        dp_replicate, dp_shard, cp, tp: the other mesh degrees; world size = their product × pp.
+            Each data-parallel rank passes its own part of the global batch to ``step``.
+        parallelize_fn: ``fn(stage_module, stage_mesh)`` replacing the default tensor parallel +
+            FSDP2 (:func:`ppzoo.parallelize.parallelize_stage`); ``stage_mesh`` is the stage's
+            ``(dp_replicate, dp_shard, cp, tp)`` sub-mesh. The module is still on the meta device.
         attn_implementation: as in ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...).
         **from_pretrained_kwargs: other ``from_pretrained`` keywords: ``trust_remote_code``,
             ``revision``, ``token``, ``cache_dir``, or config attributes to override.
@@ -314,11 +369,9 @@ def pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
     degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
-    others = {d: getattr(degrees, d) for d in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(degrees, d) != 1}
-    if others:
+    if cp != 1:
         raise ValueError(
-            f"{', '.join(f'{k}={v}' for k, v in others.items())}: parallelism inside a stage is not available in "
-            "this version of ppzoo; use pp alone (other degrees 1)"
+            f"cp={cp}: ppzoo does not implement context parallelism (and gloo on CPU cannot run it); use cp=1"
         )
     name, kind = schedule_kind(schedule)
     if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
@@ -344,24 +397,58 @@ def pipeline(
     microbatches = the_plan.num_stages if microbatches is None else microbatches
     check_microbatches(schedule=name, microbatches=microbatches, num_stages=the_plan.num_stages, pp=pp)
     adapter = registry.adapter_for(config)
+    _check_intra_stage(config, adapter, the_plan, degrees, custom=parallelize_fn is not None)
 
     init_distributed(device)
     mesh = build_mesh(degrees, device)
     pp_rank = mesh["pp"].get_local_rank()
     checkpoint = Checkpoint(local, repo_id=None if Path(os.fspath(model)).is_dir() else str(model))
+    stage_mesh = mesh["dp_replicate", "dp_shard", "cp", "tp"]
+    parallelize: Callable[[nn.Module], None] | None = None
+    if parallelize_fn is not None:
+        parallelize = lambda module: parallelize_fn(module, stage_mesh)  # noqa: E731
+    elif degrees.world_size > pp:
+        parallelize = lambda module: parallelize_stage(module, stage_mesh, adapter=adapter, config=config)  # noqa: E731
     modules: dict[int, nn.Module] = {}
     for spec in the_plan.stages_for_rank(pp_rank):
         started = time.perf_counter()
         modules[spec.index] = build_stage(
             config, adapter, the_plan, spec.index, checkpoint=checkpoint, device=device, dtype=dtype,
-            attn_implementation=config._attn_implementation,
+            parallelize=parallelize, attn_implementation=config._attn_implementation,
         )
         log.info(
             "rank %d: stage %d/%d ready (%s params) in %.1fs",
             dist.get_rank(), spec.index, the_plan.num_stages, f"{spec.params:,}", time.perf_counter() - started,
         )
-    return Pipeline(
+    pipe = Pipeline(
         config=config, adapter=adapter, plan=the_plan, modules=modules, mesh=mesh,
         device=device, microbatches=microbatches, dtype=dtype,
     )
+    pipe.source = local
+    return pipe
 
+
+
+def _check_intra_stage(config: Any, adapter: Any, plan: Plan, degrees: Degrees, *, custom: bool) -> None:
+    """Refuse, before any communication, degrees the default parallelize cannot apply exactly."""
+    cfg = adapter.text_config(config)
+    if degrees.tp > 1 and not custom:
+        sizes = {
+            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+            "intermediate_size": getattr(cfg, "intermediate_size", None),
+        }
+        bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v % degrees.tp]
+        if bad:
+            raise ValueError(f"tp={degrees.tp} must divide {', '.join(bad)}; choose a tp that divides them")
+        if not adapter.tp_plan(config):
+            raise ValueError(
+                f"tp={degrees.tp}: adapter {adapter.name!r} has no tensor-parallel plan; pass parallelize_fn=..."
+            )
+    dp = degrees.dp_replicate * degrees.dp_shard
+    first, last = plan.stages[0].rank, plan.stages[-1].rank
+    if dp > 1 and adapter.tied_weights(config) and first == last and plan.num_stages > 1:
+        raise ValueError(
+            "V placement puts the tied embedding and head on one rank as one parameter, which FSDP cannot "
+            f"shard in two stages (dp_replicate × dp_shard = {dp}); use a loop schedule (1F1B, Interleaved1F1B)"
+        )

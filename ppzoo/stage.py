@@ -8,7 +8,7 @@ checkpoint keys match without renaming.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -75,9 +75,10 @@ def build_stage(
     checkpoint: Checkpoint,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    parallelize: Callable[[nn.Module], None] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
-    """One ready stage: built on meta, pruned, materialised on ``device``, loaded, forwards patched.
+    """One ready stage: built on meta, pruned, parallelized, materialised on ``device``, loaded, patched.
 
     Args:
         config: the model config.
@@ -87,6 +88,8 @@ def build_stage(
         checkpoint: where the weights are read from (only this stage's tensors).
         device: target device.
         dtype: parameter dtype.
+        parallelize: applies TP / FSDP to the stage while it is still on the meta device, so
+            each rank then reads only its own slices of every tensor.
         **model_kwargs: passed to ``from_config`` (``attn_implementation``, ...).
 
     Returns:
@@ -95,8 +98,15 @@ def build_stage(
     stage = plan.stages[stage_index]
     model = meta_model(config, dtype=dtype, **model_kwargs)
     prune(model, plan.layout, stage)
-    _tie(model, adapter.tied_weights(config))
-    materialize(model, device)
+    tied = adapter.tied_weights(config)
+    _tie(model, tied)
+    if parallelize is not None:
+        parallelize(model)
+        # NOTE: FSDP2 owns its parameters' storage; let it re-create them (ties re-made after).
+        model.to_empty(device=device)
+        _tie(model, tied)
+    else:
+        materialize(model, device)
     for owner in model.modules():
         if owner._non_persistent_buffers_set and any(owner._buffers.get(n) is not None for n in owner._non_persistent_buffers_set):
             adapter.init_buffers(model, owner)

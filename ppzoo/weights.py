@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ppzoo.adapter import Adapter
+from ppzoo.parallelize import local_slice
 
 __all__ = ["Checkpoint", "CheckpointError", "load_stage_weights", "resolve"]
 
@@ -95,6 +96,9 @@ class Checkpoint:
         # NOTE: the single place a tensor is read, so tests can record what a stage reads.
         return handle.get_tensor(key)
 
+    def _get_slice(self, handle: Any, key: str, part: tuple[slice, ...]) -> torch.Tensor:
+        return handle.get_slice(key)[part]
+
 
 class _Reader:
     """Reads tensors from a checkpoint, opening each shard at most once."""
@@ -107,8 +111,11 @@ class _Reader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.checkpoint._get_tensor(self._handle(key), key)
+    def read(self, key: str, part: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The tensor ``key``, or only its ``part`` (a tuple of slices: a TP / FSDP shard)."""
+        if part is None:
+            return self.checkpoint._get_tensor(self._handle(key), key)
+        return self.checkpoint._get_slice(self._handle(key), key, part)
 
     def _handle(self, key: str):
         path = self.checkpoint.file_of(key)
@@ -167,6 +174,7 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
                     f"tensor {missing[0]!r} (needed for {fqn!r}) is not in {checkpoint.listing!r} in "
                     f"{str(checkpoint.directory)!r}; is it a checkpoint of this architecture?"
                 )
+            part = local_slice(target)  # this rank's shard of a TP / FSDP parameter, or None
             tensors = []
             for key in sources:
                 expected = None if len(sources) > 1 else tuple(target.shape)
@@ -175,15 +183,19 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
                         f"tensor {key!r} in {checkpoint.file_of(key).name!r} has shape {reader.shape(key)}, "
                         f"but {fqn!r} expects {expected}; the config does not match the checkpoint"
                     )
-                tensors.append(reader.read(key))
+                # NOTE: a single-source shard is read as a slice: the rank never holds the whole tensor.
+                tensors.append(reader.read(key, part if len(sources) == 1 else None))
                 read.append(key)
             value = key_map.combine(fqn, tensors)
-            if tuple(value.shape) != tuple(target.shape):
+            if part is not None and len(sources) > 1:
+                value = value[part]
+            local = target.to_local() if part is not None else target
+            if tuple(value.shape) != tuple(local.shape):
                 raise CheckpointError(
-                    f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                    f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(local.shape)}"
                 )
             with torch.no_grad():
-                target.copy_(value)  # casts to the stage's dtype
+                local.copy_(value)  # casts to the stage's dtype
             done.add(id(target))
     finally:
         reader.close()
