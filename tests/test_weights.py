@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import ppzoo
@@ -96,6 +98,31 @@ def test_stage_keeps_original_fqns(sharded):
     assert {n for n, _ in stage.named_parameters()} == {
         n for n, _ in reference.named_parameters() if n.startswith(("model.layers.4.", "model.layers.5."))
     }
+
+
+class _Allocations(TorchDispatchMode):
+    """Counts the elements of every real (non-meta) tensor allocated by ``empty``-like operators."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "empty" in func.__name__:
+            for leaf in pytree.tree_leaves(out):
+                if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                    self.elements += leaf.numel()
+        return out
+
+
+def test_a_stage_allocates_only_its_own_tensors(sharded):
+    """Built on meta and pruned before anything is materialised: one stage of four, one stage's memory."""
+    with _Allocations() as allocations:
+        stage = build(sharded, 4, 1)
+    own = sum(t.numel() for t in stage.parameters()) + sum(t.numel() for t in stage.buffers())
+    assert allocations.elements == own
+    assert own < ppzoo.plan(sharded, pp=4).total_params / 3
 
 
 @pytest.mark.parametrize("index", range(3))
