@@ -262,10 +262,13 @@ def load_tokens(model_dir: str | os.PathLike, data: Any, *, vocab_size: int) -> 
         ``(tokens, kind)``: a 1-D ``int64`` tensor, and ``"tokenizer"`` or ``"byte"``.
 
     Raises:
-        ValueError: the tokenizer fails to load or yields ids outside the vocabulary, or there is
-            no tokenizer and the vocabulary is smaller than 256.
+        ValueError: the text is not UTF-8, the tokenizer fails to load or yields ids outside the
+            vocabulary, or there is no tokenizer and the vocabulary is smaller than 256.
     """
-    text = data.read_text(encoding="utf-8")
+    try:
+        text = data.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{data} is not UTF-8 text ({exc}); pass a UTF-8 text file with --data") from exc
     model_dir = Path(model_dir)
     if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
