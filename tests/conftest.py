@@ -10,6 +10,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+import torch  # noqa: E402
+
+# NOTE: tiny models: one intra-op thread is many times faster than contending for two cores
+# with the other pytest-xdist worker.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     from ppzoo import registry

@@ -1,0 +1,124 @@
+"""Parallelism inside stages on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+
+GLOBAL_BATCH = 8
+MICROBATCHES = 2
+DEGREES = {"dp_shard": dict(dp_shard=2), "tp": dict(tp=2), "dp_replicate": dict(dp_replicate=2)}
+SCHEDULES = ("1F1B", "Interleaved1F1B")
+
+
+def _dp_part(pipe, tensors):
+    """This rank's part of the global batch: data-parallel ranks split it, tp ranks share it."""
+    mesh = pipe.mesh
+    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+    index = mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
+    rows = GLOBAL_BATCH // dp
+    return [t[index * rows:(index + 1) * rows] for t in tensors]
+
+
+def _case(directory, degrees, schedule, count_reductions):
+    reference = load_reference(directory)
+    ids, mask, labels = batch(reference.config.vocab_size, batch_size=GLOBAL_BATCH, seed=3)
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=MICROBATCHES, device="cpu",
+                          attn_implementation="eager", **degrees)
+    part = _dp_part(pipe, (ids, mask, labels))
+    calls = []
+    original = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else None
+    if count_reductions and original is not None:
+        dist.reduce_scatter_single = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
+    finally:
+        if original is not None:
+            dist.reduce_scatter_single = original
+    problems = []
+    if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
+        problems.append(f"loss {loss.item()} != reference {out.loss.item()}")
+    named = list(pipe.named_parameters())
+    problems += grad_mismatches(named, reference)
+    kinds = sorted({type(p).__name__ for _, p in named})
+    # one FSDP group per decoder layer, plus the stage root when it holds parameters of its own
+    fsdp_groups = sum(
+        len(m.get_submodule("model.layers"))
+        + any(not n.startswith("model.layers.") for n, _ in m.named_parameters())
+        for m in pipe.stages
+    )
+    return {"problems": problems, "kinds": kinds, "reductions": len(calls), "fsdp_groups": fsdp_groups}
+
+
+def _errors(directory):
+    messages = {}
+    for label, kwargs in {
+        "product": dict(pp=2, dp_shard=3),
+        "tp-heads": dict(pp=2, tp=3),
+        "cp": dict(pp=2, cp=2),
+    }.items():
+        try:
+            ppzoo.pipeline(directory, device="cpu", **kwargs)
+        except ValueError as exc:
+            messages[label] = str(exc)
+    return messages
+
+
+def _rank_main(rank, world_size, directory):
+    results = {}
+    for label, degrees in DEGREES.items():
+        for schedule in SCHEDULES:
+            try:
+                results[(label, schedule)] = _case(directory, degrees, schedule, label == "dp_shard")
+            except Exception:
+                results[(label, schedule)] = {"problems": [traceback.format_exc()]}
+    results["errors"] = _errors(directory)
+    return results
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
+    return run_distributed(_rank_main, 4, str(directory), timeout_s=600)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("label", list(DEGREES))
+def test_loss_and_grads_equal_unsplit_model(group, label, schedule):
+    for rank, per_rank in enumerate(group):
+        assert per_rank[(label, schedule)]["problems"] == [], f"rank {rank}"
+    kinds = group[0][(label, schedule)]["kinds"]
+    # the parameters really are distributed (DTensors) for sharded and tensor-parallel stages
+    assert ("DTensor" in str(kinds)) == (label in ("dp_shard", "tp", "dp_replicate")), kinds
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_fsdp_reduces_gradients_once_per_step(group, schedule):
+    """Deferred reduction: one reduce-scatter per FSDP group per step, not one per microbatch."""
+    for per_rank in group:
+        got = per_rank[("dp_shard", schedule)]
+        assert got["reductions"] == got["fsdp_groups"], got
+
+
+def test_bad_degrees_are_refused_before_communication(group):
+    for per_rank in group:
+        errors = per_rank["errors"]
+        assert errors["product"] == (
+            "pp=2 × dp_replicate=1 × dp_shard=3 × cp=1 × tp=1 = 6 processes, but the world size is 4; "
+            "launch that many processes or change the degrees"
+        )
+        assert errors["tp-heads"] == (
+            "tp=3 must divide num_attention_heads=4, num_key_value_heads=2, intermediate_size=64; "
+            "choose a tp that divides them"
+        )
+        assert errors["cp"].startswith("cp=2: ppzoo does not implement context parallelism")
