@@ -1,0 +1,215 @@
+"""Training state (model, optimizer, step) through ``torch.distributed.checkpoint``.
+
+The state is keyed by original FQNs, not by rank or stage, so a run saved with one split resumes
+with another (another schedule, stage count or placement). Each rank presents its stages to
+``get_state_dict`` / ``set_state_dict`` as one module tree under the original FQNs (see
+:func:`rank_module`), with the optimizer state flattened per parameter
+(``optimizer.state.<fqn>.exp_avg``, ``optimizer.param_groups.<fqn>.lr``); DTensor parameters
+from FSDP or TP are saved as shards and resharded on load by ``torch.distributed.checkpoint``.
+
+**Tied embeddings.** A tied head is saved once, under the embedding's FQN, for the model and the
+optimizer alike: under V placement it *is* the embedding parameter, and elsewhere it is a copy the
+gradient all-reduce keeps identical to it, with identical optimizer state. On load, a copy is
+filled from the embedding's entries, so the state lines up under any split.
+
+The directory is written like :func:`ppzoo.save.save_pretrained` writes: into a sibling temporary
+directory, renamed into place once every rank has finished, so an earlier state there survives a
+save that fails midway.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from ppzoo.save import _agree, write_atomically
+from ppzoo.weights import CheckpointError
+
+if TYPE_CHECKING:
+    from ppzoo.pipeline import Pipeline
+
+__all__ = ["load_state", "rank_module", "save_state"]
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_OPTIMIZER_PREFIXES = ("state.", "param_groups.")
+
+
+def rank_module(stages: list[nn.Module]) -> nn.Module:
+    """One module tree holding ``stages`` under their original FQNs.
+
+    A module that only one stage holds is shared as is; a path several stages hold (``model``,
+    ``model.layers``) becomes a fresh container of the union of their children, so the stages
+    themselves are not changed. Parameters are the stages' own.
+    """
+    holders: dict[str, list[nn.Module]] = {}
+    for stage in stages:
+        for name, module in stage.named_modules(remove_duplicate=False):
+            holders.setdefault(name, []).append(module)
+
+    def build(path: str) -> nn.Module:
+        modules = list({id(m): m for m in holders[path]}.values())
+        if len(modules) == 1:
+            return modules[0]
+        container = nn.Module()
+        for module in modules:
+            for name, child in module._modules.items():
+                if child is not None and name not in container._modules:
+                    container.add_module(name, build(f"{path}.{name}" if path else name))
+        return container
+
+    return build("")
+
+
+def _tied(pipe: "Pipeline") -> dict[str, str]:
+    return pipe.adapter.tied_weights(pipe.config)
+
+
+def _renames(pipe: "Pipeline", keys: set[str]) -> dict[str, str]:
+    """Tied copies' keys among ``keys`` → the source's key they are stored under."""
+    out: dict[str, str] = {}
+    for copy, source in _tied(pipe).items():
+        if copy in keys:
+            out[copy] = source
+        for prefix in _OPTIMIZER_PREFIXES:
+            for key in keys:
+                if key.startswith(f"{prefix}{copy}."):
+                    out[key] = f"{prefix}{source}.{key[len(prefix) + len(copy) + 1:]}"
+    return out
+
+
+def _stored(state: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """``state`` with tied copies under their source's key (once, where the source is here too)."""
+    out = {k: v for k, v in state.items() if k not in renames}
+    for key, stored in renames.items():
+        if key in state:
+            out.setdefault(stored, state[key])
+    return out
+
+
+def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``get_state_dict`` of ``module`` and ``optimizer``, with the optimizer state always present.
+
+    ``get_state_dict`` creates a missing optimizer state by a zero-grad step, but skips that when
+    gradients exist, which would leave the state out; the gradients are set aside meanwhile.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params] if not optimizer.state else None
+    if grads is not None:
+        for p in params:
+            p.grad = None
+    try:
+        return get_state_dict(module, optimizer, options=_OPTIONS)
+    finally:
+        if grads is not None:
+            for p, g in zip(params, grads):
+                p.grad = g
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int (optimizer steps taken so far), got {step!r}")
+    return step
+
+
+def save_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.optim.Optimizer, *, step: int) -> Path:
+    """Save model, optimizer and step so that :func:`load_state` resumes the run exactly.
+
+    Collective: call it on every rank.
+
+    Args:
+        pipe: the pipeline being trained.
+        directory: where the state goes; an earlier state there is replaced.
+        optimizer: the optimizer over ``pipe.parameters()``.
+        step: optimizer steps taken so far, returned by :func:`load_state`.
+
+    Returns:
+        ``directory`` as an absolute path.
+
+    Raises:
+        ValueError: ``step`` is not a non-negative int.
+        CheckpointError: ``directory`` cannot take the state, or a rank failed while writing.
+    """
+    step = _check_step(step)
+    # NOTE: get_state_dict gives a fresh optimizer state by stepping it with zero grads and lr 0;
+    # that state must not leak into the run (Adam's bias correction counts steps), so it is dropped
+    # again here and the checkpoint records that the optimizer had not stepped.
+    stepped = bool(optimizer.state)
+    model_state, optimizer_state = _state_dicts(rank_module(pipe.stages), optimizer)
+    if not stepped:
+        optimizer.state.clear()
+    state = {
+        "model": _stored(model_state, _renames(pipe, set(model_state))),
+        "optimizer": _stored(optimizer_state, _renames(pipe, set(optimizer_state))),
+        "ppzoo": {"step": step, "optimizer_stepped": stepped},
+    }
+
+    def write(tmp: Path) -> None:
+        dcp.save(state, checkpoint_id=tmp)
+
+    return write_atomically(directory, write, what="save_state")
+
+
+def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
+    saved = set(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+    for part, entries in state.items():
+        missing = sorted(f"{part}.{k}" for k in entries if f"{part}.{k}" not in saved)
+        if missing:
+            raise CheckpointError(
+                f"the training state in {str(directory)!r} has no {missing[0]!r}"
+                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it was saved from another "
+                "model or with another kind of optimizer"
+            )
+
+
+def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model, optimizer and step saved by :func:`save_state`, under any split.
+
+    Collective: call it on every rank. The optimizer's hyperparameters (``lr``, ``betas``, ...)
+    are restored too.
+
+    Args:
+        pipe: the pipeline to restore (built from the same model, any schedule and split).
+        directory: a directory written by :func:`save_state`.
+        optimizer: the optimizer over ``pipe.parameters()``, of the kind that was saved.
+
+    Returns:
+        The step given to :func:`save_state`.
+
+    Raises:
+        CheckpointError: ``directory`` holds no training state, or not one of this model and optimizer.
+    """
+    directory = Path(directory).expanduser().absolute()
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(
+            f"{str(directory)!r} holds no training state (no .metadata); pass a directory written by save_state"
+        )
+    module = rank_module(pipe.stages)
+    model_state, optimizer_state = _state_dicts(module, optimizer)
+    renames = {**_renames(pipe, set(model_state)), **_renames(pipe, set(optimizer_state))}
+    state = {
+        "model": _stored(model_state, renames),
+        "optimizer": _stored(optimizer_state, renames),
+        "ppzoo": {"step": 0, "optimizer_stepped": True},
+    }
+    problem: Exception | None = None
+    try:
+        _check_keys(directory, state)
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it before the collective load
+        problem = exc
+    _agree(problem, None, "load_state")
+    # NOTE: tensors are loaded in place; other values (step, hyperparameters) replace the entries.
+    dcp.load(state, checkpoint_id=directory)
+    for loaded, original in ((state["model"], model_state), (state["optimizer"], optimizer_state)):
+        for key in original:
+            original[key] = loaded[renames.get(key, key)]
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=_OPTIONS)
+    if not state["ppzoo"]["optimizer_stepped"]:
+        optimizer.state.clear()
+    return int(state["ppzoo"]["step"])
+
