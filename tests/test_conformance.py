@@ -246,7 +246,7 @@ def test_ppzoo_check_prints_the_table(capsys):
         "llama         ppzoo        pass    skip (1)",
         "gemma         ppzoo        pass    pass",
         "",
-        "(1) adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
+        "(1) does not declare 'tied_embeddings' in its capabilities",
         "",
         "3 pass, 1 skip",
     ]

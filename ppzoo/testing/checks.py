@@ -128,8 +128,8 @@ def _exercised(adapter: Adapter, config: Any) -> dict[str, bool]:
 
 
 def check_tiny_config(adapter: Adapter) -> None:
-    """The tiny config is small, splits into 4 stages of 2+ layers, and exercises every declared
-    capability the kit recognises (and declares every one it exercises)."""
+    """The tiny config is small, has at least 8 layers (the kit splits it into up to 8 stages), and
+    exercises every declared capability the kit recognises (and declares every one it exercises)."""
     config = adapter.tiny_config()
     problems = []
     layers = adapter.fqn_layout(config).num_layers
@@ -253,7 +253,7 @@ def check_stage_reads(adapter: Adapter) -> None:
     problems = []
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         everything = set(Checkpoint(directory).weight_map)
-        for pp, schedule in ((2, "1F1B"), (4, "1F1B"), (2, "ZBVZeroBubble")):
+        for pp, schedule in ((2, "1F1B"), (4, "1F1B")):
             the_plan = plan(directory, pp=pp, schedule=schedule)
             read_by_any: set[str] = set()
             for stage in the_plan.stages:
@@ -452,7 +452,7 @@ def check_buffers_after_meta_init(adapter: Adapter) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             reference = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
             want = dict(reference.named_buffers())
-            for pp in (1, 2, 4):
+            for pp in (1, 3):  # one stage holding everything; first, middle and last stages
                 stages = _build_stages(adapter, reference.config, plan(directory, pp=pp), directory, dtype=dtype)
                 seen = set()
                 for index, stage in enumerate(stages):

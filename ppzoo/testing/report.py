@@ -37,6 +37,8 @@ def render_matrix(
                 continue
             cell = _WORD[r.status]
             why = r.reason if r.status in ("skipped", "xfailed") else _first_problem(r.error or "")
+            # NOTE: the row names the adapter already; without it, one note serves every row.
+            why = (why or "").removeprefix(f"adapter {adapter!r} ").removeprefix(f"adapter {adapter!r}: ")
             if r.status != "passed" and why:
                 cell += f" ({notes.setdefault(why, len(notes) + 1)})"
             row.append(cell)
