@@ -69,6 +69,9 @@ class Pipeline:
         self._num_tokens = 1
         self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
         self._tied_group = self._tie_or_group()
+        self._aux_total = torch.zeros((), dtype=torch.float32, device=device)
+        for module in modules.values():
+            module.register_forward_hook(self._attach_aux_loss, with_kwargs=True)
 
     # -- what this rank holds ----------------------------------------------------------------
     @property
@@ -151,6 +154,22 @@ class Pipeline:
                 param.grad = torch.zeros_like(param)
             grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
             dist.all_reduce(grad, group=self._tied_group)
+
+    # -- auxiliary losses (MoE router load balancing) --------------------------------------------
+    def _attach_aux_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
+        """Give a stage's own auxiliary loss (MoE load balancing) its gradient, per microbatch.
+
+        Only hidden states cross stage boundaries, so each stage adds its own term: the adapter's
+        ``aux_loss`` over this stage's layers for this microbatch, averaged over microbatches.
+        """
+        if not torch.is_grad_enabled():
+            return output
+        aux = self.adapter.aux_loss(self.config, [module], kwargs.get("attention_mask"))
+        if aux is None:
+            return output
+        aux = aux / self.microbatches
+        self._aux_total += aux.detach().float()
+        return _AttachAuxLoss.apply(output, aux)
 
     # -- running -------------------------------------------------------------------------------
     def _runtime(self, microbatch_size: int, seq_len: int, train: bool) -> Any:
@@ -246,6 +265,7 @@ class Pipeline:
         for module in self._modules.values():
             module.train()
         losses: list[torch.Tensor] = []
+        self._aux_total.zero_()
         runtime.step(*args, target=labels.to(self.device) if self.holds_last else None, losses=losses, **kwargs)
         self._sync_tied_grads()
         self._sync_tp_replicated_grads()
@@ -254,7 +274,10 @@ class Pipeline:
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
-        return self._dp_sum(loss)
+        # every stage's auxiliary terms, averaged over data-parallel ranks as their gradients are
+        aux = self._aux_total.clone()
+        dist.all_reduce(aux, group=self._pp_group)
+        return self._dp_sum(loss + aux / self._dp_size)
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (each holds its own part of the global batch)."""
@@ -427,6 +450,20 @@ def pipeline(
     pipe.source = local
     return pipe
 
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends a gradient of one into ``aux``."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        # NOTE: a copy, not a view: zero-bubble schedules detach stage outputs in place.
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_output, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
 
 
 def _check_intra_stage(config: Any, adapter: Any, plan: Plan, degrees: Degrees, *, custom: bool) -> None:
