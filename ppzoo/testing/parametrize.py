@@ -6,6 +6,7 @@ the same as a decorator. Importing this module does not register the plugin.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -57,9 +58,11 @@ class ConformanceCase:
 def _registered(name: str) -> Adapter:
     found = registry.adapters()
     if name not in found:
+        off = os.environ.get("PPZOO_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0")
         raise pytest.UsageError(
             f"{MARKER} names adapter {name!r}, which is not registered (registered: {', '.join(found) or 'none'}); "
-            "install the package that provides it, or pass an Adapter instance"
+            + ("entry points are off (PPZOO_DISABLE_PLUGIN_AUTOLOAD is set); " if off else "")
+            + "install the package that provides it, or pass an Adapter instance"
         )
     return found[name]
 
