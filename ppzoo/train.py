@@ -179,6 +179,13 @@ def _check_options(args: argparse.Namespace) -> None:
         )
     if args.model is not None and args.model_dir is not None:
         raise ValueError("--model-dir names where the built-in model is saved; drop it when passing --model")
+    if args.model is not None:
+        path = Path(args.model).expanduser()
+        if path.is_file():
+            raise ValueError(f"--model {args.model!r} is a file; pass the checkpoint directory that holds it")
+        # NOTE: anything else that does not exist is taken for a hub id, which never looks like a path
+        if not path.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
+            raise ValueError(f"--model {args.model!r}: no such directory, and not a hub id ('org/name')")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data!r} is not a file; pass a UTF-8 text file")
     if args.device == "cuda":

@@ -93,6 +93,8 @@ def test_worker_failure_is_reported(tmp_path, capfd):
         (["--log-every", "0"], "--log-every must be >= 1, got 0"),
         (["--data", "no/such/file.txt"], "--data 'no/such/file.txt' is not a file"),
         (["--model", "m", "--model-dir", "d"], "drop it when passing --model"),
+        (["--model", __file__], f"--model {__file__!r} is a file; pass the checkpoint directory"),
+        (["--model", "./no/such/model"], "--model './no/such/model': no such directory"),
         (["--schedule", "Bogus"], "unknown schedule 'Bogus'"),
     ],
 )
