@@ -1,0 +1,263 @@
+"""What the benchmarks share: model shapes, checkpoint generation, machine facts, tables, JSON.
+
+Checkpoints are generated from a config, tensor by tensor, straight into sharded safetensors with
+an index: at most one shard is ever in memory, so generating a 1 B model is cheap and the
+benchmarks never download weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "SHAPES",
+    "llama_config",
+    "generate_checkpoint",
+    "machine",
+    "peak_rss_bytes",
+    "current_rss_bytes",
+    "checkpoint_files",
+    "evict_page_cache",
+    "table",
+    "write_json",
+    "median_time",
+    "human_bytes",
+]
+
+#: Llama-style shapes the benchmarks use, by name
+SHAPES: dict[str, dict[str, int]] = {
+    # ~0.84 B parameters: 1.67 GB in bf16 (TinyLlama-like widths, 16 layers)
+    "1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000,
+    ),
+    # the step benchmark's small shape: its 32k-vocab head costs as much as several layers
+    "small": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=32000,
+    ),
+    # a wider shape whose layers, not the head, dominate
+    "medium": dict(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=32000,
+    ),
+    # end-to-end runs of the GPU check on CPU
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512,
+    ),
+}
+
+
+def llama_config(shape: str | dict[str, int], *, dtype: str = "bfloat16", max_position_embeddings: int = 4096) -> Any:
+    """A ``LlamaConfig`` for a shape name in :data:`SHAPES` (or a dict of its fields), untied head."""
+    from transformers import LlamaConfig
+
+    fields = SHAPES[shape] if isinstance(shape, str) else dict(shape)
+    config = LlamaConfig(
+        **fields, max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config.dtype = dtype
+    return config
+
+
+def _parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(checkpoint key, shape) of every persistent tensor, in forward order, from a meta model."""
+    import torch
+
+    from ppzoo.plan import meta_model
+
+    model = meta_model(config, dtype=torch.float32)
+    return [(key, tuple(t.shape)) for key, t in model.state_dict(keep_vars=True).items()]
+
+
+def generate_checkpoint(
+    directory: str | os.PathLike,
+    config: Any,
+    *,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 512 * 2**20,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """Write a random checkpoint of ``config`` as sharded safetensors with an index.
+
+    Tensors are drawn one at a time (normal, std ``initializer_range``, on ``device`` — a GPU
+    draws a 1 B model in a second) and written shard by shard with ``save_file``; norm weights
+    are ones. A directory that already holds a complete checkpoint of the same config, dtype and
+    seed is reused as it is.
+
+    Returns:
+        The directory.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config.dtype = dtype
+    stamp = {"config": config.to_dict(), "dtype": dtype, "seed": seed, "shard_bytes": shard_bytes}
+    stamp_file = directory / "ppzoo_benchmark.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp_file.unlink(missing_ok=True)
+    torch_dtype = getattr(torch, dtype)
+    std = float(getattr(config, "initializer_range", 0.02))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = _parameter_shapes(config)
+    element = torch.empty((), dtype=torch_dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in shapes:
+        nbytes = element * _prod(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for key, shape in shard:
+            if len(shape) == 1:
+                value = torch.ones(shape, dtype=torch_dtype)
+            else:
+                value = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device == "cpu" else torch_dtype)
+                value = value.mul_(std).to(device="cpu", dtype=torch_dtype)
+            tensors[key] = value
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(directory)
+    stamp_file.write_text(json.dumps(stamp))
+    return directory
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The shard files of a generated checkpoint."""
+    index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
+    return [Path(directory) / name for name in sorted(set(index["weight_map"].values()))]
+
+
+def evict_page_cache(paths: Iterable[str | os.PathLike]) -> None:
+    """Drop the files' clean pages from the page cache (no root needed), so the next read is cold."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # NOTE: dirty pages cannot be dropped; a freshly written file has some
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``ru_maxrss`` is in KiB on Linux)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def current_rss_bytes() -> dict[str, int]:
+    """Current RSS and its parts (anonymous, file-backed) from ``/proc/self/status``, in bytes."""
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[fields[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, library versions and the load average when called."""
+    import safetensors
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floats: str = "{:.3f}") -> str:
+    """A plain-text table of ``rows`` (dicts) with the given columns, right-aligned."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return floats.format(value)
+        return "-" if value is None else str(value)
+
+    body = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike | None, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` (parents created); nothing when ``path`` is None."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, sync: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and all times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
