@@ -22,8 +22,13 @@ from typing import Any, Iterator
 
 import pluggy
 
+import ppzoo.adapters  # noqa: F401 - see the NOTE below
 from ppzoo import hookspecs
 from ppzoo.adapter import Adapter
+
+# NOTE: the package of built-in adapters is imported here, before ``ppzoo/__init__`` binds
+# ``ppzoo.adapters`` to the function below: importing a package for the first time sets it as an
+# attribute of its parent, so loading the built-ins later would replace ``ppzoo.adapters()``.
 
 __all__ = [
     "BUILTIN_PLUGINS",

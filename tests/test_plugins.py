@@ -225,3 +225,10 @@ def test_every_conformance_check_is_documented():
 
     documented = re.findall(r"^\| `(\w+)` \|", DOCS.read_text().split("## 3.")[1].split("## 4.")[0], flags=re.M)
     assert documented == [check.name for check in CHECKS]
+
+
+def test_the_pytest_plugin_is_opt_in():
+    """Installing ppzoo must not load its pytest plugin into every project's test run."""
+    auto = [ep.value for ep in importlib.metadata.entry_points(group="pytest11") if ep.value.startswith("ppzoo")]
+    assert auto == []
+    assert importlib.metadata.distribution("ppzoo").entry_points.select(group="pytest11") == ()

@@ -49,6 +49,11 @@ def test_builtins_register_in_order():
     assert registry.adapter_source(registry.adapters()["llama"]) == "ppzoo (built-in ppzoo.adapters.llama)"
 
 
+def test_ppzoo_adapters_is_the_function_after_the_builtins_load():
+    loaded = registry.adapters()
+    assert ppzoo.adapters() == loaded
+
+
 def test_adapter_for_matches_model_type():
     assert ppzoo.adapter_for(LlamaConfig()) is registry.adapters()["llama"]
     assert ppzoo.adapter_for(MistralConfig()) is registry.adapters()["mistral"]
