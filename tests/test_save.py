@@ -36,14 +36,17 @@ SOURCE_SIDE_FILES = {
     "chat_template.jinja": "{{ messages }}\n",
     "notes.md": "not part of a checkpoint\n",
 }
-#: case → (source model, schedule saved from, dtype, how the saved checkpoint is reloaded)
+#: case → (source model, split saved from, dtype, how the saved checkpoint is reloaded); the pp=1
+#: cases hold DTensor stages (FSDP2 or tensor parallel over the two ranks), gathered on save
 ROUND_TRIPS = {
-    "llama": ("llama", "1F1B", "float32", dict(schedule="ZBVZeroBubble")),
-    "llama-tied": ("llama-tied", "1F1B", "float32", dict(schedule="ZBVZeroBubble")),
-    "gemma": ("gemma", "ZBVZeroBubble", "float32", dict(schedule="1F1B")),
-    "mixtral": ("mixtral", "1F1B", "float32", dict(schedule="Interleaved1F1B")),
-    "qwen2_moe": ("qwen2_moe", "Interleaved1F1B", "float32", dict(schedule="GPipe", microbatches=2)),
-    "llama-bf16": ("llama", "GPipe", "bfloat16", dict(schedule="Interleaved1F1B", layers_per_stage=2)),
+    "llama": ("llama", dict(schedule="1F1B"), "float32", dict(schedule="ZBVZeroBubble")),
+    "llama-tied": ("llama-tied", dict(schedule="1F1B"), "float32", dict(schedule="ZBVZeroBubble")),
+    "gemma": ("gemma", dict(schedule="ZBVZeroBubble"), "float32", dict(schedule="1F1B")),
+    "mixtral": ("mixtral", dict(schedule="1F1B"), "float32", dict(schedule="Interleaved1F1B")),
+    "qwen2_moe": ("qwen2_moe", dict(schedule="Interleaved1F1B"), "float32", dict(schedule="GPipe", microbatches=2)),
+    "llama-bf16": ("llama", dict(schedule="GPipe"), "bfloat16", dict(schedule="Interleaved1F1B", layers_per_stage=2)),
+    "mixtral-fsdp": ("mixtral", dict(pp=1, dp_shard=2, microbatches=2), "float32", dict(schedule="1F1B")),
+    "llama-tied-tp": ("llama-tied", dict(pp=1, tp=2, microbatches=2), "float32", dict(schedule="1F1B")),
 }
 
 
@@ -55,23 +58,30 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f"{directory.name}."))
 
 
-def _round_trip_case(source, saved, schedule, dtype, reload):
+def _full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _round_trip_case(source, saved, split, dtype, reload):
     dtype = getattr(torch, dtype)
-    pipe = ppzoo.pipeline(source, pp=2, schedule=schedule, microbatches=4, device="cpu", dtype=dtype,
-                          attn_implementation="eager")
+    split = {"pp": 2, "microbatches": 4, **split}
+    pipe = ppzoo.pipeline(source, device="cpu", dtype=dtype, attn_implementation="eager", **split)
     opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
     ids, mask, labels = batch(pipe.config.vocab_size, batch_size=4)
+    if split.get("dp_shard", 1) > 1:  # each data-parallel rank passes its half of the batch
+        ids, mask, labels = (t.chunk(2)[dist.get_rank()] for t in (ids, mask, labels))
     pipe.step(ids, labels=labels, attention_mask=mask)
     opt.step()
     pipe.save_pretrained(saved)
+    named = [(name, _full(param).detach()) for name, param in pipe.named_parameters()]
     problems = []
     original = load_reference(source).to(dtype)
-    if all(torch.equal(p, original.get_parameter(n)) for n, p in pipe.named_parameters()):
+    if all(torch.equal(p, original.get_parameter(n)) for n, p in named):
         problems.append("the optimizer step changed nothing on this rank: the round trip would prove nothing")
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, attn_implementation="eager")
-    for name, param in pipe.named_parameters():
+    for name, param in named:
         want = reference.get_parameter(name)
         if want.dtype != param.dtype or not torch.equal(param, want):
             problems.append(f"from_pretrained: {name} differs from the pipeline's")
@@ -80,7 +90,7 @@ def _round_trip_case(source, saved, schedule, dtype, reload):
     for name, param in again.named_parameters():
         if not torch.equal(param, reference.get_parameter(name)):
             problems.append(f"reloaded with {reload}: {name} differs from the saved weights")
-    return {"problems": problems}
+    return {"problems": problems, "kinds": sorted({type(p).__name__ for p in pipe.parameters()})}
 
 
 def _failed_save_case(source, saved):
@@ -111,6 +121,7 @@ def _failed_save_case(source, saved):
         problems.append("the failed save changed the earlier checkpoint")
     if _leftovers(Path(saved)):
         problems.append(f"the failed save left {_leftovers(Path(saved))}")
+    dist.barrier()  # every rank has looked before the next save makes a new temporary directory
     # the group is still usable: the next save replaces the checkpoint
     pipe.save_pretrained(saved)
     reference = load_reference(saved)
@@ -166,8 +177,8 @@ def _rank_main(rank, world_size, sources, out):
     out = Path(out)
     results = {}
     cases = [
-        (name, _round_trip_case, (sources[src], str(out / name), schedule, dtype, reload))
-        for name, (src, schedule, dtype, reload) in ROUND_TRIPS.items()
+        (name, _round_trip_case, (sources[src], str(out / name), split, dtype, reload))
+        for name, (src, split, dtype, reload) in ROUND_TRIPS.items()
     ]
     cases += [
         ("failed", _failed_save_case, (sources["llama"], str(out / "llama"))),
@@ -220,6 +231,12 @@ def test_round_trip_is_exact(group, case):
     results, _, _ = group
     for rank, per_rank in enumerate(results):
         assert per_rank[case]["problems"] == [], f"rank {rank}"
+
+
+@pytest.mark.parametrize("case", ["mixtral-fsdp", "llama-tied-tp"])
+def test_sharded_stages_were_sharded(group, case):
+    results, _, _ = group
+    assert all("DTensor" in per_rank[case]["kinds"] for per_rank in results)
 
 
 @pytest.mark.parametrize("case", list(ROUND_TRIPS))
