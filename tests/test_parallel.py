@@ -33,8 +33,12 @@ def _case(directory, degrees, schedule, count_reductions):
     ids, mask, labels = batch(reference.config.vocab_size, batch_size=GLOBAL_BATCH, seed=3)
     out = reference(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=MICROBATCHES, device="cpu",
-                          attn_implementation="eager", **degrees)
+    read = _count_reads()
+    try:
+        pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=MICROBATCHES, device="cpu",
+                              attn_implementation="eager", **degrees)
+    finally:
+        read.restore()
     part = _dp_part(pipe, (ids, mask, labels))
     calls = []
     original = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else None
@@ -51,6 +55,9 @@ def _case(directory, degrees, schedule, count_reductions):
     named = list(pipe.named_parameters())
     problems += grad_mismatches(named, reference)
     kinds = sorted({type(p).__name__ for _, p in named})
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for _, p in named)
+    if read.elements != held:
+        problems.append(f"read {read.elements} checkpoint elements but holds {held}: not only its own shards")
     # one FSDP group per decoder layer, plus the stage root when it holds parameters of its own
     fsdp_groups = sum(
         len(m.get_submodule("model.layers"))
@@ -58,6 +65,34 @@ def _case(directory, degrees, schedule, count_reductions):
         for m in pipe.stages
     )
     return {"problems": problems, "kinds": kinds, "reductions": len(calls), "fsdp_groups": fsdp_groups}
+
+
+class _count_reads:
+    """Count the checkpoint elements this rank reads (whole tensors and slices)."""
+
+    def __init__(self):
+        from ppzoo.weights import Checkpoint
+
+        self.elements = 0
+        self._originals = (Checkpoint._get_tensor, Checkpoint._get_slice)
+        get_tensor, get_slice = self._originals
+
+        def counting_tensor(checkpoint, handle, key):
+            tensor = get_tensor(checkpoint, handle, key)
+            self.elements += tensor.numel()
+            return tensor
+
+        def counting_slice(checkpoint, handle, key, part):
+            tensor = get_slice(checkpoint, handle, key, part)
+            self.elements += tensor.numel()
+            return tensor
+
+        Checkpoint._get_tensor, Checkpoint._get_slice = counting_tensor, counting_slice
+
+    def restore(self):
+        from ppzoo.weights import Checkpoint
+
+        Checkpoint._get_tensor, Checkpoint._get_slice = self._originals
 
 
 def _errors(directory):

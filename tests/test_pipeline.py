@@ -150,3 +150,37 @@ def test_indivisible_batch_is_refused_before_communication(group_results):
             "batch of 6 rows cannot be split into 4 equal microbatches; use a batch size divisible by 4"
         )
         assert got["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pp=2, schedule="1F1B", microbatches=1),
+         "schedule 1F1B needs at least as many microbatches as stages: got 1 microbatches for 2 stages; "
+         "raise microbatches to 2 or more"),
+        (dict(pp=2, schedule="Interleaved1F1B", microbatches=3),
+         "schedule Interleaved1F1B runs microbatches in rounds of pp=2: 3 microbatches is not a multiple of 2"),
+        (dict(pp=2, schedule="ZBVZeroBubble", stages_per_rank=1),
+         "schedule ZBVZeroBubble needs V placement with exactly two stages per rank, got 1"),
+        (dict(pp=2, schedule="gpipe", stages_per_rank=2),
+         "schedule GPipe runs one stage per rank, but the plan puts 2 on each"),
+        (dict(pp=2, schedule="ZeroBubble"), "unknown schedule 'ZeroBubble'"),
+        (dict(pp=2, cp=2), "cp=2: ppzoo does not implement context parallelism"),
+    ],
+)
+def test_bad_settings_fail_before_any_process_group(tmp_path, kwargs, message):
+    """These are refused from the config alone: no process group is needed to see the error."""
+    import torch.distributed as dist
+
+    directory = save_tiny_model(registry.adapters()["llama"], tmp_path)
+    with pytest.raises(ValueError) as info:
+        ppzoo.pipeline(str(directory), device="cpu", **kwargs)
+    assert str(info.value).startswith(message)
+    assert not dist.is_initialized()
+
+
+def test_schedule_names_are_case_insensitive():
+    from ppzoo.plan import schedule_kind
+
+    assert schedule_kind("interleaved1f1b") == schedule_kind("Interleaved1F1B") == ("Interleaved1F1B", "loop")
+    assert schedule_kind("DUALPIPEV") == ("DualPipeV", "v")
