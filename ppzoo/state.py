@@ -20,6 +20,7 @@ save that fails midway.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from ppzoo.weights import CheckpointError
 if TYPE_CHECKING:
     from ppzoo.pipeline import Pipeline
 
-__all__ = ["load_state", "rank_module", "save_state"]
+__all__ = ["load_state", "rank_module", "save_state", "saved_step"]
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _OPTIMIZER_PREFIXES = ("state.", "param_groups.")
@@ -167,6 +168,29 @@ def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
             )
 
 
+def _state_directory(directory: str | os.PathLike) -> Path:
+    directory = Path(directory).expanduser().absolute()
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(
+            f"{str(directory)!r} holds no training state (no .metadata); pass a directory written by save_state"
+        )
+    return directory
+
+
+def saved_step(directory: str | os.PathLike) -> int:
+    """The step a training state was saved at, read by this process alone (no process group needed).
+
+    Raises:
+        CheckpointError: ``directory`` holds no training state.
+    """
+    state = {"ppzoo": {"step": -1}}
+    with warnings.catch_warnings():
+        # NOTE: without a process group torch warns that it loads in one process, which is the intent.
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=_state_directory(directory), no_dist=True)
+    return int(state["ppzoo"]["step"])
+
+
 def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
     """Restore model, optimizer and step saved by :func:`save_state`, under any split.
 
@@ -184,11 +208,7 @@ def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.
     Raises:
         CheckpointError: ``directory`` holds no training state, or not one of this model and optimizer.
     """
-    directory = Path(directory).expanduser().absolute()
-    if not (directory / ".metadata").is_file():
-        raise CheckpointError(
-            f"{str(directory)!r} holds no training state (no .metadata); pass a directory written by save_state"
-        )
+    directory = _state_directory(directory)
     module = rank_module(pipe.stages)
     model_state, optimizer_state = _state_dicts(module, optimizer)
     renames = {**_renames(pipe, set(model_state)), **_renames(pipe, set(optimizer_state))}

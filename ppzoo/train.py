@@ -80,6 +80,9 @@ class TrainJob:
     dtype: str
     device: str
     log_every: int
+    save: str | None = None
+    save_every: int | None = None
+    resume: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu (gloo, one torch thread per worker) or cuda (nccl, one GPU per worker)")
     parser.add_argument("--log-every", type=int, default=None, metavar="N",
                         help="print progress every N steps (default: about 10 lines per run)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="save DIR/model (a Hugging Face checkpoint) and DIR/state (model, optimizer and "
+                             "step, for --resume) at the end, and every --save-every steps")
+    parser.add_argument("--save-every", type=int, default=None, metavar="N", help="also save every N steps")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue a run saved with --save DIR up to --steps, with any --pp or --schedule "
+                             "(the model comes from DIR/model unless --model is given)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,7 +133,9 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_options(args)
     with tempfile.TemporaryDirectory(prefix="ppzoo-train-") as scratch:
-        if args.model is None:
+        if args.model is None and args.resume is not None:
+            model = str(Path(args.resume) / "model")
+        elif args.model is None:
             model_dir = Path(args.model_dir) if args.model_dir else Path(scratch) / "model"
             build_model(model_dir, layers=max(4, 2 * args.pp), seq_len=args.seq_len, seed=args.seed)
             model = str(model_dir)
@@ -144,8 +156,9 @@ def main(args: argparse.Namespace) -> int:
             microbatches=args.microbatches, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
             batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
             log_every=args.log_every or max(1, args.steps // 10),
+            save=args.save, save_every=args.save_every, resume=args.resume,
         )
-        origin = f"built-in, random init, saved in {model}" if args.model is None else model
+        origin = f"built-in, random init, saved in {model}" if args.model is None and not args.resume else model
         print(
             f"ppzoo train: {config.model_type} with {total_params / 1e6:.2f}M parameters ({origin}); "
             f"{Path(str(data)).name}: {tokens.numel():,} {tokenizer} tokens; pp={job.pp}, {job.schedule}, "
@@ -177,6 +190,7 @@ def _check_options(args: argparse.Namespace) -> None:
             f"--batch-size {args.batch_size} is not divisible by --microbatches {args.microbatches}; "
             f"use a batch size that is a multiple of {args.microbatches}"
         )
+    _check_checkpoint_options(args)
     if args.model is not None and args.model_dir is not None:
         raise ValueError("--model-dir names where the built-in model is saved; drop it when passing --model")
     if args.model is not None:
@@ -195,6 +209,30 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--pp {args.pp} needs {args.pp} GPUs, torch sees {torch.cuda.device_count()}; lower --pp"
             )
+
+
+def _check_checkpoint_options(args: argparse.Namespace) -> None:
+    from ppzoo.state import saved_step
+
+    if args.save_every is not None and args.save is None:
+        raise ValueError(f"--save-every {args.save_every} needs --save DIR, the directory to save into")
+    if args.save_every is not None and args.save_every < 1:
+        raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
+    if args.save is not None and Path(args.save).is_file():
+        raise ValueError(f"--save {args.save!r} is a file; pass a directory (it gets model/ and state/)")
+    if args.resume is not None:
+        if args.model_dir is not None:
+            raise ValueError("--model-dir names where the built-in model is saved; drop it when resuming "
+                             "(the model comes from the --resume directory)")
+        try:
+            step = saved_step(Path(args.resume) / "state")
+        except Exception as exc:  # noqa: BLE001 - reported with the option it came from
+            raise ValueError(f"--resume {args.resume!r}: {exc}; pass a directory written by --save") from exc
+        if args.model is None and not (Path(args.resume) / "model" / "config.json").is_file():
+            raise ValueError(f"--resume {args.resume!r} has no model/config.json; pass the trained model with --model")
+        if step >= args.steps:
+            raise ValueError(f"--resume {args.resume!r} is at step {step}, --steps is {args.steps}; "
+                             f"raise --steps above {step} to train further")
 
 
 def _check_model(model: str, args: argparse.Namespace) -> tuple[Any, Path, int]:
@@ -342,11 +380,16 @@ def train_worker(job: TrainJob) -> dict[str, Any] | None:
     tokens = torch.load(job.tokens_path)
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=job.lr)
     generator = torch.Generator().manual_seed(job.seed)
+    start = pipe.load_state(Path(job.resume) / "state", optimizer) if job.resume else 0
+    for _ in range(start):  # the batches the saved run already trained on
+        sample_batch(tokens, batch_size=job.batch_size, seq_len=job.seq_len, generator=generator)
     talk = dist.get_rank() == 0
+    if talk and job.resume:
+        print(f"resuming from {job.resume} at step {start}", flush=True)
     tokens_per_step = job.batch_size * job.seq_len
     losses: list[float] = []
     started = time.perf_counter()
-    for step in range(1, job.steps + 1):
+    for step in range(start + 1, job.steps + 1):
         input_ids = sample_batch(tokens, batch_size=job.batch_size, seq_len=job.seq_len, generator=generator)
         optimizer.zero_grad()
         loss = pipe.step(input_ids, labels=input_ids)
@@ -354,19 +397,22 @@ def train_worker(job: TrainJob) -> dict[str, Any] | None:
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"loss is {losses[-1]} at step {step}; lower --lr or use --dtype float32")
+        if job.save and (step == job.steps or (job.save_every and step % job.save_every == 0)):
+            pipe.save_pretrained(Path(job.save) / "model")
+            pipe.save_state(Path(job.save) / "state", optimizer, step=step)
         if talk and (step % job.log_every == 0 or step == job.steps):
             elapsed = time.perf_counter() - started
-            left = elapsed / step * (job.steps - step)
+            left = elapsed / (step - start) * (job.steps - step)
             print(
                 f"step {step:>{len(str(job.steps))}}/{job.steps}  loss {losses[-1]:.4f}  "
-                f"{tokens_per_step * step / elapsed:,.0f} tokens/s  {left:.0f}s left",
+                f"{tokens_per_step * (step - start) / elapsed:,.0f} tokens/s  {left:.0f}s left",
                 flush=True,
             )
     train_s = time.perf_counter() - started
     dist.destroy_process_group()
     if not talk:
         return None
-    return {"losses": losses, "train_s": train_s, "tokens": tokens_per_step * job.steps}
+    return {"losses": losses, "train_s": train_s, "tokens": tokens_per_step * len(losses)}
 
 
 def _launch(job: TrainJob) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from torch import nn
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.state import load_state, rank_module, save_state
+from ppzoo.state import load_state, rank_module, save_state, saved_step
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, save_tiny_model
 from ppzoo.weights import CheckpointError
@@ -222,6 +222,7 @@ def test_state_is_keyed_by_fqn_with_a_tied_head_once(group):
     assert f"model.{EMBED}" in keys and f"optimizer.state.{EMBED}.exp_avg" in keys
     assert not [k for k in keys if HEAD in k]
     assert {"ppzoo.step", "ppzoo.optimizer_stepped"} <= keys
+    assert saved_step(work / "saved") == SAVED_AT  # read without a process group
     layer_keys = {k for k in keys if k.startswith("model.model.layers.")}
     assert len({k.split(".")[3] for k in layer_keys}) == 8  # every layer, from both ranks
 

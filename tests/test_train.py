@@ -186,3 +186,81 @@ def test_batches_are_seeded_windows():
     # each row is a contiguous window of the corpus
     assert torch.equal(a - a[:, :1], torch.arange(32).expand(6, 32))
     assert int(a.max()) < 1000
+
+
+# -- saving and resuming -------------------------------------------------------------------------
+def _uninterrupted(model_dir, out, monkeypatch, *, steps):
+    """The same job as ``SMALL`` run straight through in this process, as a one-rank pipeline."""
+    from importlib import resources
+
+    import torch.distributed as dist
+
+    from ppzoo.testing.distributed import _free_port
+    from ppzoo.train import DEFAULT_CORPUS, TrainJob, train_worker
+
+    tokens, _ = load_tokens(model_dir, resources.files("ppzoo") / "data" / DEFAULT_CORPUS, vocab_size=256)
+    torch.save(tokens, out / "tokens.pt")
+    job = TrainJob(model=str(model_dir), tokens_path=str(out / "tokens.pt"), pp=1, schedule="1F1B", microbatches=2,
+                   steps=steps, lr=1e-2, seq_len=16, batch_size=4, seed=0, dtype="float32", device="cpu",
+                   log_every=1, save=str(out / "run"))
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    try:
+        return train_worker(job)["losses"]
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    return {k: v for name in set(index["weight_map"].values()) for k, v in load_file(directory / name).items()}
+
+
+def test_resumed_run_continues_exactly(tmp_path, capfd, monkeypatch):
+    from ppzoo.state import saved_step
+
+    model_dir, saved = tmp_path / "model", tmp_path / "saved"
+    # two steps at pp=2, saved; then resumed at pp=1 up to step 4, saving into the same directory
+    code, first, err = run(capfd, *SMALL, "--steps", "2", "--pp", "2", "--log-every", "1",
+                           "--model-dir", model_dir, "--save", saved)
+    assert code == 0, err
+    code, second, err = run(capfd, *SMALL, "--pp", "1", "--log-every", "1", "--resume", saved, "--save", saved)
+    assert code == 0, err
+    assert f"resuming from {saved} at step 2" in second
+    assert f"({saved / 'model'})" in second  # the model comes from the saved run
+    printed = re.findall(r"^step (\d)/\d  loss (\S+)", first + second, re.M)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    losses = _uninterrupted(model_dir, reference, monkeypatch, steps=4)
+    assert printed == [(str(i + 1), f"{loss:.4f}") for i, loss in enumerate(losses)]
+    assert saved_step(saved / "state") == 4
+    resumed, straight = _tensors(saved / "model"), _tensors(reference / "run" / "model")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    # nothing left to do at step 4: refused before any worker starts
+    code, _, err = run(capfd, *SMALL, "--resume", saved)
+    assert code == 2
+    assert f"--resume {str(saved)!r} is at step 4, --steps is 4; raise --steps above 4 to train further" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--save-every", "2"], "--save-every 2 needs --save DIR, the directory to save into"),
+        (["--save", "out", "--save-every", "0"], "--save-every must be >= 1, got 0"),
+        (["--save", __file__], f"--save {__file__!r} is a file; pass a directory (it gets model/ and state/)"),
+        (["--resume", "."], "--resume '.': "),
+        (["--resume", ".", "--model-dir", "d"], "drop it when resuming"),
+    ],
+)
+def test_checkpoint_option_errors(argv, message, capfd):
+    code, out, err = run(capfd, *argv)
+    assert code == 2
+    assert message in err, err
+    assert out == ""
