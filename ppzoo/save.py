@@ -217,7 +217,9 @@ def _finish_pretrained(pipe: "Pipeline", tmp: Path, results: list[dict[str, tupl
     for rank, written in enumerate(results):
         for key, (name, size, numel) in written.items():
             if key in weight_map:
-                raise CheckpointError(f"tensor {key!r} was written twice: {weight_map[key]!r} and {name!r} (rank {rank})")
+                raise CheckpointError(
+                    f"tensor {key!r} was written twice: {weight_map[key]!r} and {name!r} (rank {rank})"
+                )
             weight_map[key] = name
             total_size += size
             total_parameters += numel

@@ -55,7 +55,9 @@ def _differences(pipe, optimizer, snapshot):
         got = optimizer.state[p]
         if set(got) != set(state):
             problems.append(f"{name}: optimizer state has {sorted(got)}, the saved run had {sorted(state)}")
-        problems += [f"{name}: optimizer {k} differs" for k in state if k in got and not torch.equal(_full(got[k]), state[k])]
+        problems += [
+            f"{name}: optimizer {k} differs" for k in state if k in got and not torch.equal(_full(got[k]), state[k])
+        ]
     return problems
 
 
@@ -246,7 +248,8 @@ def test_load_refuses_another_optimizer_or_model(group):
 
 
 def test_load_refuses_a_directory_without_state(tmp_path):
-    with pytest.raises(CheckpointError, match=r"holds no training state \(no .metadata\); pass a directory written by save_state"):
+    message = r"holds no training state \(no .metadata\); pass a directory written by save_state"
+    with pytest.raises(CheckpointError, match=message):
         load_state(None, tmp_path, None)
 
 
