@@ -29,25 +29,37 @@ def _human(n: float) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import ppzoo
+    from ppzoo.estimate import estimate_plan
+    from ppzoo.plan import load_config
 
+    for flag, value in (("--seq-len", args.seq_len), ("--microbatch-size", args.microbatch_size),
+                        ("--microbatches", args.microbatches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    config = load_config(args.path)
     result = ppzoo.plan(
-        args.path,
+        config,
         pp=args.pp,
         schedule=args.schedule,
         stages_per_rank=args.stages_per_rank,
         layers_per_stage=args.layers_per_stage,
         dtype=args.dtype,
+        seq_len=args.seq_len,
+    )
+    estimates = estimate_plan(
+        result, config, seq_len=args.seq_len, microbatch_size=args.microbatch_size,
+        microbatches=args.microbatches, fused_attention=args.fused_attention,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(result.to_dict() | {"estimates": estimates}, indent=2))
         return 0
     print(
         f"{result.model_type} ({result.adapter} adapter): {_human(result.total_params)} parameters, "
         f"pp={result.pp}, {result.num_stages} stages, schedule {result.schedule}, {result.placement} placement"
     )
     total_cost = sum(s.cost for s in result.stages)
-    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'bytes':>9} {'cost':>6}  modules")
-    for s in result.stages:
+    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'bytes':>9} {'cost':>6} {'act/mb':>9} {'p+g+adam':>10}  modules")
+    for s, est in zip(result.stages, estimates["stages"]):
         mods = list(s.modules)
         layer_mods = [m for m in mods if m.startswith(result.layout.layers + ".")]
         others = [m for m in mods if m not in layer_mods]
@@ -55,7 +67,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if len(s.layers) > 1:
             span += f"-{s.layers[-1]}"
         shown = ", ".join([m for m in others if m in result.layout.inputs] + ([span] if span else []) + [m for m in others if m in result.layout.outputs])
-        print(f"{s.index:>5} {s.rank:>4} {_human(s.params):>9} {_human(s.bytes) + 'B':>9} {s.cost / total_cost:>6.1%}  {shown}")
+        act, state = est["activation_bytes_per_microbatch"], est["training_state_bytes"]
+        print(
+            f"{s.index:>5} {s.rank:>4} {_human(s.params):>9} {_human(s.bytes) + 'B':>9} {s.cost / total_cost:>6.1%} "
+            f"{_human(act) + 'B':>9} {_human(state) + 'B':>10}  {shown}"
+        )
+    bubble = estimates["bubble_fraction"]
+    print(
+        f"act/mb: activations per microbatch of {args.microbatch_size} x {args.seq_len} tokens; "
+        f"p+g+adam: parameters, gradients, 2 fp32 AdamW states; bubble with {estimates['microbatches']} "
+        f"microbatches: " + ("not modelled for this schedule" if bubble is None else f"{bubble:.1%}")
+    )
     return 0
 
 
@@ -97,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages-per-rank", type=int, default=None)
     p.add_argument("--layers-per-stage", type=int, default=None)
     p.add_argument("--dtype", default=None, help="parameter dtype for byte counts (default: the config's)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for costs and activations (default 2048)")
+    p.add_argument("--microbatch-size", type=int, default=1, help="sequences per microbatch (default 1)")
+    p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: the number of stages)")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="activations for flash / memory-efficient attention (no seq x seq probabilities kept)")
+    p.add_argument("--json", action="store_true", help="print the plan and its estimates as JSON")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("check", help="run the conformance kit and print an architecture x check table")

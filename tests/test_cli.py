@@ -30,9 +30,11 @@ def test_plan_text(config_dir, capsys):
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         "llama (llama adapter): 80.4K parameters, pp=2, 2 stages, schedule 1F1B, loop placement",
-        "stage rank    params     bytes   cost  modules",
-        "    0    0     40.2K   160.8KB  49.7%  model.embed_tokens, model.layers.0-3",
-        "    1    1     40.2K   160.9KB  50.3%  model.layers.4-7, model.norm, lm_head",
+        "stage rank    params     bytes   cost    act/mb   p+g+adam  modules",
+        "    0    0     40.2K   160.8KB  49.7%   284.4MB    643.1KB  model.embed_tokens, model.layers.0-3",
+        "    1    1     40.2K   160.9KB  50.3%   286.3MB    643.6KB  model.layers.4-7, model.norm, lm_head",
+        "act/mb: activations per microbatch of 1 x 2048 tokens; p+g+adam: parameters, gradients, "
+        "2 fp32 AdamW states; bubble with 2 microbatches: 33.3%",
     ]
 
 
@@ -41,7 +43,7 @@ def test_plan_text_v_placement_with_one_layer_stages(config_dir, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "llama (llama adapter): 80.4K parameters, pp=4, 8 stages, schedule DualPipeV, v placement"
-    rows = [line.split() for line in lines[2:]]
+    rows = [line.split() for line in lines[2:-1]]  # the last line explains the estimates
     assert [(int(r[0]), int(r[1])) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 3), (5, 2), (6, 1), (7, 0)]
     assert lines[2].endswith("  model.embed_tokens, model.layers.0")
     assert lines[3].endswith("  model.layers.1")

@@ -1,0 +1,428 @@
+"""Step efficiency: ``Pipeline.step`` with pp=2 against the unsplit model, same batch and optimizer.
+
+    python benchmarks/step.py --out benchmarks/results/step.json
+
+Each pipeline rank is a process with one torch thread (``run_distributed``, gloo); the baseline
+is the unsplit Hugging Face model in one process with one thread, stepping the same global batch
+with the same loss (``causal_lm_loss``) and AdamW. A timed step is forward, backward, optimizer
+step and ``zero_grad``; the pipeline's step time is the slowest rank's, between barriers.
+
+    efficiency = pipeline tokens/s / (pp × single-process tokens/s)
+
+is reported next to the schedule's ideal efficiency: the share of a step a rank computes when
+every stage costs the same and communication is free, found by running the schedule's own
+action order (torch's for the multi-stage schedules) through a small event simulation with a
+forward costing 1, a full backward 2 and, where the backward is split, input and weight
+gradients 1 each (the zero-bubble papers' assumption). It equals ``1 − bubble_fraction`` of
+:mod:`ppzoo.estimate`: m/(m+pp−1) for GPipe and 1F1B, v·m/(v·m+pp−1) for Interleaved1F1B with v
+stages per rank, 6m/(6m+pp−1) for ZBVZeroBubble.
+
+Each timed pipeline step follows a timed single-process step (rank 0 runs it while rank 1 waits),
+so a change in the machine's load touches both alike. The baseline also runs with the batch cut into the same microbatches and gradients accumulated,
+which tells the cost of smaller matrix multiplies apart from the cost of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import generate_checkpoint, llama_config, machine, table, write_json  # noqa: E402
+
+#: the benchmark's shapes: model shape, sequence length, microbatches, microbatch size
+CASES: dict[str, dict[str, Any]] = {
+    "small": dict(shape="small", seq_len=128, microbatches=4, microbatch_size=1),
+    "medium": dict(shape="medium", seq_len=128, microbatches=4, microbatch_size=1),
+}
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
+#: simulated cost of each action, relative to one stage's forward
+_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+
+
+# -- the ideal --------------------------------------------------------------------------------
+def _action(stage: int, kind: str, microbatch: int):
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType
+
+    return _Action(stage, _ComputationType(kind), microbatch)
+
+
+def _single_stage_order(schedule: str, pp: int, microbatches: int) -> dict[int, list]:
+    """GPipe (all forwards, then all backwards) or 1F1B (warm-up, one forward one backward, drain)."""
+    order = {}
+    for rank in range(pp):
+        if schedule == "GPipe":
+            ops = [("F", i) for i in range(microbatches)] + [("B", i) for i in range(microbatches)]
+        else:
+            warmup = min(pp - 1 - rank, microbatches)
+            ops = [("F", i) for i in range(warmup)]
+            for i in range(microbatches - warmup):
+                ops += [("F", warmup + i), ("B", i)]
+            ops += [("B", i) for i in range(microbatches - warmup, microbatches)]
+        order[rank] = [_action(rank, kind, i) for kind, i in ops]
+    return order
+
+
+def schedule_order(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 2) -> tuple[dict[int, list], int]:
+    """(rank → compute actions in order, stages per rank) of a schedule.
+
+    Multi-stage schedules use torch's own order generators, so the ideal is that of the order
+    that actually runs.
+
+    Raises:
+        ValueError: a schedule the simulation does not model.
+    """
+    from torch.distributed.pipelining import schedules as torch_schedules
+
+    if schedule in ("GPipe", "1F1B"):
+        return _single_stage_order(schedule, pp, microbatches), 1
+    classes = {
+        "Interleaved1F1B": torch_schedules.ScheduleInterleaved1F1B,
+        "InterleavedZeroBubble": torch_schedules.ScheduleInterleavedZeroBubble,
+        "ZBVZeroBubble": torch_schedules.ScheduleZBVZeroBubble,
+    }
+    if schedule not in classes:
+        raise ValueError(f"no simulation for schedule {schedule!r}; use one of GPipe, 1F1B, {', '.join(classes)}")
+    rounds = max(1, microbatches // pp)
+    # NOTE: the generators read only these attributes; building the real schedule needs stages
+    # and a process group.
+    state = types.SimpleNamespace(
+        pp_group_size=pp, _n_microbatches=microbatches, n_local_stages=stages_per_rank,
+        num_stages=stages_per_rank * pp, _num_stages=stages_per_rank * pp,
+        number_of_rounds=rounds, microbatches_per_round=microbatches // rounds,
+    )
+    order = {rank: classes[schedule]._calculate_single_rank_operations(state, rank) for rank in range(pp)}
+    return order, stages_per_rank
+
+
+def simulate(
+    order: dict[int, list], stages_per_rank: int, costs: dict[str, float] = _COSTS,
+    stage_weights: Sequence[float] | None = None,
+) -> float:
+    """Makespan of a per-rank action order: each rank runs its actions in order, as soon as inputs exist.
+
+    A forward needs the previous stage's forward of that microbatch; a backward (or input
+    gradient) needs its own forward and the next stage's backward; a weight gradient needs the
+    input gradient. An action of stage ``s`` costs ``costs[kind] × stage_weights[s]``; by default
+    every stage weighs ``1 / stages_per_rank``, so every rank has the same work whatever the
+    schedule. Communication is free.
+
+    Raises:
+        RuntimeError: the order deadlocks.
+    """
+    actions = {
+        rank: [a for a in ops if a is not None and a.computation_type.value in costs] for rank, ops in order.items()
+    }
+    last_stage = max(a.stage_index for ops in actions.values() for a in ops)
+    weights = list(stage_weights) if stage_weights is not None else [1.0 / stages_per_rank] * (last_stage + 1)
+    finished: dict[tuple[int, str, int], float] = {}
+
+    def ready(stage: int, kind: str, mb: int) -> float | None:
+        needs = []
+        if kind == "F":
+            needs = [(stage - 1, "F", mb)] if stage > 0 else []
+        elif kind in ("B", "I"):
+            needs = [(stage, "F", mb)] + ([(stage + 1, "BI", mb)] if stage < last_stage else [])
+        elif kind == "W":
+            needs = [(stage, "I", mb)]
+        times = []
+        for s, k, m in needs:
+            t = finished.get((s, "B", m), finished.get((s, "I", m))) if k == "BI" else finished.get((s, k, m))
+            if t is None:
+                return None
+            times.append(t)
+        return max(times, default=0.0)
+
+    clock = {rank: 0.0 for rank in actions}
+    position = {rank: 0 for rank in actions}
+    left = sum(len(ops) for ops in actions.values())
+    while left:
+        moved = False
+        for rank, ops in actions.items():
+            while position[rank] < len(ops):
+                a = ops[position[rank]]
+                kind = a.computation_type.value
+                start = ready(a.stage_index, kind, a.microbatch_index)
+                if start is None:
+                    break
+                clock[rank] = max(clock[rank], start) + costs[kind] * weights[a.stage_index]
+                finished[(a.stage_index, kind, a.microbatch_index)] = clock[rank]
+                position[rank] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            stuck = {r: ops[position[r]] for r, ops in actions.items() if position[r] < len(ops)}
+            raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
+    return max(clock.values())
+
+
+def ideal_efficiency(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 2) -> float:
+    """Share of a step each rank computes, for balanced stages and free communication."""
+    order, v = schedule_order(schedule, pp, microbatches, stages_per_rank)
+    work = microbatches * (_COSTS["F"] + _COSTS["B"])
+    return work / simulate(order, v)
+
+
+def measured_ideal_step(schedule: str, pp: int, microbatches: int, stage_seconds: Sequence[float]) -> float:
+    """Step time the schedule would take with the measured per-microbatch forward+backward of each stage.
+
+    Each stage's time is split 1:2 between forward and backward (1:1:1 for F, I, W).
+    """
+    order, v = schedule_order(schedule, pp, microbatches, max(1, len(stage_seconds) // pp))
+    weights = [t / (_COSTS["F"] + _COSTS["B"]) for t in stage_seconds]
+    return simulate(order, v, stage_weights=weights)
+
+
+def rank_balanced_split(config: Any, *, pp: int, schedule: str, seq_len: int) -> list[list[str]]:
+    """Stage modules minimising the most expensive *rank* (then stage), by ppzoo's cost model.
+
+    ``ppzoo.plan`` balances stages; with two stages a rank, a rank's work is the sum of two and
+    a stage may hold only the embedding or only the head. An exhaustive search, for small models.
+    """
+    import itertools
+
+    import ppzoo
+    from ppzoo import registry
+    from ppzoo.plan import _module_costs, meta_model  # NOTE: the planner's own cost model
+
+    plan = ppzoo.plan(config, pp=pp, schedule=schedule, seq_len=seq_len)
+    adapter = registry.adapter_for(config)
+    layout = plan.layout
+    costs = _module_costs(config, adapter, meta_model(config), layout, seq_len)
+    units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(layout.num_layers)] + [list(layout.outputs)]
+    unit_costs = [sum(costs[m] for m in unit) for unit in units]
+    ranks = [stage.rank for stage in plan.stages]
+    best = None
+    for cuts in itertools.combinations(range(1, len(units)), plan.num_stages - 1):
+        bounds = (0, *cuts, len(units))
+        stage_costs = [sum(unit_costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        per_rank = [sum(c for c, r in zip(stage_costs, ranks) if r == rank) for rank in range(pp)]
+        key = (max(per_rank), sorted(stage_costs, reverse=True))
+        if best is None or key < best[0]:
+            best = (key, bounds)
+    bounds = best[1]
+    return [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
+
+
+# -- the measurement ----------------------------------------------------------------------------
+def _batch(vocab: int, case: dict[str, Any], seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = case["microbatches"] * case["microbatch_size"]
+    ids = torch.randint(3, vocab, (rows, case["seq_len"]), generator=gen)
+    return ids, ids.clone()
+
+
+class _Single:
+    """The unsplit model with its own AdamW: whole-batch steps and microbatch-accumulated steps."""
+
+    def __init__(self, directory: str, case: dict[str, Any]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ppzoo.loss import count_label_tokens
+
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.ids, self.labels = _batch(self.model.config.vocab_size, case)
+        self.tokens = count_label_tokens(self.labels)
+        self.microbatches = case["microbatches"]
+
+    def step(self, *, accumulate: bool) -> float:
+        from ppzoo.loss import causal_lm_loss
+
+        start = time.perf_counter()
+        if accumulate:
+            for ids, labels in zip(self.ids.chunk(self.microbatches), self.labels.chunk(self.microbatches)):
+                causal_lm_loss(self.model(input_ids=ids).logits, labels, self.tokens).backward()
+        else:
+            causal_lm_loss(self.model(input_ids=self.ids).logits, self.labels).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def _stage_seconds(pipe: Any, ids: Any, labels: Any, microbatches: int) -> dict[int, float]:
+    """Forward+backward of each of this rank's stages on one microbatch, run directly (no pipeline)."""
+    import torch
+
+    from ppzoo.loss import causal_lm_loss
+
+    hidden = int(pipe.adapter.text_config(pipe.config).hidden_size)
+    rows = ids.shape[0] // microbatches
+    out = {}
+    for module in pipe.stages:
+        spec = module.ppzoo_stage
+        x = ids[:rows] if spec.index == 0 else torch.randn(rows, ids.shape[1], hidden, requires_grad=True)
+        start = time.perf_counter()
+        y = module(x)
+        if spec.index == pipe.plan.num_stages - 1:
+            causal_lm_loss(y, labels[:rows]).backward()
+        else:
+            y.backward(torch.ones_like(y))
+        out[spec.index] = time.perf_counter() - start
+        module.zero_grad(set_to_none=True)
+    return out
+
+
+def _measure(rank: int, world: int, directory: str, case: dict[str, Any], variants: list[tuple[str, str]], steps: int, warmup: int) -> dict:
+    """Every (schedule, split) in turn; each timed pipeline step follows a timed single-process step.
+
+    The single-process step runs on rank 0 while rank 1 waits at a barrier (one core busy),
+    then both ranks run a pipeline step (two cores busy). Alternating the two in time keeps a
+    drift in the machine's load from favouring either. After each step every rank, alone in
+    turn, also times its stages' forward+backward on one microbatch without the pipeline.
+    """
+    import torch
+    import torch.distributed as dist
+
+    import ppzoo
+    from ppzoo.plan import load_config
+
+    single = _Single(directory, case) if rank == 0 else None
+    out: dict[str, Any] = {"variants": {}}
+    if single is not None:
+        for _ in range(warmup):
+            single.step(accumulate=True)
+        out["single_accumulated"] = [single.step(accumulate=True) for _ in range(steps)]
+    for schedule, split in variants:
+        extra = {}
+        if split == "ranks":
+            extra["stage_modules"] = rank_balanced_split(load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"])
+        pipe = ppzoo.pipeline(
+            directory, pp=world, schedule=schedule, microbatches=case["microbatches"], dtype=torch.float32,
+            device="cpu", attn_implementation="sdpa", **extra,
+        )
+        optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5)
+        ids, labels = _batch(pipe.config.vocab_size, case)
+        record: dict[str, Any] = {"single": [], "step": [], "pipe_step": [], "cpu": [], "stage_seconds": []}
+        for i in range(warmup + steps):
+            dist.barrier()
+            single_s = single.step(accumulate=False) if single is not None else 0.0
+            dist.barrier()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            pipe.step(ids, labels=labels)
+            middle = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            end, end_cpu = time.perf_counter(), time.process_time()
+            stage_s = {}
+            for turn in range(world):
+                dist.barrier()
+                if turn == rank:
+                    stage_s = _stage_seconds(pipe, ids, labels, case["microbatches"])
+            if i >= warmup:
+                for key, value in (("single", single_s), ("step", end - start), ("pipe_step", middle - start),
+                                   ("cpu", end_cpu - start_cpu), ("stage_seconds", stage_s)):
+                    record[key].append(value)
+        record["stages"] = {s.ppzoo_stage.index: list(s.ppzoo_stage.modules) for s in pipe.stages}
+        out["variants"][f"{schedule}/{split}"] = record
+        del pipe, optimizer
+    return out
+
+
+def _variants(schedules: Sequence[str], rank_balanced: bool) -> list[tuple[str, str]]:
+    out = []
+    for schedule in schedules:
+        out.append((schedule, "plan"))
+        if rank_balanced and schedule not in ("GPipe", "1F1B"):
+            out.append((schedule, "ranks"))
+    return out
+
+
+def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: int, warmup: int, root: Path,
+             rank_balanced: bool = False) -> dict:
+    from ppzoo.testing.distributed import run_distributed
+
+    directory = generate_checkpoint(root / f"llama-{case['shape']}-f32", llama_config(case["shape"], dtype="float32"), dtype="float32")
+    tokens = case["seq_len"] * case["microbatches"] * case["microbatch_size"]
+    pp = 2
+    variants = _variants(schedules, rank_balanced)
+    ranks = run_distributed(_measure, pp, str(directory), case, variants, steps, warmup)
+    single_accumulated = statistics.median(ranks[0]["single_accumulated"])
+    rows = []
+    for schedule, split in variants:
+        records = [r["variants"][f"{schedule}/{split}"] for r in ranks]
+        # NOTE: a step ends when its slowest rank is done (the next barrier waits for it).
+        per_step = [max(rec["step"][i] for rec in records) for i in range(steps)]
+        step_s = statistics.median(per_step)
+        single = statistics.median(records[0]["single"])
+        ideal = ideal_efficiency(schedule, pp, case["microbatches"])
+        efficiency = single / (pp * step_s)
+        stage_s = {}
+        for rec in records:
+            for index in rec["stages"]:
+                stage_s[int(index)] = statistics.median(d[index] for d in rec["stage_seconds"])
+        stage_list = [stage_s[i] for i in sorted(stage_s)]
+        measured = measured_ideal_step(schedule, pp, case["microbatches"], stage_list)
+        # NOTE: what the measured stages allow, as an efficiency: same single-process time, the
+        # simulated step with the measured stage costs plus the slowest rank's optimizer step.
+        optimizer_s = [statistics.median(a - b for a, b in zip(rec["step"], rec["pipe_step"])) for rec in records]
+        rows.append({
+            "case": name, "schedule": schedule, "split": split, "step_s": step_s, "single_s": single,
+            "tokens_per_s": tokens / step_s, "single_tokens_per_s": tokens / single,
+            "efficiency": efficiency, "ideal": ideal, "of_ideal": efficiency / ideal,
+            "of_ideal_vs_accumulated": single_accumulated / (pp * step_s) / ideal,
+            "stage_fwd_bwd_s": stage_list, "simulated_step_s": measured + max(optimizer_s),
+            "pipe_step_s": [statistics.median(rec["pipe_step"]) for rec in records], "optimizer_s": optimizer_s,
+            "cpu_busy": [statistics.median(c / w for c, w in zip(rec["cpu"], rec["step"])) for rec in records],
+            "steps_s": per_step, "single_steps_s": records[0]["single"],
+            "stages": [records[r]["stages"] for r in range(pp)],
+        })
+    return {
+        "case": name, **case, "tokens_per_step": tokens, "single_accumulated_step_s": single_accumulated,
+        "single_accumulated_steps_s": ranks[0]["single_accumulated"], "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--rank-balanced", action="store_true",
+                        help="also run two-stage-per-rank schedules on a split that balances ranks, not stages")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    results = []
+    for name in args.cases:
+        print(f"case {name}: {CASES[name]}", flush=True)
+        results.append(run_case(name, CASES[name], schedules=args.schedules, steps=args.steps, warmup=args.warmup, root=args.root,
+                                rank_balanced=args.rank_balanced))
+    info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = [row for result in results for row in result["rows"]]
+    print()
+    print(table(rows, ["case", "schedule", "split", "step_s", "single_s", "tokens_per_s", "single_tokens_per_s",
+                       "efficiency", "ideal", "of_ideal", "of_ideal_vs_accumulated", "simulated_step_s"]))
+    for row in rows:
+        stages = ", ".join(f"{t * 1000:.0f}" for t in row["stage_fwd_bwd_s"])
+        print(f"{row['case']} {row['schedule']}/{row['split']}: stage fwd+bwd per microbatch [{stages}] ms, "
+              f"optimizer per rank {[round(t, 3) for t in row['optimizer_s']]} s, "
+              f"CPU busy per rank {[round(b, 2) for b in row['cpu_busy']]}")
+    for result in results:
+        print(f"{result['case']}: single process {result['single_accumulated_step_s']:.3f}s/step with the batch in "
+              f"{result['microbatches']} accumulated microbatches")
+    print(f"load average before {info['load_avg']}, after {info['load_avg_after']}")
+    write_json(args.out, {
+        "benchmark": "step", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "pp": 2, "threads_per_process": 1, "results": results,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Memory and bubble estimates for a plan: activations, training state, idle time.
+
+Small pure functions of the numbers they need, plus :func:`estimate_plan`, which applies them to
+every stage of a :class:`~ppzoo.plan.Plan`. They are estimates to size a run, not measurements.
+
+Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
+Models", 2022), who count ``s·b·h·(34 + 5·a·s/h)`` bytes per GPT layer in fp16. For a Llama-style
+layer (pre-norm, gated MLP, grouped-query attention, no dropout) the tensors autograd keeps per
+token are: both norms' inputs and outputs (4h), q, k and v (h + 2·h_kv), the attention output
+(h), the MLP's gate, up, activated gate and product (4·I), each counted once at the activation
+dtype's width ``e``, plus the attention probabilities (``a·s`` per token) unless a fused kernel
+(flash / memory-efficient SDPA) replaces them by a per-head log-sum-exp in fp32::
+
+    layer bytes = s·b·( e·(6h + 2·h_kv + 4·I) + (e·a·s  or  4·a if fused) )
+
+For a GPT layer (I = 4h, h_kv = h) this gives 24·h + a·s elements per token: Korthikanti's
+16·h + a·s without dropout, plus the gated MLP's two extra I-wide tensors (8·h). The first stage adds nothing
+(the embedding's output is the first layer's input); other stages but the last hold their
+output (``e·h``); the last adds the final norm (``2·e·h``), the logits (``e·V``) and the loss's
+fp32 log-probabilities (``4·V``), per token. MoE layers count ``I`` as top-k experts' widths
+plus any shared expert.
+
+The bubble is the idle fraction of a step when every stage costs the same and communication is
+free: ``(pp − 1) / (k·m + pp − 1)`` with ``m`` microbatches, where ``k`` is the number of equal
+pieces one microbatch's work on a rank is cut into: 1 for GPipe and 1F1B, ``v`` (stages per rank)
+for Interleaved1F1B (Narayanan et al. 2021), ``3·v`` for the zero-bubble schedules, whose
+backward splits into input and weight gradients (forward = input grad = weight grad; this is
+what a step-by-step simulation of torch's own ZBVZeroBubble and InterleavedZeroBubble orders
+gives, for ZBV once ``m ≥ 2·pp − 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "StageEstimate",
+    "bubble_fraction",
+    "layer_activation_bytes",
+    "stage_activation_bytes",
+    "training_state_bytes",
+    "estimate_plan",
+]
+
+#: schedules whose bubble is modelled
+_MODELLED = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+
+
+def bubble_fraction(schedule: str, *, pp: int, microbatches: int, stages_per_rank: int = 1) -> float | None:
+    """Idle fraction of a step for balanced stages and free communication; None when not modelled.
+
+    ``(pp − 1) / (k·m + pp − 1)``: ``k`` = 1 for GPipe / 1F1B, ``stages_per_rank`` for
+    Interleaved1F1B, ``3 × stages_per_rank`` for InterleavedZeroBubble and ZBVZeroBubble (for ZBV
+    only once ``microbatches ≥ 2·pp − 1``: torch pads fewer to that many). LoopedBFS, DualPipeV
+    and CSV schedules return None.
+    """
+    from ppzoo.plan import schedule_kind
+
+    try:
+        name, _ = schedule_kind(schedule)
+    except ValueError:
+        return None
+    if name not in _MODELLED or microbatches < 1 or pp < 1:
+        return None
+    if name == "ZBVZeroBubble" and microbatches < 2 * pp - 1:
+        return None
+    if name in ("GPipe", "1F1B"):
+        k = 1
+    elif name == "Interleaved1F1B":
+        k = stages_per_rank
+    else:  # NOTE: forward, input grad and weight grad of each stage are separate pieces
+        k = 3 * stages_per_rank
+    return (pp - 1) / (k * microbatches + pp - 1)
+
+
+def layer_activation_bytes(
+    *,
+    hidden: int,
+    kv_hidden: int,
+    intermediate: int,
+    heads: int,
+    seq_len: int,
+    microbatch_size: int = 1,
+    element_bytes: int = 2,
+    fused_attention: bool = False,
+) -> int:
+    """Bytes one decoder layer keeps for its backward, per microbatch (formula in the module doc).
+
+    Args:
+        hidden: hidden size ``h``.
+        kv_hidden: key/value width ``h_kv`` (kv heads × head dim; ``h`` without grouped queries).
+        intermediate: the MLP's width ``I`` (top-k experts' widths summed for MoE).
+        heads: attention heads ``a``.
+        seq_len: sequence length ``s``.
+        microbatch_size: sequences per microbatch ``b``.
+        element_bytes: activation element width ``e`` (2 for bf16/fp16, 4 for fp32).
+        fused_attention: a fused kernel keeps a log-sum-exp per head, not the ``s×s`` probabilities.
+    """
+    per_token = element_bytes * (6 * hidden + 2 * kv_hidden + 4 * intermediate)
+    per_token += 4 * heads if fused_attention else element_bytes * heads * seq_len
+    return seq_len * microbatch_size * per_token
+
+
+def stage_activation_bytes(
+    *,
+    layer_bytes: int,
+    layers: int,
+    first: bool,
+    last: bool,
+    hidden: int,
+    vocab: int,
+    seq_len: int,
+    microbatch_size: int = 1,
+    element_bytes: int = 2,
+) -> int:
+    """Bytes a stage keeps per microbatch in flight: its layers plus its ends (see the module doc)."""
+    tokens = seq_len * microbatch_size
+    extra = 0
+    if last:
+        extra = tokens * (element_bytes * (2 * hidden + vocab) + 4 * vocab)
+    elif layers:
+        extra = tokens * element_bytes * hidden
+    del first  # NOTE: the embedding's output is the first layer's saved input, already counted
+    return layers * layer_bytes + extra
+
+
+def training_state_bytes(params: int, *, param_bytes: int, grad_bytes: int | None = None,
+                         optimizer_states: int = 2, state_bytes: int = 4) -> int:
+    """Parameters + gradients + optimizer states: ``params × (param + grad + states × state)``.
+
+    The default is AdamW with two fp32 states per parameter (mixed-precision practice; torch's
+    ``AdamW`` on bf16 parameters keeps its states in bf16, ``state_bytes=2``).
+    """
+    grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+    return params * (param_bytes + grad_bytes + optimizer_states * state_bytes)
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    index: int
+    rank: int
+    activation_bytes_per_microbatch: int
+    training_state_bytes: int
+
+
+def _mlp_width(cfg: Any) -> int:
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        top_k = int(getattr(cfg, "num_experts_per_tok", 1))
+        width = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        return top_k * width + int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+    return int(cfg.intermediate_size)
+
+
+def estimate_plan(
+    plan: Any,
+    config: Any,
+    *,
+    seq_len: int,
+    microbatch_size: int = 1,
+    microbatches: int | None = None,
+    fused_attention: bool = False,
+) -> dict[str, Any]:
+    """Per-stage activation and training-state bytes, and the schedule's bubble, for ``plan``.
+
+    Activations are taken at the plan's parameter dtype; AdamW with two fp32 states.
+
+    Args:
+        plan: a :class:`~ppzoo.plan.Plan`.
+        config: the config the plan was made from.
+        seq_len: sequence length.
+        microbatch_size: sequences per microbatch.
+        microbatches: microbatches per step (default: the number of stages, as ``ppzoo.pipeline``).
+        fused_attention: attention kernels that keep no ``s×s`` probabilities.
+
+    Returns:
+        A JSON-ready dict: the inputs, ``bubble_fraction`` (None when not modelled) and ``stages``.
+    """
+    import torch
+
+    from ppzoo import registry
+
+    cfg = registry.adapter_for(config).text_config(config)
+    hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    element = getattr(torch, plan.dtype).itemsize
+    microbatches = plan.num_stages if microbatches is None else microbatches
+    per_layer = layer_activation_bytes(
+        hidden=hidden, kv_hidden=kv_heads * head_dim, intermediate=_mlp_width(cfg), heads=heads,
+        seq_len=seq_len, microbatch_size=microbatch_size, element_bytes=element, fused_attention=fused_attention,
+    )
+    stages = [
+        StageEstimate(
+            index=s.index,
+            rank=s.rank,
+            activation_bytes_per_microbatch=stage_activation_bytes(
+                layer_bytes=per_layer, layers=len(s.layers), first=s.index == 0,
+                last=s.index == plan.num_stages - 1, hidden=hidden, vocab=int(cfg.vocab_size),
+                seq_len=seq_len, microbatch_size=microbatch_size, element_bytes=element,
+            ),
+            training_state_bytes=training_state_bytes(s.params, param_bytes=element),
+        )
+        for s in plan.stages
+    ]
+    return {
+        "seq_len": seq_len,
+        "microbatch_size": microbatch_size,
+        "microbatches": microbatches,
+        "fused_attention": fused_attention,
+        "optimizer": "AdamW, 2 fp32 states",
+        "bubble_fraction": bubble_fraction(
+            plan.schedule, pp=plan.pp, microbatches=microbatches, stages_per_rank=plan.stages_per_rank
+        ),
+        "stages": [asdict(e) for e in stages],
+    }
