@@ -228,8 +228,11 @@ class _Single:
     def __init__(self, directory: str, case: dict[str, Any]):
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from ppzoo.loss import count_label_tokens
+
+        hf_logging.disable_progress_bar()
 
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
         self.model.train()
