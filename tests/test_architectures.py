@@ -16,7 +16,7 @@ from ppzoo.loss import causal_lm_loss
 from ppzoo.plan import load_config
 from ppzoo.registry import ValidationError
 from ppzoo.stage import build_stage, run_chain
-from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model, tiny
 from ppzoo.weights import Checkpoint
 
 AUX = {"output_router_logits": True, "router_aux_loss_coef": 0.5}
@@ -35,24 +35,6 @@ CASES = {
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }
 SEQ_LEN = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # NOTE: tiny matrices gain nothing from intra-op threads, and on a busy machine the thread
-    # pool's spinning makes every matmul many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(name, **overrides):
-    adapter = registry.adapters()[name]
-    config = adapter.tiny_config()
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return adapter, config
 
 
 def chain(directory, n, ids, mask, adapter=None):

@@ -25,16 +25,6 @@ EXACT = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # NOTE: tiny matrices gain nothing from intra-op threads, and on a busy machine the thread
-    # pool's spinning makes every matmul many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(model_type, **overrides):
     """Llama's tiny shape; tie_word_embeddings is left at the architecture's default."""
     shape = {k: v for k, v in TINY.items() if k != "tie_word_embeddings"}

@@ -9,28 +9,10 @@ import ppzoo
 from ppzoo import registry
 from ppzoo.plan import load_config, meta_model
 from ppzoo.stage import build_stage, run_chain
-from ppzoo.testing.reference import batch, load_reference, save_tiny_model
+from ppzoo.testing.reference import batch, load_reference, save_tiny_model, tiny
 from ppzoo.weights import Checkpoint
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # NOTE: tiny matrices gain nothing from intra-op threads, and on a busy machine the thread
-    # pool's spinning makes every matmul many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(name, **overrides):
-    adapter = registry.adapters()[name]
-    config = adapter.tiny_config()
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return adapter, config
 
 
 @pytest.fixture(scope="module", params=MOE)

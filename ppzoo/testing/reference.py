@@ -14,7 +14,7 @@ import torch
 
 from ppzoo.adapter import Adapter
 
-__all__ = ["save_tiny_model", "load_reference", "batch", "grad_mismatches"]
+__all__ = ["save_tiny_model", "load_reference", "batch", "grad_mismatches", "tiny"]
 
 
 def save_tiny_model(
@@ -97,3 +97,14 @@ def grad_mismatches(
         if not torch.allclose(grad, ref, rtol=rtol, atol=atol):
             bad.append(f"{name}: max |diff| {(grad - ref).abs().max().item():.3e}")
     return bad
+
+
+def tiny(name: str, **overrides: Any) -> tuple[Adapter, Any]:
+    """The registered adapter ``name`` and its tiny config with ``overrides`` applied."""
+    from ppzoo import registry
+
+    adapter = registry.adapters()[name]
+    config = adapter.tiny_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return adapter, config
