@@ -36,7 +36,8 @@ _SHAPE_CACHE = 4
 class Pipeline:
     """This rank's pipeline stages and the schedules that run them.
 
-    Every rank calls :meth:`step` / :meth:`eval` with the full batch. ``PipelineStage`` fixes its
+    Every rank of a pipeline calls :meth:`step` / :meth:`eval` with the same batch (with data
+    parallelism, its data-parallel rank's part of the global batch). ``PipelineStage`` fixes its
     communication shapes when built, so the pipeline keeps one set of stages and schedules per
     (microbatch size, sequence length) it has seen (the last few): a batch of a new length simply
     gets its own, with no change to the modules or their gradients. Sequences need no padding to a
