@@ -102,7 +102,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, *, repeats: int, warmup: int) -> float:
+def _timed(fn, device: str, *, repeats: int, warmup: int) -> list[float]:
+    """Wall times of ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -112,7 +113,7 @@ def _timed(fn, device: str, *, repeats: int, warmup: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
     repeats, warmup = (3, 1) if not device.startswith("cuda") else (5, 2)
     summary["seq_len"], summary["batch_size"] = seq_len, args.batch_size
-    summary["chain_fwd_bwd_s"] = round(_timed(chain_step, device, repeats=repeats, warmup=warmup), 4)
-    summary["hf_fwd_bwd_s"] = round(_timed(reference_step, device, repeats=repeats, warmup=warmup), 4)
+    # NOTE: the two alternate, so neither is timed alone in a quieter (or busier) moment.
+    times: dict[str, list[float]] = {"chain": [], "hf": []}
+    for _ in range(repeats):
+        times["chain"] += _timed(chain_step, device, repeats=1, warmup=warmup)
+        times["hf"] += _timed(reference_step, device, repeats=1, warmup=warmup)
+        warmup = 0
+    summary["chain_fwd_bwd_s"] = round(statistics.median(times["chain"]), 4)
+    summary["hf_fwd_bwd_s"] = round(statistics.median(times["hf"]), 4)
+    summary["fwd_bwd_times_s"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
     if device.startswith("cuda"):
         summary["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     print(f"forward+backward of {args.batch_size} x {seq_len} tokens: stage chain {summary['chain_fwd_bwd_s']}s, "

@@ -17,6 +17,13 @@ gradients 1 each (the zero-bubble papers' assumption). It equals ``1 − bubble_
 :mod:`ppzoo.estimate`: m/(m+pp−1) for GPipe and 1F1B, v·m/(v·m+pp−1) for Interleaved1F1B with v
 stages per rank, 6m/(6m+pp−1) for ZBVZeroBubble.
 
+``of_ideal`` (efficiency / ideal) is split into three factors whose product it is:
+``granularity`` (the single process's whole-batch step time over its time with the batch in
+microbatches, gradients accumulated: what small matrix multiplies cost, pipeline or not),
+``balance`` (what the measured per-stage forward+backward times and optimizer steps allow, from
+the same simulation with those costs) and ``runtime`` (that simulated step over the measured
+one: the pipeline runtime's own cost, communication included).
+
 Each timed pipeline step follows a timed single-process step (rank 0 runs it while rank 1 waits),
 so a change in the machine's load touches both alike. The baseline also runs with the batch cut into the same microbatches and gradients accumulated,
 which tells the cost of smaller matrix multiplies apart from the cost of the pipeline.
@@ -331,6 +338,9 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
         record["stages"] = {s.ppzoo_stage.index: list(s.ppzoo_stage.modules) for s in pipe.stages}
         out["variants"][f"{schedule}/{split}"] = record
         del pipe, optimizer
+    if single is not None:
+        # NOTE: measured again at the end: the median of both brackets any drift in between.
+        out["single_accumulated"] += [single.step(accumulate=True) for _ in range(steps)]
     return out
 
 
@@ -368,15 +378,22 @@ def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: in
                 stage_s[int(index)] = statistics.median(d[index] for d in rec["stage_seconds"])
         stage_list = [stage_s[i] for i in sorted(stage_s)]
         measured = measured_ideal_step(schedule, pp, case["microbatches"], stage_list)
-        # NOTE: what the measured stages allow, as an efficiency: same single-process time, the
-        # simulated step with the measured stage costs plus the slowest rank's optimizer step.
+        # NOTE: the step the schedule would take with the measured stage costs and free
+        # communication, plus the slowest rank's optimizer step.
         optimizer_s = [statistics.median(a - b for a, b in zip(rec["step"], rec["pipe_step"])) for rec in records]
+        simulated = measured + max(optimizer_s)
         rows.append({
             "case": name, "schedule": schedule, "split": split, "step_s": step_s, "single_s": single,
             "tokens_per_s": tokens / step_s, "single_tokens_per_s": tokens / single,
             "efficiency": efficiency, "ideal": ideal, "of_ideal": efficiency / ideal,
             "of_ideal_vs_accumulated": single_accumulated / (pp * step_s) / ideal,
-            "stage_fwd_bwd_s": stage_list, "simulated_step_s": measured + max(optimizer_s),
+            # NOTE: of_ideal = granularity × balance × runtime: what microbatches cost the single
+            # process, what the measured stage (and optimizer) imbalance allows, and the pipeline
+            # runtime's own cost against a simulation of the measured stages.
+            "granularity": single / single_accumulated,
+            "balance": single_accumulated / (pp * simulated) / ideal,
+            "runtime": simulated / step_s,
+            "stage_fwd_bwd_s": stage_list, "simulated_step_s": simulated,
             "pipe_step_s": [statistics.median(rec["pipe_step"]) for rec in records], "optimizer_s": optimizer_s,
             "cpu_busy": [statistics.median(c / w for c, w in zip(rec["cpu"], rec["step"])) for rec in records],
             "steps_s": per_step, "single_steps_s": records[0]["single"],
@@ -410,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for result in results for row in result["rows"]]
     print()
     print(table(rows, ["case", "schedule", "split", "step_s", "single_s", "tokens_per_s", "single_tokens_per_s",
-                       "efficiency", "ideal", "of_ideal", "of_ideal_vs_accumulated", "simulated_step_s"]))
+                       "efficiency", "ideal", "of_ideal", "granularity", "balance", "runtime", "of_ideal_vs_accumulated"]))
     for row in rows:
         stages = ", ".join(f"{t * 1000:.0f}" for t in row["stage_fwd_bwd_s"])
         print(f"{row['case']} {row['schedule']}/{row['split']}: stage fwd+bwd per microbatch [{stages}] ms, "
