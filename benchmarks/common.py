@@ -24,6 +24,8 @@ __all__ = [
     "machine",
     "peak_rss_bytes",
     "current_rss_bytes",
+    "cpu_pressure",
+    "PressureMonitor",
     "checkpoint_files",
     "evict_page_cache",
     "table",
@@ -211,9 +213,57 @@ def machine() -> dict[str, Any]:
         "safetensors": safetensors.__version__,
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
+    pressure = cpu_pressure()
+    if pressure is not None:
+        info["cpu_pressure_avg10"] = pressure
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which some runnable task waited for a CPU (Linux PSI), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    fields = dict(item.split("=") for item in first[1:])
+    return float(fields["avg10"]) / 100
+
+
+class PressureMonitor:
+    """Samples :func:`cpu_pressure` in a thread while a benchmark runs: others' load, as seen here.
+
+    Two busy ranks on two cores make no pressure by themselves; a third runnable task does.
+    """
+
+    def __init__(self, interval_s: float = 5.0):
+        import threading
+
+        self.samples: list[float] = []
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            value = cpu_pressure()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> "PressureMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float | None]:
+        if not self.samples:
+            return {"mean": None, "max": None}
+        return {"mean": round(statistics.mean(self.samples), 3), "max": round(max(self.samples), 3)}
 
 
 def human_bytes(n: float) -> str:

@@ -22,7 +22,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import generate_checkpoint, llama_config, machine, table, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PressureMonitor, generate_checkpoint, llama_config, machine, table, write_json,
+)
 
 #: shape name → (sequence length, batch size)
 CASES = {"small": (128, 4), "medium": (128, 4)}
@@ -100,18 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases:
         seq_len, batch_size = CASES[name]
         directory = generate_checkpoint(args.root / f"llama-{name}-f32", llama_config(name, dtype="float32"), dtype="float32")
-        times = measure(directory, seq_len=seq_len, batch_size=batch_size, pairs=args.pairs, warmup=args.warmup)
+        with PressureMonitor() as pressure:
+            times = measure(directory, seq_len=seq_len, batch_size=batch_size, pairs=args.pairs, warmup=args.warmup)
         ours, theirs = statistics.median(times["ppzoo"]), statistics.median(times["hf"])
         paired = statistics.median(a / b for a, b in zip(times["ppzoo"], times["hf"]))
         rows.append({
             "case": name, "seq_len": seq_len, "batch_size": batch_size, "ppzoo_s": ours, "hf_s": theirs,
-            "ratio": paired, "ratio_of_medians": ours / theirs, "times": times,
+            "ratio": paired, "ratio_of_medians": ours / theirs, "cpu_pressure": pressure.summary(), "times": times,
         })
         print(f"  {name}: ppzoo {ours:.4f}s, HF {theirs:.4f}s, paired ratio {paired:.3f}", flush=True)
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print(table(rows, ["case", "seq_len", "batch_size", "ppzoo_s", "hf_s", "ratio", "ratio_of_medians"], floats="{:.4f}"))
-    print(f"threads {args.threads}; load average before {info['load_avg']}, after {info['load_avg_after']}")
+    print(f"threads {args.threads}; load average before {info['load_avg']}, after {info['load_avg_after']}; "
+          f"CPU pressure (mean/max): {[r['cpu_pressure'] for r in rows]}")
     write_json(args.out, {
         "benchmark": "overhead", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "threads": args.threads, "rows": rows,

@@ -43,7 +43,9 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import generate_checkpoint, llama_config, machine, table, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PressureMonitor, generate_checkpoint, llama_config, machine, table, write_json,
+)
 
 #: the benchmark's shapes: model shape, sequence length, microbatches, microbatch size
 CASES: dict[str, dict[str, Any]] = {
@@ -421,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.cases:
         print(f"case {name}: {CASES[name]}", flush=True)
-        results.append(run_case(name, CASES[name], schedules=args.schedules, steps=args.steps, warmup=args.warmup, root=args.root,
-                                rank_balanced=args.rank_balanced))
+        with PressureMonitor() as pressure:
+            result = run_case(name, CASES[name], schedules=args.schedules, steps=args.steps, warmup=args.warmup,
+                              root=args.root, rank_balanced=args.rank_balanced)
+        result["cpu_pressure"] = pressure.summary()
+        results.append(result)
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     rows = [row for result in results for row in result["rows"]]
     print()
@@ -436,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         print(f"{result['case']}: single process {result['single_accumulated_step_s']:.3f}s/step with the batch in "
               f"{result['microbatches']} accumulated microbatches")
-    print(f"load average before {info['load_avg']}, after {info['load_avg_after']}")
+    print(f"load average before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure from other "
+          f"tasks during each case (PSI some avg10, mean/max): {[r['cpu_pressure'] for r in results]}")
     write_json(args.out, {
         "benchmark": "step", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "pp": 2, "threads_per_process": 1, "results": results,
