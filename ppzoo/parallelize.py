@@ -45,6 +45,10 @@ def tensor_parallel_styles(plan: dict[str, str]) -> dict[str, Any]:
             styles[pattern] = RowwiseParallel()
         elif style == "replicated_with_grad_allreduce":
             styles[pattern] = TP_GRAD_ALLREDUCE
+        elif style == "embedding_rowwise":
+            # NOTE: the default keeps embeddings replicated, which is exact; transformers plans
+            # name a vocab-sharded one for some models (and, in 5.17, for every tied model).
+            continue
         else:
             raise ValueError(
                 f"tensor-parallel style {style!r} for {pattern!r} is not supported by ppzoo's default "

@@ -12,14 +12,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 
 from ppzoo import registry
 from ppzoo.loss import causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
 from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
 from ppzoo.plan import Plan, load_config, plan as make_plan, schedule_kind
-from ppzoo.schedule import build_schedule, check_batch, check_microbatches, csv_stage_count
+from ppzoo.schedule import PipelineStage, build_schedule, check_batch, check_microbatches, csv_stage_count
 from ppzoo.stage import build_stage
 from ppzoo.weights import Checkpoint, resolve
 

@@ -15,7 +15,7 @@ from torch.distributed import pipelining
 
 from ppzoo.plan import schedule_kind
 
-__all__ = ["build_schedule", "check_batch", "check_microbatches", "csv_stage_count"]
+__all__ = ["PipelineStage", "build_schedule", "check_batch", "check_microbatches", "csv_stage_count"]
 
 _CLASSES = {
     "GPipe": "ScheduleGPipe",
@@ -26,6 +26,19 @@ _CLASSES = {
     "ZBVZeroBubble": "ScheduleZBVZeroBubble",
     "DualPipeV": "ScheduleDualPipeV",
 }
+
+
+class PipelineStage(pipelining.PipelineStage):
+    """torch's ``PipelineStage``, minus connection warm-up messages from a rank to itself.
+
+    NOTE: some torch releases (2.11) warm up the point-to-point connections at the first step by
+    exchanging a tensor with both neighbouring stages, even one on this very rank (V placement);
+    gloo cannot send to its own rank, so those exchanges are left out. Stages on one rank pass
+    their tensors directly, and torch releases that warm up otherwise never call this.
+    """
+
+    def _get_init_p2p_neighbors_ops(self) -> list:
+        return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
 
 
 def csv_stage_count(path: str) -> int:

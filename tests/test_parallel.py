@@ -41,14 +41,15 @@ def _case(directory, degrees, schedule, count_reductions):
         read.restore()
     part = _dp_part(pipe, (ids, mask, labels))
     calls = []
-    original = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else None
-    if count_reductions and original is not None:
-        dist.reduce_scatter_single = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    # NOTE: FSDP2 reduce-scatters with reduce_scatter_single where torch has it (older: _tensor)
+    collective = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+    original = getattr(dist, collective)
+    if count_reductions:
+        setattr(dist, collective, lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     try:
         loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
     finally:
-        if original is not None:
-            dist.reduce_scatter_single = original
+        setattr(dist, collective, original)
     problems = []
     if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
         problems.append(f"loss {loss.item()} != reference {out.loss.item()}")
@@ -157,3 +158,14 @@ def test_bad_degrees_are_refused_before_communication(group):
             "choose a tp that divides them"
         )
         assert errors["cp"].startswith("cp=2: ppzoo does not implement context parallelism")
+
+
+def test_default_parallelize_keeps_a_vocab_sharded_embedding_replicated():
+    """transformers plans name ``embedding_rowwise`` for some models (in 5.17, for every tied one)."""
+    from ppzoo.parallelize import tensor_parallel_styles
+
+    plan = {"model.embed_tokens": "embedding_rowwise", "model.layers.*.mlp.up_proj": "colwise"}
+    styles = tensor_parallel_styles(plan)
+    assert list(styles) == ["model.layers.*.mlp.up_proj"]
+    with pytest.raises(ValueError, match="'sequence_parallel' for 'model.norm' is not supported"):
+        tensor_parallel_styles({"model.norm": "sequence_parallel"})

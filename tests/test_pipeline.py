@@ -93,10 +93,25 @@ def _batch_error_case(directory):
     return {"message": message, "loss": loss.item()}
 
 
+def _warm_up_case(directory):
+    """Under V placement no connection warm-up message goes from a rank to itself (gloo cannot)."""
+    import torch.distributed as dist
+
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="ZBVZeroBubble", microbatches=4, device="cpu")
+    runtime = pipe._runtime(1, 8, train=True)
+    rank = dist.get_rank(pipe._pp_group)
+    return {
+        "peers": {stage.stage_index: [op.group_peer for op in stage._get_init_p2p_neighbors_ops()]
+                  for stage in runtime._stages},
+        "rank": rank,
+    }
+
+
 def _rank_main(rank, world_size, directory, csv_path):
     results = {}
     cases = [(s, _schedule_case, (directory, s)) for s in SCHEDULES + [csv_path]]
     cases += [("seq-len", _sequence_length_case, (directory,)), ("batch-error", _batch_error_case, (directory,))]
+    cases += [("warm-up", _warm_up_case, (directory,))]
     for name, fn, args in cases:
         try:
             results[name] = fn(*args)
@@ -150,6 +165,17 @@ def test_indivisible_batch_is_refused_before_communication(group_results):
             "batch of 6 rows cannot be split into 4 equal microbatches; use a batch size divisible by 4"
         )
         assert got["loss"] > 0
+
+
+def test_warm_up_sends_nothing_to_the_same_rank(group_results):
+    results = group_results[0]
+    for per_rank in results:
+        got = per_rank["warm-up"]
+        assert "problems" not in got, got
+        # V placement on 2 ranks: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2
+        assert sorted(got["peers"]) == ([0, 3] if got["rank"] == 0 else [1, 2])
+        for stage, peers in got["peers"].items():
+            assert peers and got["rank"] not in peers, (stage, peers)
 
 
 @pytest.mark.parametrize(
