@@ -6,6 +6,7 @@ straight to the requested device and dtype. Nothing else of the checkpoint is to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -99,6 +100,70 @@ class Checkpoint:
     def _get_slice(self, handle: Any, key: str, part: tuple[slice, ...]) -> torch.Tensor:
         return handle.get_slice(key)[part]
 
+    def _read_into_storage(self, path: Path, key: str, out: torch.Tensor) -> None:
+        """Read tensor ``key`` of shard ``path`` into the contiguous CPU tensor ``out`` (cast to its dtype)."""
+        start, header = _header(path)
+        entry = header[key]
+        begin, _ = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        flat = out.detach().view(-1)
+        with open(path, "rb", buffering=0) as f:
+            if dtype == out.dtype:
+                _pread_into(f.fileno(), memoryview(flat.view(torch.uint8).numpy()), start + begin)
+                return
+            step = max(1, _BLOCK_BYTES // torch.empty((), dtype=dtype).element_size())
+            buffer = torch.empty(min(step, flat.numel()), dtype=dtype)
+            for first in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - first)
+                chunk = buffer[:n]
+                _pread_into(f.fileno(), memoryview(chunk.view(torch.uint8).numpy()), start + begin + first * chunk.element_size())
+                flat[first:first + n].copy_(chunk)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    stat = os.stat(path)
+    # NOTE: keyed by mtime and size too: a checkpoint saved again in place must not reuse offsets.
+    return _read_header(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return 8 + length, json.loads(f.read(length))
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"short read at byte {offset + done} of a safetensors file")
+        done += n
+
+
+def _open(path: Path, device: str) -> Any:
+    """A safetensors handle; on CPU one that reads with ``pread`` where safetensors offers it.
+
+    NOTE: the default backend maps the file, and every page a stage reads stays mapped (and
+    counted in the process's RSS) until the handle closes: a stage's load would peak at twice its
+    bytes. Read with ``pread``, a tensor's bytes live only until copied into the parameter.
+    """
+    if torch.device(device).type == "cpu":
+        try:
+            return safe_open(path, framework="pt", device=device, backend="pread")
+        except TypeError:  # safetensors without a choice of backend
+            pass
+    return safe_open(path, framework="pt", device=device)
+
 
 class _Reader:
     """Reads tensors from a checkpoint, opening each shard at most once."""
@@ -120,7 +185,7 @@ class _Reader:
     def _handle(self, key: str):
         path = self.checkpoint.file_of(key)
         if path not in self.handles:
-            self.handles[path] = safe_open(path, framework="pt", device=self.device)
+            self.handles[path] = _open(path, self.device)
             self.checkpoint.files_opened.append(path.name)
         return self.handles[path]
 
@@ -141,6 +206,28 @@ def _persistent_state(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, 
         for name, buf in owner._buffers.items():
             if buf is not None and name not in owner._non_persistent_buffers_set:
                 yield (f"{prefix}.{name}" if prefix else name), owner, name, buf
+
+
+#: tensors larger than this are read in row blocks of about this size
+_BLOCK_BYTES = 16 * 2**20
+
+
+def _read_into(reader: "_Reader", key: str, local: torch.Tensor, part: tuple[slice, ...] | None) -> None:
+    """Copy checkpoint tensor ``key`` (or its ``part``) into ``local``, casting to its dtype.
+
+    NOTE: a large whole tensor bound for CPU memory is read straight into the parameter's
+    storage (through one small buffer when the dtype changes), so no temporary the size of the
+    tensor (a 128k-vocabulary head, say) exists beside it and a stage's load peaks at its own
+    bytes. A shard (TP / FSDP) is read as a slice: the rank never holds the whole tensor.
+    """
+    if part is None and local.device.type == "cpu" and local.is_contiguous() and (
+        local.numel() * local.element_size() > _BLOCK_BYTES
+    ):
+        reader.checkpoint._read_into_storage(reader.checkpoint.file_of(key), key, local)
+        return
+    value = reader.read(key, part)
+    with torch.no_grad():
+        local.copy_(value)
 
 
 def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Adapter, config: Any) -> list[str]:
@@ -175,7 +262,6 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
                     f"{str(checkpoint.directory)!r}; is it a checkpoint of this architecture?"
                 )
             part = local_slice(target)  # this rank's shard of a TP / FSDP parameter, or None
-            tensors = []
             for key in sources:
                 expected = None if len(sources) > 1 else tuple(target.shape)
                 if expected is not None and reader.shape(key) != expected:
@@ -183,19 +269,20 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
                         f"tensor {key!r} in {checkpoint.file_of(key).name!r} has shape {reader.shape(key)}, "
                         f"but {fqn!r} expects {expected}; the config does not match the checkpoint"
                     )
-                # NOTE: a single-source shard is read as a slice: the rank never holds the whole tensor.
-                tensors.append(reader.read(key, part if len(sources) == 1 else None))
-                read.append(key)
-            value = key_map.combine(fqn, tensors)
-            if part is not None and len(sources) > 1:
-                value = value[part]
             local = target.to_local() if part is not None else target
-            if tuple(value.shape) != tuple(local.shape):
-                raise CheckpointError(
-                    f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(local.shape)}"
-                )
-            with torch.no_grad():
-                local.copy_(value)  # casts to the stage's dtype
+            if len(sources) == 1:
+                _read_into(reader, sources[0], local, part)
+            else:
+                value = key_map.combine(fqn, [reader.read(key) for key in sources])
+                if part is not None:
+                    value = value[part]
+                if tuple(value.shape) != tuple(local.shape):
+                    raise CheckpointError(
+                        f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(local.shape)}"
+                    )
+                with torch.no_grad():
+                    local.copy_(value)  # casts to the stage's dtype
+            read.extend(sources)
             done.add(id(target))
     finally:
         reader.close()

@@ -244,3 +244,23 @@ def test_directory_without_safetensors(tmp_path):
     )
     with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
         Checkpoint(tmp_path)
+
+
+def test_large_tensors_are_read_straight_into_their_parameters(sharded, monkeypatch):
+    """A tensor over the block size goes from the file into the parameter's storage, exactly,
+    in the stage's dtype as well as through the casting buffer."""
+    monkeypatch.setattr(ppzoo.weights, "_BLOCK_BYTES", 1024)
+    direct = []
+    read_into = Checkpoint._read_into_storage
+
+    def recording(checkpoint, path, key, out):
+        direct.append(key)
+        return read_into(checkpoint, path, key, out)
+
+    monkeypatch.setattr(Checkpoint, "_read_into_storage", recording)
+    for dtype in (torch.float32, torch.bfloat16):
+        reference = AutoModelForCausalLM.from_pretrained(sharded, dtype=dtype)
+        direct.clear()
+        for index in range(2):
+            assert_equal_to(build(sharded, 2, index, dtype=dtype), reference)
+        assert "model.embed_tokens.weight" in direct and "lm_head.weight" in direct
