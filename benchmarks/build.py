@@ -184,7 +184,7 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
     if path == "pread":
         import safetensors
 
-        # NOTE: the change proposed for ppzoo.weights._Reader._handle, applied here from outside.
+        # NOTE: the one-line alternative for ppzoo.weights._Reader._handle, applied from outside.
         weights.safe_open = functools.partial(safetensors.safe_open, backend="pread")
     gc.collect()
     baseline = peak_rss_bytes()

@@ -24,9 +24,9 @@ microbatches, gradients accumulated: what small matrix multiplies cost, pipeline
 the same simulation with those costs) and ``runtime`` (that simulated step over the measured
 one: the pipeline runtime's own cost, communication included).
 
-Each timed pipeline step follows a timed single-process step (rank 0 runs it while rank 1 waits),
-so a change in the machine's load touches both alike. The baseline also runs with the batch cut into the same microbatches and gradients accumulated,
-which tells the cost of smaller matrix multiplies apart from the cost of the pipeline.
+Each timed pipeline step follows a timed single-process step of each kind, whole batch and
+accumulated microbatches (rank 0 runs them while rank 1 waits), so a change in the machine's
+load touches all three alike.
 """
 
 from __future__ import annotations
@@ -290,8 +290,8 @@ def _stage_seconds(pipe: Any, ids: Any, labels: Any, microbatches: int) -> dict[
 def _measure(rank: int, world: int, directory: str, case: dict[str, Any], variants: list[tuple[str, str]], steps: int, warmup: int) -> dict:
     """Every (schedule, split) in turn; each timed pipeline step follows a timed single-process step.
 
-    The single-process step runs on rank 0 while rank 1 waits at a barrier (one core busy),
-    then both ranks run a pipeline step (two cores busy). Alternating the two in time keeps a
+    The single-process steps (whole batch, then accumulated microbatches) run on rank 0 while
+    rank 1 waits at a barrier (one core busy), then both ranks run a pipeline step (two cores busy). Alternating the two in time keeps a
     drift in the machine's load from favouring either. After each step every rank, alone in
     turn, also times its stages' forward+backward on one microbatch without the pipeline.
     """
@@ -303,10 +303,6 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
 
     single = _Single(directory, case) if rank == 0 else None
     out: dict[str, Any] = {"variants": {}}
-    if single is not None:
-        for _ in range(warmup):
-            single.step(accumulate=True)
-        out["single_accumulated"] = [single.step(accumulate=True) for _ in range(steps)]
     for schedule, split in variants:
         extra = {}
         if split == "ranks":
@@ -317,10 +313,13 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
         )
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5)
         ids, labels = _batch(pipe.config.vocab_size, case)
-        record: dict[str, Any] = {"single": [], "step": [], "pipe_step": [], "cpu": [], "stage_seconds": []}
+        record: dict[str, Any] = {
+            "single": [], "single_accumulated": [], "step": [], "pipe_step": [], "cpu": [], "stage_seconds": [],
+        }
         for i in range(warmup + steps):
             dist.barrier()
             single_s = single.step(accumulate=False) if single is not None else 0.0
+            accumulated_s = single.step(accumulate=True) if single is not None else 0.0
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
             pipe.step(ids, labels=labels)
@@ -334,15 +333,13 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
                 if turn == rank:
                     stage_s = _stage_seconds(pipe, ids, labels, case["microbatches"])
             if i >= warmup:
-                for key, value in (("single", single_s), ("step", end - start), ("pipe_step", middle - start),
+                for key, value in (("single", single_s), ("single_accumulated", accumulated_s),
+                                   ("step", end - start), ("pipe_step", middle - start),
                                    ("cpu", end_cpu - start_cpu), ("stage_seconds", stage_s)):
                     record[key].append(value)
         record["stages"] = {s.ppzoo_stage.index: list(s.ppzoo_stage.modules) for s in pipe.stages}
         out["variants"][f"{schedule}/{split}"] = record
         del pipe, optimizer
-    if single is not None:
-        # NOTE: measured again at the end: the median of both brackets any drift in between.
-        out["single_accumulated"] += [single.step(accumulate=True) for _ in range(steps)]
     return out
 
 
@@ -364,7 +361,6 @@ def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: in
     pp = 2
     variants = _variants(schedules, rank_balanced)
     ranks = run_distributed(_measure, pp, str(directory), case, variants, steps, warmup)
-    single_accumulated = statistics.median(ranks[0]["single_accumulated"])
     rows = []
     for schedule, split in variants:
         records = [r["variants"][f"{schedule}/{split}"] for r in ranks]
@@ -372,6 +368,7 @@ def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: in
         per_step = [max(rec["step"][i] for rec in records) for i in range(steps)]
         step_s = statistics.median(per_step)
         single = statistics.median(records[0]["single"])
+        single_accumulated = statistics.median(records[0]["single_accumulated"])
         ideal = ideal_efficiency(schedule, pp, case["microbatches"])
         efficiency = single / (pp * step_s)
         stage_s = {}
@@ -398,13 +395,12 @@ def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: in
             "stage_fwd_bwd_s": stage_list, "simulated_step_s": simulated,
             "pipe_step_s": [statistics.median(rec["pipe_step"]) for rec in records], "optimizer_s": optimizer_s,
             "cpu_busy": [statistics.median(c / w for c, w in zip(rec["cpu"], rec["step"])) for rec in records],
+            "single_accumulated_s": single_accumulated,
             "steps_s": per_step, "single_steps_s": records[0]["single"],
+            "single_accumulated_steps_s": records[0]["single_accumulated"],
             "stages": [records[r]["stages"] for r in range(pp)],
         })
-    return {
-        "case": name, **case, "tokens_per_step": tokens, "single_accumulated_step_s": single_accumulated,
-        "single_accumulated_steps_s": ranks[0]["single_accumulated"], "rows": rows,
-    }
+    return {"case": name, **case, "tokens_per_step": tokens, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,9 +434,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['case']} {row['schedule']}/{row['split']}: stage fwd+bwd per microbatch [{stages}] ms, "
               f"optimizer per rank {[round(t, 3) for t in row['optimizer_s']]} s, "
               f"CPU busy per rank {[round(b, 2) for b in row['cpu_busy']]}")
-    for result in results:
-        print(f"{result['case']}: single process {result['single_accumulated_step_s']:.3f}s/step with the batch in "
-              f"{result['microbatches']} accumulated microbatches")
     print(f"load average before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure from other "
           f"tasks during each case (PSI some avg10, mean/max): {[r['cpu_pressure'] for r in results]}")
     write_json(args.out, {
