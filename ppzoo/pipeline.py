@@ -352,6 +352,7 @@ def pipeline(
     stages_per_rank: int | None = None,
     layers_per_stage: int | None = None,
     stage_modules: Sequence[Sequence[str]] | None = None,
+    seq_len: int = 2048,
     dp_replicate: int = 1,
     dp_shard: int = 1,
     cp: int = 1,
@@ -373,6 +374,8 @@ def pipeline(
         dtype: parameter dtype.
         device: target device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
         stages_per_rank, layers_per_stage, stage_modules: how to split; see :func:`ppzoo.plan`.
+        seq_len: the sequence length the cost-balanced split assumes (attention's share of a
+            layer's cost grows with it); set it to your training length.
         dp_replicate, dp_shard, cp, tp: the other mesh degrees; world size = their product × pp.
             Each data-parallel rank passes its own part of the global batch to ``step``.
         parallelize_fn: ``fn(stage_module, stage_mesh)`` replacing the default tensor parallel +
@@ -416,6 +419,7 @@ def pipeline(
         layers_per_stage=layers_per_stage,
         stage_modules=stage_modules,
         dtype=dtype,
+        seq_len=seq_len,
     )
     microbatches = the_plan.num_stages if microbatches is None else microbatches
     check_microbatches(schedule=name, microbatches=microbatches, num_stages=the_plan.num_stages, pp=pp)

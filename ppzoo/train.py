@@ -376,7 +376,7 @@ def train_worker(job: TrainJob) -> dict[str, Any] | None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.manual_seed(job.seed)
     pipe = ppzoo.pipeline(job.model, pp=job.pp, schedule=job.schedule, microbatches=job.microbatches,
-                          dtype=job.dtype, device=device)
+                          dtype=job.dtype, device=device, seq_len=job.seq_len)
     tokens = torch.load(job.tokens_path)
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=job.lr)
     generator = torch.Generator().manual_seed(job.seed)
