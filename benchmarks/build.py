@@ -9,12 +9,10 @@ another, each in its own process, so that on a small machine one measurement nev
 another (a real launch runs them concurrently, one per device).
 
 Paths:
-  ppzoo   ``build_stage``: meta build, prune, materialise, read only this stage's tensors.
-  pread   the same, with safetensors' ``pread`` backend instead of ``mmap`` (see docs/benchmarks.md:
-          the mmap'd shard pages count in RSS until the reader closes).
-  direct  the same, with each tensor read by ``os.preadv`` straight into its parameter's storage
-          (chunked, through a small buffer, when the dtypes differ): the loader change
-          docs/benchmarks.md proposes, implemented here for single-source tensors (Llama's layout).
+  ppzoo   ``build_stage`` as it is: meta build, prune, materialise, read only this stage's tensors.
+  mmap    the same with the loader ppzoo had before: shards opened with safetensors' default
+          ``mmap`` backend and every tensor read whole, then copied (``get_tensor`` + ``copy_``).
+          Kept to show what reading through the mapping costs (docs/benchmarks.md).
   naive   ``AutoModelForCausalLM.from_pretrained`` of the whole model, then pruned to the stage.
 
 A sampler thread also records the peak of the anonymous and file-backed parts of RSS, which tells
@@ -24,7 +22,6 @@ page-cache pages mapped by safetensors apart from tensors the process allocated.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -43,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
     machine, peak_rss_bytes, table, write_json,
 )
 
-PATHS = ("ppzoo", "pread", "direct", "naive")
+PATHS = ("ppzoo", "mmap", "naive")
 
 
 class _RssSampler:
@@ -68,80 +65,6 @@ class _RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64"}
-#: bytes read at a time when the checkpoint's dtype differs from the stage's
-_CAST_CHUNK = 16 * 2**20
-
-
-def _header(path) -> tuple[int, dict]:
-    """(offset of the data section, header) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
-
-
-def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read at offset {offset + done}")
-        done += n
-
-
-def load_in_place(module, checkpoint, *, adapter, config) -> list[str]:
-    """Fill a materialised CPU stage by reading each tensor's bytes straight into its storage.
-
-    No temporary holds a whole tensor and nothing stays mapped, so the RSS rise is the stage's
-    bytes. Only single-source keys (no expert fusion, no TP/FSDP shards) are handled: enough to
-    measure the proposed loader on a Llama checkpoint.
-    """
-    import torch
-
-    from ppzoo.weights import _persistent_state
-
-    key_map = adapter.key_map(config)
-    headers: dict = {}
-    done: set[int] = set()
-    read = []
-    fds: dict = {}
-    try:
-        for fqn, _owner, _name, target in _persistent_state(module):
-            if id(target) in done:
-                continue
-            sources = key_map.sources(fqn, checkpoint.has)
-            if len(sources) != 1:
-                raise NotImplementedError(f"{fqn!r} is built from {sources}; load_in_place reads one key per tensor")
-            key = sources[0]
-            path = checkpoint.file_of(key)
-            if path not in headers:
-                headers[path] = _header(path)
-                fds[path] = os.open(path, os.O_RDONLY)
-            base, header = headers[path]
-            entry = header[key]
-            begin, end = entry["data_offsets"]
-            if tuple(entry["shape"]) != tuple(target.shape):
-                raise ValueError(f"{key!r} has shape {entry['shape']}, {fqn!r} expects {tuple(target.shape)}")
-            source_dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
-            flat = target.data.view(-1)
-            if source_dtype == target.dtype:
-                _pread_into(fds[path], memoryview(flat.view(torch.uint8).numpy()), base + begin)
-            else:
-                step = max(1, _CAST_CHUNK // source_dtype.itemsize)
-                chunk = torch.empty(step, dtype=source_dtype)
-                for first in range(0, flat.numel(), step):
-                    n = min(step, flat.numel() - first)
-                    _pread_into(fds[path], memoryview(chunk[:n].view(torch.uint8).numpy()),
-                                base + begin + first * source_dtype.itemsize)
-                    flat[first:first + n].copy_(chunk[:n])
-            done.add(id(target))
-            read.append(key)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return read
 
 
 def touch_parameters(model) -> None:
@@ -176,16 +99,16 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
 
     torch.set_num_threads(1)
     torch_dtype = getattr(torch, dtype)
-    if path == "direct":
-        import ppzoo.stage
+    if path == "mmap":
+        from safetensors import safe_open
 
-        # NOTE: the loader docs/benchmarks.md proposes for ppzoo.weights.load_stage_weights.
-        ppzoo.stage.load_stage_weights = load_in_place
-    if path == "pread":
-        import safetensors
+        missing = [name for name in ("_open", "_BLOCK_BYTES") if not hasattr(weights, name)]
+        if missing:
+            raise RuntimeError(f"ppzoo.weights has no {missing}: the mmap path needs updating to the new loader")
 
-        # NOTE: the one-line alternative for ppzoo.weights._Reader._handle, applied from outside.
-        weights.safe_open = functools.partial(safetensors.safe_open, backend="pread")
+        # NOTE: the loader before it read through pread, in place: mapped shards, whole-tensor reads.
+        weights._open = lambda file, device: safe_open(file, framework="pt", device=device)
+        weights._BLOCK_BYTES = float("inf")
     gc.collect()
     baseline = peak_rss_bytes()
     baseline_parts = current_rss_bytes()

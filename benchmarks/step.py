@@ -309,7 +309,7 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
             extra["stage_modules"] = rank_balanced_split(load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"])
         pipe = ppzoo.pipeline(
             directory, pp=world, schedule=schedule, microbatches=case["microbatches"], dtype=torch.float32,
-            device="cpu", attn_implementation="sdpa", **extra,
+            device="cpu", attn_implementation="sdpa", seq_len=case["seq_len"], **extra,
         )
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5)
         ids, labels = _batch(pipe.config.vocab_size, case)
