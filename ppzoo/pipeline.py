@@ -266,7 +266,12 @@ class Pipeline:
             module.train()
         losses: list[torch.Tensor] = []
         self._aux_total.zero_()
-        runtime.step(*args, target=labels.to(self.device) if self.holds_last else None, losses=losses, **kwargs)
+        # NOTE: return_outputs=False: training needs only the losses; keeping and concatenating
+        # every microbatch's logits would cost vocab-sized memory and time on the last rank.
+        runtime.step(
+            *args, target=labels.to(self.device) if self.holds_last else None, losses=losses,
+            return_outputs=False, **kwargs,
+        )
         self._sync_tied_grads()
         self._sync_tp_replicated_grads()
         if self.holds_last:
