@@ -11,7 +11,7 @@ step and ``zero_grad``; the pipeline's step time is the slowest rank's, between 
 
 is reported next to the schedule's ideal efficiency: the share of a step a rank computes when
 every stage costs the same and communication is free, found by running the schedule's own
-action order (torch's for the multi-stage schedules) through a small event simulation with a
+action order (torch's for the multi-stage schedules) through :mod:`ppzoo.simulate` with a
 forward costing 1, a full backward 2 and, where the backward is split, input and weight
 gradients 1 each (the zero-bubble papers' assumption). It equals ``1 − bubble_fraction`` of
 :mod:`ppzoo.estimate`: m/(m+pp−1) for GPipe and 1F1B, v·m/(v·m+pp−1) for Interleaved1F1B with v
@@ -23,6 +23,10 @@ microbatches, gradients accumulated: what small matrix multiplies cost, pipeline
 ``balance`` (what the measured per-stage forward+backward times and optimizer steps allow, from
 the same simulation with those costs) and ``runtime`` (that simulated step over the measured
 one: the pipeline runtime's own cost, communication included).
+
+``--layer-balanced`` also runs every schedule on the split ppzoo's planner made before it let
+the first and last stages hold no layer and simulated the schedule (``split`` = ``layers``;
+the current plan is ``plan``).
 
 Each timed pipeline step follows a timed single-process step of each kind, whole batch and
 accumulated microbatches (rank 0 runs them while rank 1 waits), so a change in the machine's
@@ -36,7 +40,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,131 +56,19 @@ CASES: dict[str, dict[str, Any]] = {
     "medium": dict(shape="medium", seq_len=128, microbatches=4, microbatch_size=1),
 }
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
-#: simulated cost of each action, relative to one stage's forward
-_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 
 
 # -- the ideal --------------------------------------------------------------------------------
-def _action(stage: int, kind: str, microbatch: int):
-    from torch.distributed.pipelining.schedules import _Action, _ComputationType
-
-    return _Action(stage, _ComputationType(kind), microbatch)
+def _stages_per_rank(schedule: str) -> int:
+    return 1 if schedule in ("GPipe", "1F1B") else 2
 
 
-def _single_stage_order(schedule: str, pp: int, microbatches: int) -> dict[int, list]:
-    """GPipe (all forwards, then all backwards) or 1F1B (warm-up, one forward one backward, drain)."""
-    order = {}
-    for rank in range(pp):
-        if schedule == "GPipe":
-            ops = [("F", i) for i in range(microbatches)] + [("B", i) for i in range(microbatches)]
-        else:
-            warmup = min(pp - 1 - rank, microbatches)
-            ops = [("F", i) for i in range(warmup)]
-            for i in range(microbatches - warmup):
-                ops += [("F", warmup + i), ("B", i)]
-            ops += [("B", i) for i in range(microbatches - warmup, microbatches)]
-        order[rank] = [_action(rank, kind, i) for kind, i in ops]
-    return order
-
-
-def schedule_order(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 2) -> tuple[dict[int, list], int]:
-    """(rank → compute actions in order, stages per rank) of a schedule.
-
-    Multi-stage schedules use torch's own order generators, so the ideal is that of the order
-    that actually runs.
-
-    Raises:
-        ValueError: a schedule the simulation does not model.
-    """
-    from torch.distributed.pipelining import schedules as torch_schedules
-
-    if schedule in ("GPipe", "1F1B"):
-        return _single_stage_order(schedule, pp, microbatches), 1
-    classes = {
-        "Interleaved1F1B": torch_schedules.ScheduleInterleaved1F1B,
-        "InterleavedZeroBubble": torch_schedules.ScheduleInterleavedZeroBubble,
-        "ZBVZeroBubble": torch_schedules.ScheduleZBVZeroBubble,
-    }
-    if schedule not in classes:
-        raise ValueError(f"no simulation for schedule {schedule!r}; use one of GPipe, 1F1B, {', '.join(classes)}")
-    rounds = max(1, microbatches // pp)
-    # NOTE: the generators read only these attributes; building the real schedule needs stages
-    # and a process group.
-    state = types.SimpleNamespace(
-        pp_group_size=pp, _n_microbatches=microbatches, n_local_stages=stages_per_rank,
-        num_stages=stages_per_rank * pp, _num_stages=stages_per_rank * pp,
-        number_of_rounds=rounds, microbatches_per_round=microbatches // rounds,
-    )
-    order = {rank: classes[schedule]._calculate_single_rank_operations(state, rank) for rank in range(pp)}
-    return order, stages_per_rank
-
-
-def simulate(
-    order: dict[int, list], stages_per_rank: int, costs: dict[str, float] = _COSTS,
-    stage_weights: Sequence[float] | None = None,
-) -> float:
-    """Makespan of a per-rank action order: each rank runs its actions in order, as soon as inputs exist.
-
-    A forward needs the previous stage's forward of that microbatch; a backward (or input
-    gradient) needs its own forward and the next stage's backward; a weight gradient needs the
-    input gradient. An action of stage ``s`` costs ``costs[kind] × stage_weights[s]``; by default
-    every stage weighs ``1 / stages_per_rank``, so every rank has the same work whatever the
-    schedule. Communication is free.
-
-    Raises:
-        RuntimeError: the order deadlocks.
-    """
-    actions = {
-        rank: [a for a in ops if a is not None and a.computation_type.value in costs] for rank, ops in order.items()
-    }
-    last_stage = max(a.stage_index for ops in actions.values() for a in ops)
-    weights = list(stage_weights) if stage_weights is not None else [1.0 / stages_per_rank] * (last_stage + 1)
-    finished: dict[tuple[int, str, int], float] = {}
-
-    def ready(stage: int, kind: str, mb: int) -> float | None:
-        needs = []
-        if kind == "F":
-            needs = [(stage - 1, "F", mb)] if stage > 0 else []
-        elif kind in ("B", "I"):
-            needs = [(stage, "F", mb)] + ([(stage + 1, "BI", mb)] if stage < last_stage else [])
-        elif kind == "W":
-            needs = [(stage, "I", mb)]
-        times = []
-        for s, k, m in needs:
-            t = finished.get((s, "B", m), finished.get((s, "I", m))) if k == "BI" else finished.get((s, k, m))
-            if t is None:
-                return None
-            times.append(t)
-        return max(times, default=0.0)
-
-    clock = {rank: 0.0 for rank in actions}
-    position = {rank: 0 for rank in actions}
-    left = sum(len(ops) for ops in actions.values())
-    while left:
-        moved = False
-        for rank, ops in actions.items():
-            while position[rank] < len(ops):
-                a = ops[position[rank]]
-                kind = a.computation_type.value
-                start = ready(a.stage_index, kind, a.microbatch_index)
-                if start is None:
-                    break
-                clock[rank] = max(clock[rank], start) + costs[kind] * weights[a.stage_index]
-                finished[(a.stage_index, kind, a.microbatch_index)] = clock[rank]
-                position[rank] += 1
-                left -= 1
-                moved = True
-        if not moved:
-            stuck = {r: ops[position[r]] for r, ops in actions.items() if position[r] < len(ops)}
-            raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
-    return max(clock.values())
-
-
-def ideal_efficiency(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 2) -> float:
+def ideal_efficiency(schedule: str, pp: int, microbatches: int, stages_per_rank: int | None = None) -> float:
     """Share of a step each rank computes, for balanced stages and free communication."""
-    order, v = schedule_order(schedule, pp, microbatches, stages_per_rank)
-    work = microbatches * (_COSTS["F"] + _COSTS["B"])
-    return work / simulate(order, v)
+    from ppzoo import simulate
+
+    v = _stages_per_rank(schedule) if stages_per_rank is None else stages_per_rank
+    return simulate.ideal_efficiency(schedule, pp=pp, microbatches=microbatches, stages_per_rank=v)
 
 
 def measured_ideal_step(schedule: str, pp: int, microbatches: int, stage_seconds: Sequence[float]) -> float:
@@ -185,40 +76,29 @@ def measured_ideal_step(schedule: str, pp: int, microbatches: int, stage_seconds
 
     Each stage's time is split 1:2 between forward and backward (1:1:1 for F, I, W).
     """
-    order, v = schedule_order(schedule, pp, microbatches, max(1, len(stage_seconds) // pp))
-    weights = [t / (_COSTS["F"] + _COSTS["B"]) for t in stage_seconds]
-    return simulate(order, v, stage_weights=weights)
+    from ppzoo import simulate
+
+    order = simulate.schedule_order(
+        schedule, pp=pp, microbatches=microbatches, stages_per_rank=max(1, len(stage_seconds) // pp)
+    )
+    forward_share = simulate.COSTS["F"] + simulate.COSTS["B"]
+    return simulate.makespan(order, [t / forward_share for t in stage_seconds])
 
 
-def rank_balanced_split(config: Any, *, pp: int, schedule: str, seq_len: int) -> list[list[str]]:
-    """Stage modules minimising the most expensive *rank* (then stage), by ppzoo's cost model.
-
-    ``ppzoo.plan`` balances stages; with two stages a rank, a rank's work is the sum of two and
-    a stage may hold only the embedding or only the head. An exhaustive search, for small models.
-    """
-    import itertools
-
-    import ppzoo
+def layer_balanced_split(config: Any, *, pp: int, schedule: str, seq_len: int) -> list[list[str]]:
+    """The split ppzoo's planner made before stages could hold no layer and before it simulated
+    schedules: every stage at least one layer, the costliest stage as cheap as possible."""
     from ppzoo import registry
-    from ppzoo.plan import _module_costs, meta_model  # NOTE: the planner's own cost model
+    from ppzoo.plan import _min_max_bounds, _module_costs, meta_model  # NOTE: the planner's own cost model
 
-    plan = ppzoo.plan(config, pp=pp, schedule=schedule, seq_len=seq_len)
     adapter = registry.adapter_for(config)
-    layout = plan.layout
+    layout = adapter.fqn_layout(config)
     costs = _module_costs(config, adapter, meta_model(config), layout, seq_len)
-    units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(layout.num_layers)] + [list(layout.outputs)]
-    unit_costs = [sum(costs[m] for m in unit) for unit in units]
-    ranks = [stage.rank for stage in plan.stages]
-    best = None
-    for cuts in itertools.combinations(range(1, len(units)), plan.num_stages - 1):
-        bounds = (0, *cuts, len(units))
-        stage_costs = [sum(unit_costs[a:b]) for a, b in zip(bounds, bounds[1:])]
-        per_rank = [sum(c for c, r in zip(stage_costs, ranks) if r == rank) for rank in range(pp)]
-        key = (max(per_rank), sorted(stage_costs, reverse=True))
-        if best is None or key < best[0]:
-            best = (key, bounds)
-    bounds = best[1]
-    return [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
+    layers = [[layout.layer(i)] for i in range(layout.num_layers)]
+    layers[0] = list(layout.inputs) + layers[0]
+    layers[-1] = layers[-1] + list(layout.outputs)
+    bounds = _min_max_bounds([sum(costs[m] for m in unit) for unit in layers], pp * _stages_per_rank(schedule))
+    return [[m for unit in layers[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
 
 
 # -- the measurement ----------------------------------------------------------------------------
@@ -305,8 +185,8 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
     out: dict[str, Any] = {"variants": {}}
     for schedule, split in variants:
         extra = {}
-        if split == "ranks":
-            extra["stage_modules"] = rank_balanced_split(load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"])
+        if split == "layers":
+            extra["stage_modules"] = layer_balanced_split(load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"])
         pipe = ppzoo.pipeline(
             directory, pp=world, schedule=schedule, microbatches=case["microbatches"], dtype=torch.float32,
             device="cpu", attn_implementation="sdpa", seq_len=case["seq_len"], **extra,
@@ -343,23 +223,23 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
     return out
 
 
-def _variants(schedules: Sequence[str], rank_balanced: bool) -> list[tuple[str, str]]:
+def _variants(schedules: Sequence[str], layer_balanced: bool) -> list[tuple[str, str]]:
     out = []
     for schedule in schedules:
         out.append((schedule, "plan"))
-        if rank_balanced and schedule not in ("GPipe", "1F1B"):
-            out.append((schedule, "ranks"))
+        if layer_balanced:
+            out.append((schedule, "layers"))
     return out
 
 
 def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: int, warmup: int, root: Path,
-             rank_balanced: bool = False) -> dict:
+             layer_balanced: bool = False) -> dict:
     from ppzoo.testing.distributed import run_distributed
 
     directory = generate_checkpoint(root / f"llama-{case['shape']}-f32", llama_config(case["shape"], dtype="float32"), dtype="float32")
     tokens = case["seq_len"] * case["microbatches"] * case["microbatch_size"]
     pp = 2
-    variants = _variants(schedules, rank_balanced)
+    variants = _variants(schedules, layer_balanced)
     ranks = run_distributed(_measure, pp, str(directory), case, variants, steps, warmup)
     rows = []
     for schedule, split in variants:
@@ -407,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
-    parser.add_argument("--rank-balanced", action="store_true",
-                        help="also run two-stage-per-rank schedules on a split that balances ranks, not stages")
+    parser.add_argument("--layer-balanced", action="store_true",
+                        help="also run each schedule on the previous planner's split (every stage at least one "
+                             "layer, the costliest stage as cheap as possible), for comparison")
     parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
@@ -421,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"case {name}: {CASES[name]}", flush=True)
         with PressureMonitor() as pressure:
             result = run_case(name, CASES[name], schedules=args.schedules, steps=args.steps, warmup=args.warmup,
-                              root=args.root, rank_balanced=args.rank_balanced)
+                              root=args.root, layer_balanced=args.layer_balanced)
         result["cpu_pressure"] = pressure.summary()
         results.append(result)
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -45,6 +45,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         layers_per_stage=args.layers_per_stage,
         dtype=args.dtype,
         seq_len=args.seq_len,
+        microbatches=args.microbatches,
     )
     estimates = estimate_plan(
         result, config, seq_len=args.seq_len, microbatch_size=args.microbatch_size,

@@ -14,10 +14,11 @@ dtype's width ``e``, plus the attention probabilities (``a·s`` per token) unles
     layer bytes = s·b·( e·(6h + 2·h_kv + 4·I) + (e·a·s  or  4·a if fused) )
 
 For a GPT layer (I = 4h, h_kv = h) this gives 24·h + a·s elements per token: Korthikanti's
-16·h + a·s without dropout, plus the gated MLP's two extra I-wide tensors (8·h). The first stage adds nothing
-(the embedding's output is the first layer's input); other stages but the last hold their
-output (``e·h``); the last adds the final norm (``2·e·h``), the logits (``e·V``) and the loss's
-fp32 log-probabilities (``4·V``), per token. MoE layers count ``I`` as top-k experts' widths
+16·h + a·s without dropout, plus the gated MLP's two extra I-wide tensors (8·h). The embedding adds
+nothing (its output is the first layer's saved input); every stage but the last holds its output
+(``e·h``), which the runtime keeps for the backward, a stage of only the embedding too; the last
+adds the final norm (``2·e·h``), the logits (``e·V``) and the loss's fp32 log-probabilities
+(``4·V``), per token. MoE layers count ``I`` as top-k experts' widths
 plus any shared expert.
 
 The bubble is the idle fraction of a step when every stage costs the same and communication is
@@ -119,9 +120,9 @@ def stage_activation_bytes(
     extra = 0
     if last:
         extra = tokens * (element_bytes * (2 * hidden + vocab) + 4 * vocab)
-    elif layers:
+    else:  # NOTE: the runtime keeps a stage's output for its backward, an embedding-only stage's too
         extra = tokens * element_bytes * hidden
-    del first  # NOTE: the embedding's output is the first layer's saved input, already counted
+    del first  # NOTE: the embedding's output is the first layer's saved input, or the stage's output
     return layers * layer_bytes + extra
 
 

@@ -425,6 +425,7 @@ def pipeline(
         stage_modules=stage_modules,
         dtype=dtype,
         seq_len=seq_len,
+        microbatches=microbatches,
     )
     microbatches = the_plan.num_stages if microbatches is None else microbatches
     check_microbatches(schedule=name, microbatches=microbatches, num_stages=the_plan.num_stages, pp=pp)

@@ -4,13 +4,17 @@ The plan decides how many stages there are (``pp`` × stages per rank, or from
 ``layers_per_stage``), which modules each stage holds, and which rank holds each stage:
 loop placement (stage ``s`` on rank ``s % pp``) or V placement (rank ``r`` holds stages ``r`` and
 ``2·pp − 1 − r``). The default split balances estimated compute, counting the embedding and the LM
-head, so a large-vocabulary head does not leave the last stage the slowest.
+head, so a large-vocabulary head does not leave the last stage the slowest: the first stage may
+hold only the embedding and the last only the final norm and head, and among the splits the one
+whose step, simulated with the schedule's own order (:mod:`ppzoo.simulate`), is shortest wins.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -185,35 +189,96 @@ def _module_costs(config: Any, adapter: Adapter, model: torch.nn.Module, layout:
     return costs
 
 
-def _balanced_split(layer_costs: Sequence[float], first_extra: float, last_extra: float, stages: int) -> list[int]:
-    """Layer counts per stage (each ≥ 1) minimising the most expensive stage; contiguous."""
-    n = len(layer_costs)
+#: up to this many candidate splits the planner simulates every one; above, it searches locally
+_EXHAUSTIVE_SPLITS = 2000
+#: a split less even than the min-max one must shorten the simulated step by more than this
+#: share: uneven stages cost memory (the first stages keep the most microbatches in flight)
+_STEP_TOLERANCE = 0.01
+
+
+def _min_max_bounds(unit_costs: Sequence[float], stages: int) -> tuple[int, ...]:
+    """Stage bounds over the units (each stage ≥ 1 unit, contiguous) minimising the costliest stage.
+
+    The bounds ``(0, b1, …, n)`` cut the units into stages ``units[b_i : b_i+1]``.
+    """
+    n = len(unit_costs)
     prefix = [0.0]
-    for c in layer_costs:
+    for c in unit_costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
-    # best[s][i]: minimal max-cost splitting the first i layers into s stages
+    # best[s][i]: minimal max-cost splitting the first i units into s stages
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
     cut = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = 0.0
     for s in range(1, stages + 1):
         for i in range(s, n - (stages - s) + 1):
             for j in range(s - 1, i):
-                cost = prefix[i] - prefix[j]
-                if s == 1:
-                    cost += first_extra
-                if s == stages:
-                    cost += last_extra
-                value = max(best[s - 1][j], cost)
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
                 # NOTE: on ties prefer the earlier cut, which keeps the split deterministic.
                 if value < best[s][i] - 1e-9 * abs(value):
                     best[s][i], cut[s][i] = value, j
-    counts, i = [], n
+    bounds, i = [n], n
     for s in range(stages, 0, -1):
-        j = cut[s][i]
-        counts.append(i - j)
-        i = j
-    return counts[::-1]
+        i = cut[s][i]
+        bounds.append(i)
+    return tuple(bounds[::-1])
+
+
+def _stage_costs(unit_costs: Sequence[float], bounds: Sequence[int]) -> list[float]:
+    return [sum(unit_costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def _balanced_bounds(
+    unit_costs: Sequence[float], stages: int, *, schedule: str, pp: int, microbatches: int
+) -> tuple[int, ...]:
+    """The split of the units into ``stages`` contiguous stages whose simulated step is shortest.
+
+    Each candidate split runs through the schedule's own order (:mod:`ppzoo.simulate`): every
+    split when there are few, else those a local search visits from the min-max split (moving one
+    or two neighbouring boundaries by a unit while the step gets shorter). Of the splits within
+    ``_STEP_TOLERANCE`` of the shortest step, the one with the cheapest costliest stage wins. With
+    one stage a rank and many microbatches this is the min-max split; with few microbatches the
+    last stages, on every microbatch's critical path, get lighter; with two stages a rank, a
+    rank's work is the sum of two and the order decides which pairs stall. Schedules the
+    simulation does not know (a CSV file) keep the min-max split.
+    """
+    from ppzoo import simulate
+
+    bounds = _min_max_bounds(unit_costs, stages)
+    if schedule not in simulate.SIMULATED or stages == 1:
+        return bounds
+    try:
+        order = simulate.schedule_order(schedule, pp=pp, microbatches=microbatches, stages_per_rank=stages // pp)
+    except (ValueError, RuntimeError):  # NOTE: an order torch refuses to generate for these counts
+        return bounds
+    total = sum(unit_costs) or 1.0
+    units = [c / total for c in unit_costs]
+
+    def step(b: tuple[int, ...]) -> float:
+        return simulate.makespan(order, _stage_costs(units, b))
+
+    def evenness(b: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+        return round(max(_stage_costs(units, b)), 12), b
+
+    n = len(units)
+    if math.comb(n - 1, stages - 1) <= _EXHAUSTIVE_SPLITS:
+        steps = {b: step(b) for b in ((0, *cuts, n) for cuts in itertools.combinations(range(1, n), stages - 1))}
+    else:
+        steps = {bounds: step(bounds)}
+        while True:
+            # NOTE: one boundary, or two neighbouring ones together (a stage shifting whole), by one unit
+            for k in range(1, stages):
+                for width in (1, 2)[: stages - k]:
+                    for delta in (-1, 1):
+                        moved = bounds[:k] + tuple(b + delta for b in bounds[k:k + width]) + bounds[k + width:]
+                        if moved not in steps and all(a < b for a, b in zip(moved, moved[1:])):
+                            steps[moved] = step(moved)
+            shortest = min(steps, key=lambda b: (steps[b], b))
+            if steps[shortest] >= steps[bounds]:
+                break
+            bounds = shortest
+    shortest = min(steps.values())
+    return min((b for b, t in steps.items() if t <= shortest * (1 + _STEP_TOLERANCE)), key=evenness)
 
 
 def _stages_from_modules(layout: Layout, stage_modules: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -255,6 +320,7 @@ def plan(
     stage_modules: Sequence[Sequence[str]] | None = None,
     dtype: Any = None,
     seq_len: int = 2048,
+    microbatches: int | None = None,
     validate: bool = True,
 ) -> Plan:
     """Split a model into pipeline stages and place them on ranks.
@@ -268,6 +334,8 @@ def plan(
         stage_modules: an explicit split: one list of module FQNs per stage, in forward order.
         dtype: parameter dtype for ``bytes``; default the config's dtype, else float32.
         seq_len: sequence length the cost model assumes for attention.
+        microbatches: microbatches per step, for the simulated step the split is chosen by
+            (default: the number of stages, as :func:`ppzoo.pipeline`).
         validate: run the adapter's and plugins' validation rules on the result.
 
     Returns:
@@ -279,7 +347,9 @@ def plan(
     """
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
-    for arg, value in (("stages_per_rank", stages_per_rank), ("layers_per_stage", layers_per_stage)):
+    for arg, value in (
+        ("stages_per_rank", stages_per_rank), ("layers_per_stage", layers_per_stage), ("microbatches", microbatches)
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
     if stage_modules is not None and layers_per_stage is not None:
@@ -329,22 +399,17 @@ def plan(
     model = meta_model(config, dtype=pdtype)
     costs = _module_costs(config, adapter, model, layout, seq_len)
     if split is None:
-        layer_costs = [costs[layout.layer(i)] for i in range(n_layers)]
+        units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(n_layers)] + [list(layout.outputs)]
         if layers_per_stage is not None:
-            counts = [min(layers_per_stage, n_layers - s * layers_per_stage) for s in range(num_stages)]
+            # NOTE: unit 0 is the inputs, so the cut after layer i - 1 is unit bound i + 1
+            cuts = [1 + s * layers_per_stage for s in range(1, num_stages)]
+            bounds = [0, *cuts, len(units)]
         else:
-            counts = _balanced_split(
-                layer_costs, sum(costs[m] for m in layout.inputs), sum(costs[m] for m in layout.outputs), num_stages
+            bounds = _balanced_bounds(
+                [sum(costs[m] for m in unit) for unit in units], num_stages,
+                schedule=name, pp=pp, microbatches=num_stages if microbatches is None else microbatches,
             )
-        split, start = [], 0
-        for s, count in enumerate(counts):
-            mods = [layout.layer(i) for i in range(start, start + count)]
-            start += count
-            if s == 0:
-                mods = list(layout.inputs) + mods
-            if s == num_stages - 1:
-                mods = mods + list(layout.outputs)
-            split.append(mods)
+        split = [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
 
     # NOTE: parameters() already counts a shared tensor once; a tie the meta model did not make
     # (the copy is a separate tensor) is subtracted here, as num_parameters() counts it once too.

@@ -244,7 +244,8 @@ def _check_model(model: str, args: argparse.Namespace) -> tuple[Any, Path, int]:
 
     local_dir = resolve(model)
     config = load_config(local_dir)
-    the_plan = ppzoo.plan(config, pp=args.pp, schedule=args.schedule, dtype=args.dtype, seq_len=args.seq_len)
+    the_plan = ppzoo.plan(config, pp=args.pp, schedule=args.schedule, dtype=args.dtype, seq_len=args.seq_len,
+                          microbatches=args.microbatches)
     check_microbatches(schedule=the_plan.schedule, microbatches=args.microbatches,
                        num_stages=the_plan.num_stages, pp=args.pp)
     limit = getattr(config, "max_position_embeddings", None)

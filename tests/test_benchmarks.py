@@ -55,6 +55,8 @@ def test_stage_activations_add_the_ends():
     assert stage_activation_bytes(layers=2, first=False, last=True, **common_args) == 2000 + 20 * (2 * 16 + 2 * 100 + 400)
     # a stage holding only the head
     assert stage_activation_bytes(layers=0, first=False, last=True, **common_args) == 20 * 632
+    # a stage holding only the embedding keeps its output for the backward
+    assert stage_activation_bytes(layers=0, first=True, last=False, **common_args) == 20 * 2 * 8
 
 
 def test_training_state_bytes():
@@ -98,7 +100,7 @@ def test_estimate_plan_on_the_tiny_llama():
     from ppzoo.adapters.llama import TINY
 
     config = LlamaConfig(**TINY)  # h=32, I=64, 4 heads of 8, 2 kv heads, vocab 96, 8 layers, fp32
-    plan = ppzoo.plan(config, pp=2)
+    plan = ppzoo.plan(config, pp=2, layers_per_stage=4)
     got = estimate_plan(plan, config, seq_len=2048)
     # per layer and token: 4·(6·32 + 2·16 + 4·64) = 1920 bytes, probabilities 4·4·2048 = 32768
     layer = 2048 * (1920 + 32768)
@@ -170,13 +172,15 @@ def test_touch_parameters_leaves_values_alone(tiny_checkpoint):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_rank_balanced_split_balances_ranks():
+def test_layer_balanced_split_is_the_previous_plan():
     config = common.llama_config("small", dtype="float32")
-    split = step.rank_balanced_split(config, pp=2, schedule="ZBVZeroBubble", seq_len=128)
-    # V placement: rank 0 holds stages 0 and 3; the 32k-vocab head alone outweighs most layers
-    assert split[0] == ["model.embed_tokens"] and split[3] == ["model.norm", "lm_head"]
-    assert split[1] + split[2] == [f"model.layers.{i}" for i in range(8)]
-    assert len(split[1]) == len(split[2]) == 4
+    layers = [f"model.layers.{i}" for i in range(8)]
+    # one stage a rank: 7 layers against 1 layer and the 32k-vocab head (which costs ~7.7 layers)
+    split = step.layer_balanced_split(config, pp=2, schedule="1F1B", seq_len=128)
+    assert split == [["model.embed_tokens", *layers[:7]], [layers[7], "model.norm", "lm_head"]]
+    split = step.layer_balanced_split(config, pp=2, schedule="ZBVZeroBubble", seq_len=128)
+    assert len(split) == 4 and all(any(m.startswith("model.layers.") for m in stage) for stage in split)
+    assert [m for stage in split for m in stage] == ["model.embed_tokens", *layers, "model.norm", "lm_head"]
 
 
 def test_measured_ideal_step():

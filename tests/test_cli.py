@@ -26,7 +26,7 @@ def run(capsys, *argv):
 
 
 def test_plan_text(config_dir, capsys):
-    code, out, err = run(capsys, "plan", config_dir, "--pp", "2")
+    code, out, err = run(capsys, "plan", config_dir, "--pp", "2", "--microbatches", "4")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         "llama (llama adapter): 80.4K parameters, pp=2, 2 stages, schedule 1F1B, loop placement",
@@ -34,7 +34,7 @@ def test_plan_text(config_dir, capsys):
         "    0    0     40.2K   160.8KB  49.7%   284.4MB    643.1KB  model.embed_tokens, model.layers.0-3",
         "    1    1     40.2K   160.9KB  50.3%   286.3MB    643.6KB  model.layers.4-7, model.norm, lm_head",
         "act/mb: activations per microbatch of 1 x 2048 tokens; p+g+adam: parameters, gradients, "
-        "2 fp32 AdamW states; bubble with 2 microbatches: 33.3%",
+        "2 fp32 AdamW states; bubble with 4 microbatches: 20.0%",
     ]
 
 
@@ -51,7 +51,7 @@ def test_plan_text_v_placement_with_one_layer_stages(config_dir, capsys):
 
 
 def test_plan_json(config_dir, capsys):
-    code, out, err = run(capsys, "plan", config_dir, "--pp", "2", "--json")
+    code, out, err = run(capsys, "plan", config_dir, "--pp", "2", "--microbatches", "4", "--json")
     assert (code, err) == (0, "")
     data = json.loads(out)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
@@ -66,6 +66,16 @@ def test_plan_json(config_dir, capsys):
     for stage in data["stages"]:
         assert stage["params"] == sum(p.numel() for m in stage["modules"] for p in model.get_submodule(m).parameters())
         assert stage["bytes"] == 4 * stage["params"]
+
+
+def test_plan_follows_the_microbatches(config_dir, capsys):
+    """With as many microbatches as stages the last stage is on every microbatch's critical path."""
+    counts = {}
+    for m in ("2", "8"):
+        code, out, _ = run(capsys, "plan", config_dir, "--pp", "2", "--microbatches", m, "--json")
+        assert code == 0
+        counts[m] = [len([x for x in s["modules"] if x.startswith("model.layers.")]) for s in json.loads(out)["stages"]]
+    assert counts == {"2": [5, 3], "8": [4, 4]}
 
 
 def test_plan_json_options(config_dir, capsys):

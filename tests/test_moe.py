@@ -33,7 +33,7 @@ def write_checkpoint(directory, config, tensors):
 def chain(directory, n, ids, mask):
     config = load_config(directory)
     adapter = registry.adapter_for(config)
-    plan = ppzoo.plan(directory, pp=n)
+    plan = ppzoo.plan(directory, pp=n, layers_per_stage=-(-config.num_hidden_layers // n))
     stages = [
         build_stage(config, adapter, plan, i, checkpoint=Checkpoint(directory), attn_implementation="eager")
         for i in range(n)

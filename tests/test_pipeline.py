@@ -35,10 +35,20 @@ def _reference_step(directory, ids, mask, labels):
     return reference, out
 
 
-def _schedule_case(directory, schedule):
+LAYERS = [f"model.layers.{i}" for i in range(8)]
+#: splits whose first stage holds only the embedding or whose last holds only the norm and head
+ENDS = {
+    "1F1B": [["model.embed_tokens", *LAYERS], ["model.norm", "lm_head"]],
+    "Interleaved1F1B": [["model.embed_tokens"], LAYERS[:4], LAYERS[4:], ["model.norm", "lm_head"]],
+    "ZBVZeroBubble": [["model.embed_tokens"], LAYERS[:4], LAYERS[4:], ["model.norm", "lm_head"]],
+}
+
+
+def _schedule_case(directory, schedule, stage_modules=None):
     ids, mask, labels = batch(96, batch_size=4)
     reference, out = _reference_step(directory, ids, mask, labels)
-    pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=4, device="cpu", attn_implementation="eager")
+    pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=4, device="cpu", attn_implementation="eager",
+                          stage_modules=stage_modules)
     loss = pipe.step(ids, labels=labels, attention_mask=mask)
     problems = []
     if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
@@ -110,6 +120,7 @@ def _warm_up_case(directory):
 def _rank_main(rank, world_size, directory, csv_path):
     results = {}
     cases = [(s, _schedule_case, (directory, s)) for s in SCHEDULES + [csv_path]]
+    cases += [(f"{s}-ends", _schedule_case, (directory, s, split)) for s, split in ENDS.items()]
     cases += [("seq-len", _sequence_length_case, (directory,)), ("batch-error", _batch_error_case, (directory,))]
     cases += [("warm-up", _warm_up_case, (directory,))]
     for name, fn, args in cases:
@@ -140,6 +151,18 @@ def test_step_and_eval_equal_reference(group_results, schedule):
     assert len(names) == len(set(names))
     reference_names = {n for n, _ in load_reference(directory).named_parameters()}
     assert set(names) == reference_names
+
+
+@pytest.mark.parametrize("schedule", list(ENDS))
+def test_stages_without_layers_equal_reference(group_results, schedule):
+    """An embedding-only first stage and a head-only last stage, as the planner makes for heavy heads."""
+    results, _, directory = group_results
+    for rank, per_rank in enumerate(results):
+        assert per_rank[f"{schedule}-ends"]["problems"] == [], f"rank {rank}"
+    names = [n for per_rank in results for n in per_rank[f"{schedule}-ends"]["params"]]
+    assert sorted(names) == sorted(n for n, _ in load_reference(directory).named_parameters())
+    stages = [s for per_rank in results for s in per_rank[f"{schedule}-ends"]["info"]["stages"]]
+    assert ["model.norm", "lm_head"] in [s["modules"] for s in stages]
 
 
 def test_info_describes_this_ranks_stages(group_results):

@@ -1,6 +1,8 @@
 """The plan: stage count, the split of modules into stages, rank placement, sizes and errors."""
 
+import itertools
 import json
+import math
 import re
 
 import pytest
@@ -10,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
 import ppzoo
-from ppzoo import registry
+from ppzoo import registry, simulate
+from ppzoo.plan import _EXHAUSTIVE_SPLITS, _min_max_bounds, _module_costs, meta_model
 from ppzoo.adapters.llama import TINY
 
 LAYERS = [f"model.layers.{i}" for i in range(8)]
@@ -33,7 +36,7 @@ def layers_of(result):
 
 
 def test_one_stage_per_rank_for_1f1b():
-    result = ppzoo.plan(tiny(), pp=2)
+    result = ppzoo.plan(tiny(), pp=2, microbatches=8)
     assert result.num_stages == 2
     assert [s.rank for s in result.stages] == [0, 1]
     assert result.placement == "loop"
@@ -92,14 +95,51 @@ def test_csv_schedule_uses_loop_placement():
 # -- cost balance --------------------------------------------------------------------------------
 
 
+#: the step benchmark's small shape: its 32k-vocabulary head costs about 7.7 of its layers
+HEAVY_HEAD = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+    num_key_value_heads=4, vocab_size=32000,
+)
+
+
+def _units(config, seq_len):
+    """(units, unit costs): the inputs, each layer, the outputs, as the planner prices them."""
+    adapter = registry.adapter_for(config)
+    layout = adapter.fqn_layout(config)
+    costs = _module_costs(config, adapter, meta_model(config), layout, seq_len)
+    units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(layout.num_layers)] + [list(layout.outputs)]
+    return units, [sum(costs[m] for m in unit) for unit in units]
+
+
+def _step(result, unit_costs, units, bounds=None, microbatches=4):
+    """Simulated step of ``result``'s schedule for the split ``bounds`` (default: the plan's own)."""
+    if bounds is None:
+        costs = [s.cost for s in result.stages]
+    else:
+        costs = [sum(unit_costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    order = simulate.schedule_order(
+        result.schedule, pp=result.pp, microbatches=microbatches, stages_per_rank=result.stages_per_rank
+    )
+    return simulate.makespan(order, costs)
+
+
+def _layer_balanced(unit_costs, stages):
+    """The split of the planner before stages could hold no layer: every stage ≥ 1 layer, min-max."""
+    n = len(unit_costs)
+    best = None
+    for cuts in itertools.combinations(range(2, n - 1), stages - 1):
+        bounds = (0, *cuts, n)
+        key = max(sum(unit_costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        if best is None or key < best[0]:
+            best = (key, bounds)
+    return best[1]
+
+
 def test_cost_balance_counts_the_lm_head():
     """A 32k-vocab head costs as much as several 256-wide layers: the last stage gets fewer layers."""
-    config = LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=32000,
-    )
+    config = LlamaConfig(**{**HEAVY_HEAD, "intermediate_size": 688})
     for pp in (2, 4):
-        result = ppzoo.plan(config, pp=pp)
+        result = ppzoo.plan(config, pp=pp, microbatches=4 * pp)
         counts = [len(s.layers) for s in result.stages]
         plain = 8 // pp  # a split by layer count alone
         assert sum(counts) == 8
@@ -107,14 +147,77 @@ def test_cost_balance_counts_the_lm_head():
         by_count = ppzoo.plan(config, pp=pp, layers_per_stage=plain)
         assert [len(s.layers) for s in by_count.stages] == [plain] * pp
         assert max(s.cost for s in result.stages) < max(s.cost for s in by_count.stages)
-    # the head alone outweighs a layer by far, and the embedding lookup is cheap
-    result = ppzoo.plan(config, pp=2)
-    assert [len(s.layers) for s in result.stages] == [7, 1]
+
+
+def test_a_heavy_head_gets_a_stage_of_its_own():
+    """With two stages, all 8 layers beside the embedding (8 layers' cost) against the head alone (7.7)
+    beats any split that leaves a layer with the head (7 against 8.7)."""
+    config = LlamaConfig(**HEAVY_HEAD)
+    result = ppzoo.plan(config, pp=2, seq_len=128, microbatches=4)
+    assert result.stages[0].modules == ("model.embed_tokens", *LAYERS)
+    assert result.stages[1].modules == tuple(HEAD) and result.stages[1].layers == ()
+    units, unit_costs = _units(config, 128)
+    old = _layer_balanced(unit_costs, 2)
+    assert old == (0, 8, 10)  # 7 layers, then 1 layer and the head
+    assert _step(result, unit_costs, units) < 0.95 * _step(result, unit_costs, units, old)
+
+
+@pytest.mark.parametrize(
+    "schedule", ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+)
+@pytest.mark.parametrize("shape", ["heavy-head", "tiny"])
+def test_split_has_the_shortest_simulated_step(schedule, shape):
+    """No contiguous split steps more than the tolerance faster; of those that come close, the
+    plan's costliest stage is the cheapest."""
+    config = LlamaConfig(**HEAVY_HEAD) if shape == "heavy-head" else tiny()
+    result = ppzoo.plan(config, pp=2, schedule=schedule, seq_len=128, microbatches=4)
+    units, unit_costs = _units(config, 128)
+    n, stages = len(units), result.num_stages
+    splits = [(0, *cuts, n) for cuts in itertools.combinations(range(1, n), stages - 1)]
+    steps = {b: _step(result, unit_costs, units, b) for b in splits}
+    shortest = min(steps.values())
+    mine = _step(result, unit_costs, units)
+    assert mine <= shortest * 1.01 + 1e-6 * shortest
+    close = [b for b, t in steps.items() if t <= shortest * 1.01]
+    cheapest = min(max(sum(unit_costs[a:b]) for a, b in zip(bs, bs[1:])) for bs in close)
+    assert max(s.cost for s in result.stages) == pytest.approx(cheapest, rel=1e-9)
+    if shape == "heavy-head" and stages == 4:
+        # two stages a rank: the schedule-aware split beats the layer-balanced one by far
+        old = _layer_balanced(unit_costs, stages)
+        assert mine < 0.93 * steps[old], (schedule, [len(s.layers) for s in result.stages])
 
 
 def test_without_a_large_head_layers_split_evenly():
-    result = ppzoo.plan(tiny(), pp=4)
-    assert [len(s.layers) for s in result.stages] == [2, 2, 2, 2]
+    for microbatches in (4, 16):
+        result = ppzoo.plan(tiny(), pp=4, microbatches=microbatches)
+        assert [len(s.layers) for s in result.stages] == [2, 2, 2, 2]
+
+
+def test_few_microbatches_lighten_the_last_stage():
+    """1F1B with as many microbatches as stages: the last stage is on every microbatch's critical
+    path, so a lighter one shortens the step by more than the tolerance; with many it does not."""
+    few = ppzoo.plan(tiny(), pp=2, microbatches=2)
+    assert [len(s.layers) for s in few.stages] == [5, 3]
+    units, unit_costs = _units(tiny(), 2048)
+    even = (0, 5, 10)
+    assert _step(few, unit_costs, units, microbatches=2) < 0.99 * _step(few, unit_costs, units, even, microbatches=2)
+    many = ppzoo.plan(tiny(), pp=2, microbatches=16)
+    assert [len(s.layers) for s in many.stages] == [4, 4]
+
+
+def test_large_models_are_searched_locally():
+    """32 layers in 16 stages is too many splits to simulate each: the local search from the
+    min-max split still ends no slower than it, and every module is in exactly one stage."""
+    from transformers import LlamaConfig as Config
+
+    config = Config(**{k: v for k, v in LLAMA_8B.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    result = ppzoo.plan(config, pp=8, schedule="ZBVZeroBubble", microbatches=16, dtype="bfloat16")
+    units, unit_costs = _units(config, 2048)
+    assert math.comb(len(units) - 1, result.num_stages - 1) > _EXHAUSTIVE_SPLITS
+    flat = [m for s in result.stages for m in s.modules]
+    assert flat == [m for unit in units for m in unit]
+    start = _min_max_bounds(unit_costs, result.num_stages)
+    assert _step(result, unit_costs, units, microbatches=16) <= _step(result, unit_costs, units, start, microbatches=16)
 
 
 # -- explicit stage_modules ----------------------------------------------------------------------
@@ -209,7 +312,7 @@ def test_bytes_default_to_the_config_dtype():
 
 
 def test_to_dict_is_json_with_one_fqn_per_layer():
-    result = ppzoo.plan(tiny(), pp=2)
+    result = ppzoo.plan(tiny(), pp=2, microbatches=8)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["total_params"] == result.total_params
     assert [set(s) for s in data["stages"]] == [{"index", "rank", "modules", "params", "bytes"}] * 2
@@ -322,6 +425,7 @@ def test_plan_from_a_directory_with_config_only(tmp_path):
         (dict(pp=2, schedule="Interleaved1F1B", stages_per_rank=0), "stages_per_rank must be an integer >= 1, got 0"),
         (dict(pp=2, schedule="my.csv", stages_per_rank=-1), "stages_per_rank must be an integer >= 1, got -1"),
         (dict(pp=2, stages_per_rank=1.5), "stages_per_rank must be an integer >= 1, got 1.5"),
+        (dict(pp=2, microbatches=0), "microbatches must be an integer >= 1, got 0"),
         (
             dict(pp=2, schedule="PipeDream"),
             "unknown schedule 'PipeDream'; use one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "

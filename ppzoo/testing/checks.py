@@ -192,8 +192,11 @@ def _plan_problems(the_plan: Plan, adapter: Adapter, config: Any, model: torch.n
         problems.append(f"{label}: stage indices are {[s.index for s in the_plan.stages]}")
     for s in the_plan.stages:
         want = tuple(int(m.rsplit(".", 1)[1]) for m in s.modules if m.startswith(layout.layers + "."))
-        if not s.layers or s.layers != want:
+        if s.layers != want:
             problems.append(f"{label}: stage {s.index} lists layers {s.layers}, its modules hold {want}")
+        # NOTE: only the first stage may hold the input modules alone, only the last the outputs alone
+        if not s.layers and 0 < s.index < the_plan.num_stages - 1:
+            problems.append(f"{label}: middle stage {s.index} holds no layer: {s.modules}")
         numel = sum(p.numel() for m in s.modules for p in model.get_submodule(m).parameters())
         if s.params != numel:
             problems.append(f"{label}: stage {s.index} counts {s.params} parameters, its modules hold {numel}")
@@ -311,7 +314,9 @@ def _chain_loss(adapter, config, stages, logits, labels, mask):
 
 def check_stage_chain(adapter: Adapter) -> None:
     """Stages run one after another in one process give the Hugging Face model's logits, loss and
-    gradients (fp32, left-padded batch) for 1, 2, 3 and 4 stages."""
+    gradients (fp32, left-padded batch) for 1, 2, 3 and 4 stages, and for a split whose first stage
+    holds only the input modules and whose last holds only the output modules (the planner makes
+    such stages when the head is heavy)."""
     problems = []
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         reference = load_reference(directory)
@@ -323,8 +328,13 @@ def check_stage_chain(adapter: Adapter) -> None:
             unmasked = reference(input_ids=ids).logits
         want_names = {n for n, _ in reference.named_parameters(remove_duplicate=False)}
         tied = adapter.tied_weights(config)
-        for n in (1, 2, 3, 4):
-            stages = _build_stages(adapter, config, plan(directory, pp=n), directory)
+        layout = adapter.fqn_layout(config)
+        layers = [layout.layer(i) for i in range(layout.num_layers)]
+        ends = [list(layout.inputs), layers[: len(layers) // 2], layers[len(layers) // 2:], list(layout.outputs)]
+        splits = [(str(n), plan(directory, pp=n)) for n in (1, 2, 3, 4)]
+        splits.append(("4 (inputs alone, outputs alone)", plan(directory, pp=4, stage_modules=ends)))
+        for n, the_plan in splits:
+            stages = _build_stages(adapter, config, the_plan, directory)
             names = {k for s in stages for k, _ in s.named_parameters(remove_duplicate=False)}
             if names != want_names:
                 problems.append(f"{n} stages hold {sorted(names ^ want_names)} differently from the reference")
@@ -338,7 +348,7 @@ def check_stage_chain(adapter: Adapter) -> None:
                 problems.append(f"{n} stages: loss {loss.item():.8f} != reference {out.loss.item():.8f}")
             named = [(k, p) for s in stages for k, p in s.named_parameters()]
             problems += [f"{n} stages: gradient of {m}" for m in grad_mismatches(named, reference)]
-            if n == 2:
+            if n == "2":
                 with torch.no_grad():
                     plain = run_chain(stages, ids)
                 if not torch.allclose(plain, unmasked, rtol=1e-5, atol=1e-6):
