@@ -102,13 +102,17 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
     if path == "mmap":
         from safetensors import safe_open
 
-        missing = [name for name in ("_open", "_BLOCK_BYTES") if not hasattr(weights, name)]
+        missing = [name for name in ("_open", "_read_into") if not hasattr(weights, name)]
         if missing:
             raise RuntimeError(f"ppzoo.weights has no {missing}: the mmap path needs updating to the new loader")
 
+        def whole_then_copy(reader, key, local, part):
+            with torch.no_grad():
+                local.copy_(reader.read(key, part))
+
         # NOTE: the loader before it read through pread, in place: mapped shards, whole-tensor reads.
         weights._open = lambda file, device: safe_open(file, framework="pt", device=device)
-        weights._BLOCK_BYTES = float("inf")
+        weights._read_into = whole_then_copy
     gc.collect()
     baseline = peak_rss_bytes()
     baseline_parts = current_rss_bytes()

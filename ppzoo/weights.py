@@ -1,16 +1,19 @@
 """Safetensors checkpoints: the index, per-stage reads, key conversion and tied weights.
 
 A stage opens only the shard files that hold its own tensors and reads only those tensors, cast
-straight to the requested device and dtype. Nothing else of the checkpoint is touched.
+straight to the requested device and dtype. Nothing else of the checkpoint is touched. On CPU the
+bytes go from the file into the parameters' storage with ``pread``; a TP / FSDP shard reads only
+its own bytes.
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -59,7 +62,14 @@ class Checkpoint:
             #: the file that lists the checkpoint's tensors, named in errors
             self.listing = INDEX_FILE
             with open(index) as f:
-                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+                listing = json.load(f)
+            if not isinstance(listing, dict) or not isinstance(listing.get("weight_map"), dict):
+                seen = f"keys {sorted(listing)}" if isinstance(listing, dict) else type(listing).__name__
+                raise CheckpointError(
+                    f"{str(index)!r} has no 'weight_map' object mapping each tensor to its shard file "
+                    f"(found {seen}); the index is damaged or not a safetensors index"
+                )
+            self.weight_map: dict[str, str] = dict(listing["weight_map"])
         elif single.is_file():
             self.listing = SINGLE_FILE
             with safe_open(single, framework="pt") as f:
@@ -94,51 +104,86 @@ class Checkpoint:
         return _Reader(self, device)
 
     def _get_tensor(self, handle: Any, key: str) -> torch.Tensor:
-        # NOTE: the single place a tensor is read, so tests can record what a stage reads.
+        # NOTE: every whole-tensor read passes here, and every part read through _get_slice, in
+        # place or not, so tests and the conformance kit can record what a stage reads.
         return handle.get_tensor(key)
 
     def _get_slice(self, handle: Any, key: str, part: tuple[slice, ...]) -> torch.Tensor:
         return handle.get_slice(key)[part]
 
-    def _read_into_storage(self, path: Path, key: str, out: torch.Tensor) -> None:
-        """Read tensor ``key`` of shard ``path`` into the contiguous CPU tensor ``out`` (cast to its dtype)."""
-        start, header = _header(path)
-        entry = header[key]
-        begin, _ = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    def _read_into_storage(
+        self, reader: "_Reader", key: str, out: torch.Tensor, part: tuple[slice, ...] | None
+    ) -> None:
+        """Read tensor ``key``, or only its ``part``, into the contiguous CPU tensor ``out``.
+
+        Exactly the bytes of ``part`` are read, with ``pread`` on the reader's descriptor for the
+        shard, straight into ``out``'s storage; when the dtypes differ they pass through the
+        reader's small buffer and are cast into ``out`` from there.
+        """
+        file = reader.file(key)
+        entry = file.entry(key)
+        shape = tuple(entry["shape"])
+        part = part if part is not None else tuple(slice(0, n) for n in shape)
+        if tuple(s.stop - s.start for s in part) != tuple(out.shape):
+            raise ValueError(f"part {part} of {key!r} {shape} does not fit a tensor of shape {tuple(out.shape)}")
+        dtype = _dtype_of(entry, key, file.path)
+        size = dtype.itemsize
+        base = file.data_start + entry["data_offsets"][0]
         flat = out.detach().view(-1)
-        with open(path, "rb", buffering=0) as f:
-            if dtype == out.dtype:
-                _pread_into(f.fileno(), memoryview(flat.view(torch.uint8).numpy()), start + begin)
-                return
-            step = max(1, _BLOCK_BYTES // torch.empty((), dtype=dtype).element_size())
-            buffer = torch.empty(min(step, flat.numel()), dtype=dtype)
-            for first in range(0, flat.numel(), step):
-                n = min(step, flat.numel() - first)
-                chunk = buffer[:n]
-                _pread_into(f.fileno(), memoryview(chunk.view(torch.uint8).numpy()), start + begin + first * chunk.element_size())
-                flat[first:first + n].copy_(chunk)
+        if dtype == out.dtype:
+            target, done = memoryview(flat.view(torch.uint8).numpy()), 0
+            for first, n in _runs(shape, part):
+                _pread_into(file.fd, target[done * size:(done + n) * size], base + first * size)
+                done += n
+            return
+        staged = reader.buffer(dtype)
+        staged_bytes = memoryview(staged.view(torch.uint8).numpy())
+        filled = done = 0
+        for first, n in _runs(shape, part):
+            while n:
+                k = min(n, len(staged) - filled)
+                _pread_into(file.fd, staged_bytes[filled * size:(filled + k) * size], base + first * size)
+                filled, first, n = filled + k, first + k, n - k
+                if filled == len(staged):
+                    flat[done:done + filled].copy_(staged)
+                    done, filled = done + filled, 0
+        flat[done:done + filled].copy_(staged[:filled])
 
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, header) of a safetensors file."""
-    stat = os.stat(path)
-    # NOTE: keyed by mtime and size too: a checkpoint saved again in place must not reuse offsets.
-    return _read_header(str(path), stat.st_mtime_ns, stat.st_size)
+def _dtype_of(entry: dict, key: str, path: Path) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[entry["dtype"]]
+    except KeyError:
+        raise CheckpointError(
+            f"tensor {key!r} in {path.name!r} has dtype {entry['dtype']!r}, which ppzoo cannot read; "
+            f"readable: {', '.join(_SAFETENSORS_DTYPES)}"
+        ) from None
 
 
-@functools.lru_cache(maxsize=256)
-def _read_header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        return 8 + length, json.loads(f.read(length))
+def _runs(shape: tuple[int, ...], part: tuple[slice, ...]) -> Iterator[tuple[int, int]]:
+    """(first element, element count) of each contiguous run of ``part`` in a row-major ``shape``, in order.
+
+    A block of rows with every later dimension whole (an FSDP shard, any part of a 1-D tensor) is
+    one run; a block of columns (a row-wise TP shard) is one run per row.
+    """
+    if not shape:
+        yield 0, 1
+        return
+    cut = max((d for d, (s, n) in enumerate(zip(part, shape)) if (s.start, s.stop) != (0, n)), default=0)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    count = (part[cut].stop - part[cut].start) * strides[cut]
+    if count == 0:
+        return
+    for index in itertools.product(*(range(s.start, s.stop) for s in part[:cut])):
+        yield sum(i * stride for i, stride in zip(index, strides)) + part[cut].start * strides[cut], count
 
 
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
@@ -165,6 +210,64 @@ def _open(path: Path, device: str) -> Any:
     return safe_open(path, framework="pt", device=device)
 
 
+class _ShardFile:
+    """A shard file opened once for ``pread``: its descriptor, header and where its data starts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+            raw = os.pread(self.fd, length, 8)
+            if len(raw) != length:
+                raise CheckpointError(
+                    f"{path.name!r} in {str(path.parent)!r} is not a safetensors file: its header says "
+                    f"{length} bytes, {len(raw)} follow"
+                )
+            self.header: dict[str, Any] = json.loads(raw)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.data_start = 8 + length
+
+    def entry(self, key: str) -> dict[str, Any]:
+        try:
+            return self.header[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} is listed for {self.path.name!r} but is not in it") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Into:
+    """A handle whose reads land in ``out`` (a contiguous CPU tensor) and return it.
+
+    NOTE: it answers as a safetensors handle does (``get_tensor(key)``, ``get_slice(key)[part]``),
+    so an in-place read still passes through ``Checkpoint._get_tensor`` / ``_get_slice``.
+    """
+
+    def __init__(self, reader: "_Reader", out: torch.Tensor):
+        self.reader, self.out = reader, out
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._read(key, None)
+
+    def get_slice(self, key: str) -> "_Into._Part":
+        return _Into._Part(self, key)
+
+    def _read(self, key: str, part: tuple[slice, ...] | None) -> torch.Tensor:
+        self.reader.checkpoint._read_into_storage(self.reader, key, self.out, part)
+        return self.out
+
+    class _Part:
+        def __init__(self, into: "_Into", key: str):
+            self.into, self.key = into, key
+
+        def __getitem__(self, part: tuple[slice, ...]) -> torch.Tensor:
+            return self.into._read(self.key, part)
+
+
 class _Reader:
     """Reads tensors from a checkpoint, opening each shard at most once."""
 
@@ -172,22 +275,49 @@ class _Reader:
         self.checkpoint = checkpoint
         self.device = str(device)
         self.handles: dict[Path, Any] = {}
+        self.files: dict[Path, _ShardFile] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return tuple(self.file(key).entry(key)["shape"])
 
-    def read(self, key: str, part: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """The tensor ``key``, or only its ``part`` (a tuple of slices: a TP / FSDP shard)."""
+    def read(
+        self, key: str, part: tuple[slice, ...] | None = None, *, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tensor ``key``, or only its ``part`` (a tuple of slices: a TP / FSDP shard).
+
+        With ``into`` (a contiguous CPU tensor of the result's shape), read straight into it and
+        return it.
+        """
+        handle = self._handle(key) if into is None else _Into(self, into)
         if part is None:
-            return self.checkpoint._get_tensor(self._handle(key), key)
-        return self.checkpoint._get_slice(self._handle(key), key, part)
+            return self.checkpoint._get_tensor(handle, key)
+        return self.checkpoint._get_slice(handle, key, part)
+
+    def file(self, key: str) -> _ShardFile:
+        path = self.checkpoint.file_of(key)
+        if path not in self.files:
+            self.files[path] = _ShardFile(path)
+            self._opened(path)
+        return self.files[path]
+
+    def buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reader's staging buffer for reads that change dtype: about ``_BLOCK_BYTES``, as ``dtype``."""
+        n = max(1, _BLOCK_BYTES // dtype.itemsize)
+        if len(self._staging) < n * dtype.itemsize:
+            self._staging = torch.empty(n * dtype.itemsize, dtype=torch.uint8)
+        return self._staging[: n * dtype.itemsize].view(dtype)
 
     def _handle(self, key: str):
         path = self.checkpoint.file_of(key)
         if path not in self.handles:
             self.handles[path] = _open(path, self.device)
-            self.checkpoint.files_opened.append(path.name)
+            self._opened(path)
         return self.handles[path]
+
+    def _opened(self, path: Path) -> None:
+        if path.name not in self.checkpoint.files_opened:
+            self.checkpoint.files_opened.append(path.name)
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -195,6 +325,9 @@ class _Reader:
             if exit_ is not None:
                 exit_(None, None, None)
         self.handles.clear()
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
 
 
 def _persistent_state(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -208,22 +341,20 @@ def _persistent_state(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, 
                 yield (f"{prefix}.{name}" if prefix else name), owner, name, buf
 
 
-#: tensors larger than this are read in row blocks of about this size
+#: the size of the buffer through which a read that changes dtype passes
 _BLOCK_BYTES = 16 * 2**20
 
 
 def _read_into(reader: "_Reader", key: str, local: torch.Tensor, part: tuple[slice, ...] | None) -> None:
     """Copy checkpoint tensor ``key`` (or its ``part``) into ``local``, casting to its dtype.
 
-    NOTE: a large whole tensor bound for CPU memory is read straight into the parameter's
-    storage (through one small buffer when the dtype changes), so no temporary the size of the
-    tensor (a 128k-vocabulary head, say) exists beside it and a stage's load peaks at its own
-    bytes. A shard (TP / FSDP) is read as a slice: the rank never holds the whole tensor.
+    NOTE: a tensor or shard bound for CPU memory is read straight into the parameter's storage
+    (through one small buffer when the dtype changes), so no temporary of its size exists beside
+    it and a stage's load peaks at its own bytes. A shard (TP / FSDP) reads only its own bytes:
+    the rank never holds the whole tensor.
     """
-    if part is None and local.device.type == "cpu" and local.is_contiguous() and (
-        local.numel() * local.element_size() > _BLOCK_BYTES
-    ):
-        reader.checkpoint._read_into_storage(reader.checkpoint.file_of(key), key, local)
+    if local.device.type == "cpu" and local.is_contiguous():
+        reader.read(key, part, into=local)
         return
     value = reader.read(key, part)
     with torch.no_grad():

@@ -59,6 +59,10 @@ def _case(directory, degrees, schedule, count_reductions):
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for _, p in named)
     if read.elements != held:
         problems.append(f"read {read.elements} checkpoint elements but holds {held}: not only its own shards")
+    # NOTE: on CPU every read lands in place: the bytes fetched are the held elements, in the
+    # checkpoint's float32 (save_tiny_model), whether a shard is rows or columns of its tensor
+    if read.file_bytes != held * torch.float32.itemsize:
+        problems.append(f"fetched {read.file_bytes} bytes from the checkpoint but holds {held} float32 elements")
     # one FSDP group per decoder layer, plus the stage root when it holds parameters of its own
     fsdp_groups = sum(
         len(m.get_submodule("model.layers"))
@@ -69,14 +73,16 @@ def _case(directory, degrees, schedule, count_reductions):
 
 
 class _count_reads:
-    """Count the checkpoint elements this rank reads (whole tensors and slices)."""
+    """Count the checkpoint elements this rank reads (whole tensors and slices), and the bytes that
+    reads straight into the parameters' storage fetch from the files."""
 
     def __init__(self):
+        import ppzoo.weights
         from ppzoo.weights import Checkpoint
 
-        self.elements = 0
-        self._originals = (Checkpoint._get_tensor, Checkpoint._get_slice)
-        get_tensor, get_slice = self._originals
+        self.elements = self.file_bytes = 0
+        self._originals = (Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.weights._pread_into)
+        get_tensor, get_slice, pread_into = self._originals
 
         def counting_tensor(checkpoint, handle, key):
             tensor = get_tensor(checkpoint, handle, key)
@@ -88,12 +94,18 @@ class _count_reads:
             self.elements += tensor.numel()
             return tensor
 
+        def counting_pread(fd, buffer, offset):
+            self.file_bytes += len(buffer)
+            return pread_into(fd, buffer, offset)
+
         Checkpoint._get_tensor, Checkpoint._get_slice = counting_tensor, counting_slice
+        ppzoo.weights._pread_into = counting_pread
 
     def restore(self):
+        import ppzoo.weights
         from ppzoo.weights import Checkpoint
 
-        Checkpoint._get_tensor, Checkpoint._get_slice = self._originals
+        Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.weights._pread_into = self._originals
 
 
 def _errors(directory):
