@@ -28,7 +28,12 @@ def _dp_part(pipe, tensors):
     return [t[index * rows:(index + 1) * rows] for t in tensors]
 
 
-def _case(directory, degrees, schedule, count_reductions):
+LAYERS = [f"model.layers.{i}" for i in range(8)]
+#: an embedding-only first stage and a head-only last stage, as the planner makes for heavy heads
+ENDS = [["model.embed_tokens"], LAYERS[:4], LAYERS[4:], ["model.norm", "lm_head"]]
+
+
+def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
     reference = load_reference(directory)
     ids, mask, labels = batch(reference.config.vocab_size, batch_size=GLOBAL_BATCH, seed=3)
     out = reference(input_ids=ids, attention_mask=mask, labels=labels)
@@ -36,7 +41,7 @@ def _case(directory, degrees, schedule, count_reductions):
     read = _count_reads()
     try:
         pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=MICROBATCHES, device="cpu",
-                              attn_implementation="eager", **degrees)
+                              attn_implementation="eager", stage_modules=stage_modules, **degrees)
     finally:
         read.restore()
     part = _dp_part(pipe, (ids, mask, labels))
@@ -130,6 +135,11 @@ def _rank_main(rank, world_size, directory):
                 results[(label, schedule)] = _case(directory, degrees, schedule, label == "dp_shard")
             except Exception:
                 results[(label, schedule)] = {"problems": [traceback.format_exc()]}
+    for label in ("dp_shard", "tp"):
+        try:
+            results[(label, "ends")] = _case(directory, DEGREES[label], "Interleaved1F1B", False, ENDS)
+        except Exception:
+            results[(label, "ends")] = {"problems": [traceback.format_exc()]}
     results["errors"] = _errors(directory)
     return results
 
@@ -148,6 +158,14 @@ def test_loss_and_grads_equal_unsplit_model(group, label, schedule):
     kinds = group[0][(label, schedule)]["kinds"]
     # the parameters really are distributed (DTensors) for sharded and tensor-parallel stages
     assert ("DTensor" in str(kinds)) == (label in ("dp_shard", "tp", "dp_replicate")), kinds
+
+
+@pytest.mark.parametrize("label", ["dp_shard", "tp"])
+def test_stages_without_layers_shard_and_equal_unsplit_model(group, label):
+    """Interleaved1F1B over [embedding], 4 layers, 4 layers, [norm, head]: sharded or split by tp."""
+    for rank, per_rank in enumerate(group):
+        assert per_rank[(label, "ends")]["problems"] == [], f"rank {rank}"
+    assert "DTensor" in str(group[0][(label, "ends")]["kinds"])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
