@@ -262,13 +262,18 @@ def check_stage_reads(adapter: Adapter) -> None:
             for stage in the_plan.stages:
                 checkpoint = Checkpoint(directory)
                 reads: list[str] = []
-                original = checkpoint._get_tensor
+                whole, part = checkpoint._get_tensor, checkpoint._get_slice
 
-                def recording(handle, key, _reads=reads, _original=original):
+                # NOTE: every read of the loader, whole tensor or part, passes one of these two
+                def recording(handle, key, _reads=reads, _original=whole):
                     _reads.append(key)
                     return _original(handle, key)
 
-                checkpoint._get_tensor = recording
+                def recording_part(handle, key, where, _reads=reads, _original=part):
+                    _reads.append(key)
+                    return _original(handle, key, where)
+
+                checkpoint._get_tensor, checkpoint._get_slice = recording, recording_part
                 build_stage(config, adapter, the_plan, stage.index, checkpoint=checkpoint, attn_implementation="eager")
                 label = f"pp={pp} {schedule} stage {stage.index}"
                 own = {k for k in everything if _owners(k, stage.modules)}
