@@ -327,11 +327,14 @@ class Pipeline:
     #: the local directory the model was loaded from; save_pretrained copies its tokenizer files
     source: Path | None = None
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write a Hugging Face checkpoint of the current weights (collective); see :mod:`ppzoo.save`."""
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> Path:
+        """Write a Hugging Face checkpoint of the current weights (collective); see :mod:`ppzoo.save`.
+
+        ``max_shard_size`` (bytes, or ``"5GB"``-style) bounds each shard file, as in Hugging Face.
+        """
         from ppzoo.save import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     def save_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer, *, step: int) -> Path:
         """Save model, optimizer and step for resuming, under any split (collective); see :mod:`ppzoo.state`."""

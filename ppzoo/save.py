@@ -1,10 +1,12 @@
 """Hugging Face format export from pipeline ranks, written atomically.
 
-Every rank writes its own stages' tensors, one safetensors shard per stage, under the original
-checkpoint keys (fused MoE experts split back into one matrix per expert by the adapter's key map;
-a tied head left out, as Hugging Face leaves it out). Rank 0 then writes ``config.json``, copies the
-generation config and tokenizer files from the directory the pipeline was loaded from, and writes
-``model.safetensors.index.json`` from the key lists every rank reports.
+Every rank writes its own stages' tensors, in safetensors shards of at most ``max_shard_size``
+(a stage never shares a shard with another), under the original checkpoint keys (fused MoE
+experts split back into one matrix per expert by the adapter's key map; a tied head left out, as
+Hugging Face leaves it out). Rank 0 then names the shards ``model-0000i-of-0000n.safetensors``,
+writes ``config.json``, copies the generation config and tokenizer files from the directory the
+pipeline was loaded from, and writes ``model.safetensors.index.json`` from the key lists every
+rank reports.
 
 A stage sharded inside its sub-mesh (DTensor parameters from FSDP or TP) is gathered one tensor at
 a time with ``full_tensor()``, which every rank of that sub-mesh calls in the same order; only the
@@ -24,6 +26,7 @@ import copy
 import fnmatch
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -37,7 +40,7 @@ from ppzoo.weights import INDEX_FILE, CheckpointError, _persistent_state
 if TYPE_CHECKING:
     from ppzoo.pipeline import Pipeline
 
-__all__ = ["SIDE_FILES", "save_pretrained", "write_atomically"]
+__all__ = ["SIDE_FILES", "parse_size", "save_pretrained", "write_atomically"]
 
 #: files copied from the source checkpoint when it has them: generation config, tokenizer, chat template
 SIDE_FILES = (
@@ -66,8 +69,40 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _shard_name(stage_index: int, num_stages: int) -> str:
-    return f"model-{stage_index + 1:05d}-of-{num_stages:05d}.safetensors"
+def _part_name(stage_index: int, part: int) -> str:
+    """A shard's name while it is written; rank 0 renames it once every rank has reported."""
+    return f"part-{stage_index:05d}-{part:05d}.safetensors"
+
+
+def _shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+#: size units ``save_pretrained(max_shard_size=...)`` understands, as Hugging Face does
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10⁹ bytes) or ``"500MiB"`` (2²⁰).
+
+    Raises:
+        ValueError: not a positive size; the message names the value.
+    """
+    if isinstance(size, bool):
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if match is None:
+            raise ValueError(
+                f"max_shard_size {size!r} is not a size; use bytes or a string like '5GB', '500MB' or '2GiB'"
+            )
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
+    return value
 
 
 def _is_writer(mesh: Any) -> bool:
@@ -82,8 +117,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _write_stages(pipe: "Pipeline", directory: Path) -> dict[str, tuple[str, int, int]]:
-    """Write this rank's stages; ``{checkpoint key: (file, bytes, elements)}`` of what it wrote."""
+def _write_stages(pipe: "Pipeline", directory: Path, max_shard_bytes: int) -> dict[str, tuple[str, int, int]]:
+    """Write this rank's stages; ``{checkpoint key: (file, bytes, elements)}`` of what it wrote.
+
+    A stage's tensors go into shards of at most ``max_shard_bytes`` (a larger tensor alone in
+    one), each written as soon as it is full, so a rank holds at most one shard's full tensors.
+    """
     tied = pipe.adapter.tied_weights(pipe.config)
     key_map = pipe.adapter.key_map(pipe.config)
     writer = _is_writer(pipe.mesh)
@@ -92,6 +131,17 @@ def _write_stages(pipe: "Pipeline", directory: Path) -> dict[str, tuple[str, int
     seen: set[int] = set()
     for index, module in zip(indices, pipe.stages):
         tensors: dict[str, torch.Tensor] = {}
+        parts = 0
+
+        def flush() -> None:
+            nonlocal parts
+            if tensors:
+                name = _part_name(index, parts)
+                _write_shard(directory / name, tensors)
+                written.update({k: (name, t.numel() * t.element_size(), t.numel()) for k, t in tensors.items()})
+                tensors.clear()
+                parts += 1
+
         for fqn, _owner, _name, tensor in _persistent_state(module):
             # A tied head is the embedding (V placement) or a copy kept equal to it: Hugging Face
             # writes it once, under the embedding's key, which the first stage writes.
@@ -102,15 +152,13 @@ def _write_stages(pipe: "Pipeline", directory: Path) -> dict[str, tuple[str, int
             if not writer:
                 continue
             for key, value in key_map.split(fqn, full).items():
-                tensors[key] = value.to("cpu").contiguous()
-        if writer and tensors:
-            name = _shard_name(index, pipe.plan.num_stages)
-            _write_shard(directory / name, tensors)
-            written.update({k: (name, t.numel() * t.element_size(), t.numel()) for k, t in tensors.items()})
-        del tensors  # one stage's full tensors at a time
+                value = value.to("cpu").contiguous()
+                held = sum(t.numel() * t.element_size() for t in tensors.values())
+                if held + value.numel() * value.element_size() > max_shard_bytes:
+                    flush()
+                tensors[key] = value
+        flush()
     return written
-
-
 def _check_target(target: Path) -> None:
     if target.is_file():
         raise CheckpointError(f"{str(target)!r} is a file; pass a directory to save into")
@@ -223,6 +271,12 @@ def _finish_pretrained(pipe: "Pipeline", tmp: Path, results: list[dict[str, tupl
             weight_map[key] = name
             total_size += size
             total_parameters += numel
+    # NOTE: only now is the number of shards known; part names sort in stage order, then part order
+    parts = sorted(set(weight_map.values()))
+    names = {part: _shard_name(i + 1, len(parts)) for i, part in enumerate(parts)}
+    for part, name in names.items():
+        os.replace(tmp / part, tmp / name)
+    weight_map = {key: names[part] for key, part in weight_map.items()}
     index = {
         "metadata": {"total_parameters": total_parameters, "total_size": total_size},
         "weight_map": dict(sorted(weight_map.items())),
@@ -238,7 +292,7 @@ def _finish_pretrained(pipe: "Pipeline", tmp: Path, results: list[dict[str, tupl
                 shutil.copy2(entry, tmp / entry.name)
 
 
-def save_pretrained(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
+def save_pretrained(pipe: "Pipeline", directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> Path:
     """Write ``pipe``'s weights as a Hugging Face checkpoint that ``from_pretrained`` loads.
 
     Collective: call it on every rank. See the module docstring for the layout and atomicity.
@@ -246,17 +300,22 @@ def save_pretrained(pipe: "Pipeline", directory: str | os.PathLike) -> Path:
     Args:
         pipe: the pipeline whose current weights are saved.
         directory: the checkpoint directory; an earlier checkpoint there is replaced.
+        max_shard_size: the largest shard file, in bytes or as ``"5GB"`` / ``"500MiB"`` (Hugging
+            Face's default, 50GB); a tensor larger than it gets a shard of its own. Each rank
+            holds at most one shard's tensors in CPU memory while writing.
 
     Returns:
         ``directory`` as an absolute path.
 
     Raises:
+        ValueError: ``max_shard_size`` is not a size (raised on every rank, before any writing).
         CheckpointError: ``directory`` cannot take a checkpoint, or a rank failed while writing;
             whatever was at ``directory`` before is left as it was.
     """
+    max_shard_bytes = parse_size(max_shard_size)
     return write_atomically(
         directory,
-        lambda tmp: _write_stages(pipe, tmp),
+        lambda tmp: _write_stages(pipe, tmp, max_shard_bytes),
         finish=lambda tmp, results: _finish_pretrained(pipe, tmp, results),
         what="save_pretrained",
     )

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import time
 import traceback
 from pathlib import Path
@@ -47,7 +48,10 @@ ROUND_TRIPS = {
     "llama-bf16": ("llama", dict(schedule="GPipe"), "bfloat16", dict(schedule="Interleaved1F1B", layers_per_stage=2)),
     "mixtral-fsdp": ("mixtral", dict(pp=1, dp_shard=2, microbatches=2), "float32", dict(schedule="1F1B")),
     "llama-tied-tp": ("llama-tied", dict(pp=1, tp=2, microbatches=2), "float32", dict(schedule="1F1B")),
+    "llama-small-shards": ("llama", dict(schedule="Interleaved1F1B"), "float32", dict(schedule="1F1B")),
 }
+#: case → save_pretrained keywords
+SAVE_OPTIONS = {"llama-small-shards": dict(max_shard_size=40_000)}
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -62,7 +66,7 @@ def _full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _round_trip_case(source, saved, split, dtype, reload):
+def _round_trip_case(source, saved, split, dtype, reload, save_options):
     dtype = getattr(torch, dtype)
     split = {"pp": 2, "microbatches": 4, **split}
     pipe = ppzoo.pipeline(source, device="cpu", dtype=dtype, attn_implementation="eager", **split)
@@ -72,7 +76,7 @@ def _round_trip_case(source, saved, split, dtype, reload):
         ids, mask, labels = (t.chunk(2)[dist.get_rank()] for t in (ids, mask, labels))
     pipe.step(ids, labels=labels, attention_mask=mask)
     opt.step()
-    pipe.save_pretrained(saved)
+    pipe.save_pretrained(saved, **save_options)
     named = [(name, _full(param).detach()) for name, param in pipe.named_parameters()]
     problems = []
     original = load_reference(source).to(dtype)
@@ -177,7 +181,7 @@ def _rank_main(rank, world_size, sources, out):
     out = Path(out)
     results = {}
     cases = [
-        (name, _round_trip_case, (sources[src], str(out / name), split, dtype, reload))
+        (name, _round_trip_case, (sources[src], str(out / name), split, dtype, reload, SAVE_OPTIONS.get(name, {})))
         for name, (src, split, dtype, reload) in ROUND_TRIPS.items()
     ]
     cases += [
@@ -261,6 +265,42 @@ def test_index_names_every_key_once_as_hugging_face_does(group, sources, case):
     assert index["metadata"]["total_size"] == size
     if case in ("llama-tied", "gemma"):
         assert HEAD not in index["weight_map"]
+
+
+def test_shards_keep_under_max_shard_size_with_hugging_face_names(group):
+    _, out, _ = group
+    saved = out / "llama-small-shards"
+    limit = SAVE_OPTIONS["llama-small-shards"]["max_shard_size"]
+    index = json.loads((saved / INDEX_FILE).read_text())
+    names = sorted(set(index["weight_map"].values()))
+    count = len(names)
+    assert count > 4  # 4 stages, each more than one shard's worth
+    assert names == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    assert sorted(p.name for p in saved.glob("*.safetensors")) == names  # no part file left behind
+    for name in names:
+        with safe_open(str(saved / name), framework="pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            held = sum(torch.Size(shape).numel() * 4 for shape in sizes)
+            assert held <= limit or len(sizes) == 1, (name, held)
+            # a shard never mixes stages: Interleaved1F1B's stages here are layers 0-1, 2-3, 4-5, 6-7
+            stages = {int(k.split(".")[2]) // 2 for k in f.keys() if k.startswith("model.layers.")}
+            assert len(stages) <= 1, (name, stages)
+
+
+def test_max_shard_size_accepts_hugging_face_sizes_and_names_bad_ones():
+    from ppzoo.save import parse_size
+
+    assert parse_size(1000) == 1000
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5mb") == 1_500_000
+    assert parse_size(" 300 KiB ") == 300 * 1024
+    for bad in ("five", "5XB", "", "-1GB"):
+        with pytest.raises(ValueError, match=re.escape(f"max_shard_size {bad!r} is not a size; use bytes or a string like '5GB'")):
+            parse_size(bad)
+    for bad in (0, -5, True, "0GB"):
+        with pytest.raises(ValueError, match=re.escape(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {bad!r}")):
+            parse_size(bad)
 
 
 def test_config_and_side_files_come_from_the_source(group, sources):
