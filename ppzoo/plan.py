@@ -191,6 +191,8 @@ def _module_costs(config: Any, adapter: Adapter, model: torch.nn.Module, layout:
 
 #: up to this many candidate splits the planner simulates every one; above, it searches locally
 _EXHAUSTIVE_SPLITS = 2000
+#: the most schedule actions the search simulates in all (a few seconds of planning at most)
+_SEARCH_ACTIONS = 2_000_000
 #: a split less even than the min-max one must shorten the simulated step by more than this
 #: share: uneven stages cost memory (the first stages keep the most microbatches in flight)
 _STEP_TOLERANCE = 0.01
@@ -261,11 +263,13 @@ def _balanced_bounds(
         return round(max(_stage_costs(units, b)), 12), b
 
     n = len(units)
-    if math.comb(n - 1, stages - 1) <= _EXHAUSTIVE_SPLITS:
+    # NOTE: a budget in simulated actions, not in seconds, so that every rank plans alike
+    budget = max(1, _SEARCH_ACTIONS // max(1, sum(len(ops) for ops in order.values())))
+    if math.comb(n - 1, stages - 1) <= min(_EXHAUSTIVE_SPLITS, budget):
         steps = {b: step(b) for b in ((0, *cuts, n) for cuts in itertools.combinations(range(1, n), stages - 1))}
     else:
         steps = {bounds: step(bounds)}
-        while True:
+        while len(steps) < budget:
             # NOTE: one boundary, or two neighbouring ones together (a stage shifting whole), by one unit
             for k in range(1, stages):
                 for width in (1, 2)[: stages - k]:

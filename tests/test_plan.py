@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -203,6 +204,19 @@ def test_few_microbatches_lighten_the_last_stage():
     assert _step(few, unit_costs, units, microbatches=2) < 0.99 * _step(few, unit_costs, units, even, microbatches=2)
     many = ppzoo.plan(tiny(), pp=2, microbatches=16)
     assert [len(s.layers) for s in many.stages] == [4, 4]
+
+
+def test_the_search_stops_at_its_budget(monkeypatch):
+    """A budget of one split's actions: the search keeps the min-max split it started from."""
+    config = LlamaConfig(**HEAVY_HEAD)
+    free = ppzoo.plan(config, pp=2, schedule="ZBVZeroBubble", seq_len=128, microbatches=4)
+    # NOTE: ppzoo.plan the attribute is the function; the module is in sys.modules
+    monkeypatch.setattr(sys.modules["ppzoo.plan"], "_SEARCH_ACTIONS", 1)
+    capped = ppzoo.plan(config, pp=2, schedule="ZBVZeroBubble", seq_len=128, microbatches=4)
+    units, unit_costs = _units(config, 128)
+    assert tuple(len(s.layers) for s in capped.stages) != tuple(len(s.layers) for s in free.stages)
+    start = _min_max_bounds(unit_costs, 4)
+    assert [s.cost for s in capped.stages] == pytest.approx([sum(unit_costs[a:b]) for a, b in zip(start, start[1:])])
 
 
 def test_large_models_are_searched_locally():
