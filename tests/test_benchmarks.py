@@ -183,6 +183,16 @@ def test_layer_balanced_split_is_the_previous_plan():
     assert [m for stage in split for m in stage] == ["model.embed_tokens", *layers, "model.norm", "lm_head"]
 
 
+def test_backward_split_times_the_same_gradients(tiny_checkpoint):
+    from benchmarks import backward_split
+
+    # measure() first checks that the full and the split backward give the same gradients
+    times = backward_split.measure(tiny_checkpoint, seq_len=16, batch_size=1, pairs=2, warmup=1)
+    assert len(times["full"]) == len(times["split"]) == 2
+    assert all(t[0] > 0 and t[1] > 0 and t[2] == 0 for t in times["full"])
+    assert all(t[0] > 0 and t[1] > 0 and t[2] > 0 for t in times["split"])
+
+
 def test_measured_ideal_step():
     # balanced 2 stages, 1 s a microbatch: (m + pp − 1) = 5 s for 1F1B; 4 s of work a rank on ZBV
     assert step.measured_ideal_step("1F1B", 2, 4, [1.0, 1.0]) == pytest.approx(5.0)

@@ -1,0 +1,151 @@
+"""Split backward: what the zero-bubble schedules pay for input and weight gradients apart.
+
+    python benchmarks/backward_split.py --out benchmarks/results/backward-split.json
+
+InterleavedZeroBubble and ZBVZeroBubble run each stage's backward as two actions, the input
+gradient (I) and later the weight gradient (W), with torch's ``stage_backward_input`` and
+``stage_backward_weight`` (what their ``PipelineStage`` calls). The schedules' ideal assumes
+I + W costs one full backward (B). This benchmark times, on a stage of decoder layers (a ppzoo
+stage built from the generated checkpoint, hidden states in and out), forward + full backward
+against forward + I + W, alternating the two call by call; one process, one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    PressureMonitor, generate_checkpoint, llama_config, machine, table, write_json,
+)
+
+#: shape name → (sequence length, microbatch size)
+CASES = {"small": (128, 1), "medium": (128, 1)}
+
+
+def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmup: int) -> dict:
+    """Per-call forward, backward, input-gradient and weight-gradient seconds of a middle stage."""
+    import torch
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    import ppzoo
+    from ppzoo import registry
+    from ppzoo.plan import load_config
+    from ppzoo.stage import build_stage
+    from ppzoo.weights import Checkpoint
+
+    config = load_config(directory)
+    layout = registry.adapter_for(config).fqn_layout(config)
+    layers = [layout.layer(i) for i in range(layout.num_layers)]
+    # NOTE: a middle stage of every layer: hidden states in, hidden states out, no head
+    split = [list(layout.inputs), layers, list(layout.outputs)]
+    plan = ppzoo.plan(config, pp=3, stage_modules=split, dtype=torch.float32)
+    stage = build_stage(config, registry.adapter_for(config), plan, 1, checkpoint=Checkpoint(directory),
+                        dtype=torch.float32, attn_implementation="sdpa")
+    stage.train()
+    hidden = int(config.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch_size, seq_len, hidden, generator=gen)
+
+    def full() -> tuple[float, float, float]:
+        x = x0.clone().requires_grad_()
+        start = time.perf_counter()
+        y = stage(x)
+        middle = time.perf_counter()
+        y.backward(torch.ones_like(y))
+        end = time.perf_counter()
+        stage.zero_grad(set_to_none=True)
+        return middle - start, end - middle, 0.0
+
+    def split_backward() -> tuple[float, float, float]:
+        x = x0.clone().requires_grad_()
+        start = time.perf_counter()
+        y = stage(x)
+        middle = time.perf_counter()
+        _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], stage.parameters())
+        input_done = time.perf_counter()
+        stage_backward_weight(stage.parameters(), groups)
+        end = time.perf_counter()
+        stage.zero_grad(set_to_none=True)
+        return middle - start, input_done - middle, end - input_done
+
+    # NOTE: the two compute the same gradients, or the comparison would mean nothing
+    grads = []
+    for fn in (full, split_backward):
+        x = x0.clone().requires_grad_()
+        y = stage(x)
+        if fn is full:
+            y.backward(torch.ones_like(y))
+            dx = x.grad
+        else:
+            (dx,), groups = stage_backward_input([y], [torch.ones_like(y)], [x], stage.parameters())
+            stage_backward_weight(stage.parameters(), groups)
+        grads.append([dx] + [p.grad.clone() for p in stage.parameters()])
+        stage.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for _ in range(warmup):
+        full()
+        split_backward()
+    times: dict[str, list] = {"full": [], "split": []}
+    for i in range(pairs):
+        order = (("full", full), ("split", split_backward)) if i % 2 == 0 else (("split", split_backward), ("full", full))
+        for name, fn in order:
+            times[name].append(fn())
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--pairs", type=int, default=20, help="timed (full, split) pairs")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    info = machine()
+    rows = []
+    for name in args.cases:
+        seq_len, batch_size = CASES[name]
+        directory = generate_checkpoint(args.root / f"llama-{name}-f32", llama_config(name, dtype="float32"), dtype="float32")
+        with PressureMonitor() as pressure:
+            times = measure(directory, seq_len=seq_len, batch_size=batch_size, pairs=args.pairs, warmup=args.warmup)
+        forward = statistics.median(t[0] for t in times["full"] + times["split"])
+        backward = statistics.median(t[1] for t in times["full"])
+        grad_input = statistics.median(t[1] for t in times["split"])
+        grad_weight = statistics.median(t[2] for t in times["split"])
+        paired = statistics.median((s[1] + s[2]) / f[1] for f, s in zip(times["full"], times["split"]))
+        rows.append({
+            "case": name, "forward_s": forward, "backward_s": backward, "input_grad_s": grad_input,
+            "weight_grad_s": grad_weight, "split_over_full": paired, "cpu_pressure": pressure.summary(),
+            "times": times,
+        })
+    info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(table(rows, ["case", "forward_s", "backward_s", "input_grad_s", "weight_grad_s", "split_over_full"],
+                floats="{:.4f}"))
+    print(f"split_over_full: (I + W) / B, the median of per-pair ratios; threads {args.threads}; load average "
+          f"before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure (mean/max): "
+          f"{[r['cpu_pressure'] for r in rows]}")
+    write_json(args.out, {
+        "benchmark": "backward_split", "machine": info,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "threads": args.threads, "rows": rows,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
