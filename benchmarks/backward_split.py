@@ -12,7 +12,6 @@ against forward + I + W, alternating the two call by call; one process, one torc
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    PressureMonitor, generate_checkpoint, llama_config, machine, table, write_json,
+    PressureMonitor, float32_checkpoint, paired_parser, start_single_process, table, write_json,
 )
 
 #: shape name → (sequence length, microbatch size)
@@ -103,25 +102,13 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--pairs", type=int, default=20, help="timed (full, split) pairs")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser = paired_parser(__doc__.split("\n\n")[0], CASES, "(full, split)")
     args = parser.parse_args(argv)
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    info = machine()
+    info = start_single_process(args.threads)
     rows = []
     for name in args.cases:
         seq_len, batch_size = CASES[name]
-        directory = generate_checkpoint(args.root / f"llama-{name}-f32", llama_config(name, dtype="float32"), dtype="float32")
+        directory = float32_checkpoint(args.root, name)
         with PressureMonitor() as pressure:
             times = measure(directory, seq_len=seq_len, batch_size=batch_size, pairs=args.pairs, warmup=args.warmup)
         forward = statistics.median(t[0] for t in times["full"] + times["split"])

@@ -7,6 +7,7 @@ benchmarks never download weights.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -311,3 +312,31 @@ def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, sync: C
             sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+# -- single-process paired benchmarks (overhead, backward_split) ---------------------------------
+def paired_parser(description: str, cases: Sequence[str], pairs: str) -> argparse.ArgumentParser:
+    """The options of a one-process benchmark that alternates two things call by call."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", nargs="+", default=list(cases), choices=list(cases))
+    parser.add_argument("--pairs", type=int, default=20, help=f"timed {pairs} pairs")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser
+
+
+def start_single_process(threads: int) -> dict[str, Any]:
+    """Quiet Hugging Face's progress bars, set torch's threads; the machine's description."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    return machine()
+
+
+def float32_checkpoint(root: Path, shape: str) -> Path:
+    """The generated fp32 checkpoint of a named shape under ``root`` (made on first use)."""
+    return generate_checkpoint(root / f"llama-{shape}-f32", llama_config(shape, dtype="float32"), dtype="float32")
