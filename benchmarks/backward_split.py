@@ -53,51 +53,38 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch_size, seq_len, hidden, generator=gen)
 
-    def full() -> tuple[float, float, float]:
+    grads: dict[str, list] = {}
+
+    def run(name: str) -> tuple[float, float, float]:
+        """(forward, input or full backward, weight) seconds; the gradients are kept in ``grads``."""
         x = x0.clone().requires_grad_()
         start = time.perf_counter()
         y = stage(x)
         middle = time.perf_counter()
-        y.backward(torch.ones_like(y))
-        end = time.perf_counter()
-        stage.zero_grad(set_to_none=True)
-        return middle - start, end - middle, 0.0
-
-    def split_backward() -> tuple[float, float, float]:
-        x = x0.clone().requires_grad_()
-        start = time.perf_counter()
-        y = stage(x)
-        middle = time.perf_counter()
-        _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], stage.parameters())
-        input_done = time.perf_counter()
-        stage_backward_weight(stage.parameters(), groups)
-        end = time.perf_counter()
-        stage.zero_grad(set_to_none=True)
-        return middle - start, input_done - middle, end - input_done
-
-    # NOTE: the two compute the same gradients, or the comparison would mean nothing
-    grads = []
-    for fn in (full, split_backward):
-        x = x0.clone().requires_grad_()
-        y = stage(x)
-        if fn is full:
+        if name == "full":
             y.backward(torch.ones_like(y))
             dx = x.grad
         else:
             (dx,), groups = stage_backward_input([y], [torch.ones_like(y)], [x], stage.parameters())
+            input_done = time.perf_counter()
             stage_backward_weight(stage.parameters(), groups)
-        grads.append([dx] + [p.grad.clone() for p in stage.parameters()])
+        end = time.perf_counter()
+        grads[name] = [dx] + [p.grad for p in stage.parameters()]
         stage.zero_grad(set_to_none=True)
-    for a, b in zip(*grads):
+        if name == "full":
+            return middle - start, end - middle, 0.0
+        return middle - start, input_done - middle, end - input_done
+
+    # NOTE: the two compute the same gradients, or the comparison would mean nothing
+    run("full"), run("split")
+    for a, b in zip(grads["full"], grads["split"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for _ in range(warmup):
-        full()
-        split_backward()
+        run("full"), run("split")
     times: dict[str, list] = {"full": [], "split": []}
     for i in range(pairs):
-        order = (("full", full), ("split", split_backward)) if i % 2 == 0 else (("split", split_backward), ("full", full))
-        for name, fn in order:
-            times[name].append(fn())
+        for name in ("full", "split") if i % 2 == 0 else ("split", "full"):
+            times[name].append(run(name))
     return times
 
 

@@ -19,7 +19,7 @@ import functools
 import types
 from typing import Sequence
 
-__all__ = ["Action", "COSTS", "schedule_order", "makespan", "ideal_efficiency"]
+__all__ = ["Action", "COSTS", "SIMULATED", "schedule_order", "makespan", "ideal_efficiency"]
 
 #: ``(stage index, kind, microbatch index)``
 Action = tuple[int, str, int]
