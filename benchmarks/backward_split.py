@@ -36,7 +36,7 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
 
     import ppzoo
     from ppzoo import registry
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
     from ppzoo.stage import build_stage
     from ppzoo.weights import Checkpoint
 

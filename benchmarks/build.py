@@ -93,7 +93,7 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
 
     import ppzoo
     from ppzoo import registry
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
     from ppzoo.stage import build_stage, prune
     import ppzoo.weights as weights
 

@@ -77,7 +77,7 @@ def _parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
     """(checkpoint key, shape) of every persistent tensor, in forward order, from a meta model."""
     import torch
 
-    from ppzoo.plan import meta_model
+    from ppzoo.meta import meta_model
 
     model = meta_model(config, dtype=torch.float32)
     return [(key, tuple(t.shape)) for key, t in model.state_dict(keep_vars=True).items()]

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ppzoo
     from ppzoo.loss import causal_lm_loss
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
     from ppzoo.stage import run_chain
 
     from transformers.utils import logging as hf_logging

@@ -37,7 +37,7 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
     import ppzoo
     from ppzoo import registry
     from ppzoo.loss import causal_lm_loss
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
     from ppzoo.stage import build_stage
     from ppzoo.weights import Checkpoint
 

@@ -90,15 +90,17 @@ def layer_balanced_split(config: Any, *, pp: int, schedule: str, seq_len: int) -
     """The split ppzoo's planner made before stages could hold no layer and before it simulated
     schedules: every stage at least one layer, the costliest stage as cheap as possible."""
     from ppzoo import registry
-    from ppzoo.plan import _min_max_bounds, _module_costs, meta_model  # NOTE: the planner's own cost model
+    from ppzoo.cost import module_costs
+    from ppzoo.meta import meta_model
+    from ppzoo.split import min_max_bounds  # NOTE: the planner's own cost model
 
     adapter = registry.adapter_for(config)
     layout = adapter.fqn_layout(config)
-    costs = _module_costs(config, adapter, meta_model(config), layout, seq_len)
+    costs = module_costs(config, adapter, meta_model(config), layout, seq_len)
     layers = [[layout.layer(i)] for i in range(layout.num_layers)]
     layers[0] = list(layout.inputs) + layers[0]
     layers[-1] = layers[-1] + list(layout.outputs)
-    bounds = _min_max_bounds([sum(costs[m] for m in unit) for unit in layers], pp * _stages_per_rank(schedule))
+    bounds = min_max_bounds([sum(costs[m] for m in unit) for unit in layers], pp * _stages_per_rank(schedule))
     return [[m for unit in layers[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
 
 
@@ -180,7 +182,7 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
     import torch.distributed as dist
 
     import ppzoo
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
 
     single = _Single(directory, case) if rank == 0 else None
     out: dict[str, Any] = {"variants": {}}

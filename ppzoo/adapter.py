@@ -11,7 +11,6 @@ The defaults fit Llama; an architecture that looks like Llama is a subclass with
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,37 +18,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Adapter", "KeyMap", "Layout", "FULL", "SLIDING"]
+from ppzoo.layout import FULL, SLIDING, Layout
 
-FULL = "full_attention"
-SLIDING = "sliding_attention"
+__all__ = ["Adapter", "KeyMap"]
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a model's pieces live, by module FQN.
-
-    Attributes:
-        inputs: modules that run before the first layer (``model.embed_tokens``), first stage.
-        layers: the repeated layer container (``model.layers``); layer ``i`` is ``f"{layers}.{i}"``.
-        num_layers: how many layers the container holds.
-        outputs: modules that run after the last layer (``model.norm``, ``lm_head``), last stage.
-        shared: parameter-free modules every stage keeps (``model.rotary_emb``).
-    """
-
-    inputs: tuple[str, ...]
-    layers: str
-    num_layers: int
-    outputs: tuple[str, ...]
-    shared: tuple[str, ...] = ()
-
-    def layer(self, index: int) -> str:
-        return f"{self.layers}.{index}"
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        """Every parameter-holding module in forward order."""
-        return self.inputs + tuple(self.layer(i) for i in range(self.num_layers)) + self.outputs
 
 
 @dataclass(frozen=True)
@@ -75,29 +47,6 @@ class KeyMap:
     def split(self, fqn: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Checkpoint tensors for the parameter ``fqn`` (the inverse of :meth:`combine`)."""
         return {fqn: tensor}
-
-
-@functools.lru_cache(maxsize=None)
-def _mask_params(fn: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
-
-
-def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids) -> Any:
-    """Call a transformers mask function with the argument names the installed version uses."""
-    params = _mask_params(fn)
-    kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
-    # NOTE: transformers renamed input_embeds -> inputs_embeds and past_key_values -> cache, and
-    # dropped cache_position; stages never carry a cache.
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
-    if "cache" in params:
-        kwargs["cache"] = None
-    elif "past_key_values" in params:
-        kwargs["past_key_values"] = None
-    if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
-    if "position_ids" in params:
-        kwargs["position_ids"] = position_ids
-    return fn(**kwargs)
 
 
 class Adapter:
@@ -174,7 +123,7 @@ class Adapter:
 
         None when it adds nothing (the default). MoE adapters return the weighted router
         load-balancing loss, from what each stage recorded during its forward (see
-        ``ppzoo.adapters.moe``). Add the result to the LM loss.
+        ``ppzoo.architectures.moe``). Add the result to the LM loss.
         """
         return None
 
@@ -221,8 +170,10 @@ class Adapter:
     def masks(self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str]) -> dict:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        from ppzoo import stage  # NOTE: imported here: the stage module imports the planner, which imports this one
+
         fns = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
-        return {t: build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+        return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
 
     def position_embeddings(self, inner: nn.Module, hidden: torch.Tensor, position_ids, needed: set[str]) -> dict:
         rope = getattr(inner, self.rotary_name)(hidden, position_ids=position_ids)
@@ -242,38 +193,12 @@ class Adapter:
     # -- forward patches -----------------------------------------------------------------------
     def patch_inner_forward(self, inner: nn.Module) -> None:
         """Make ``inner`` map (token ids | hidden states) to hidden states for its own layers."""
-        inner.forward = types.MethodType(functools.partial(_inner_stage_forward, adapter=self), inner)
+        from ppzoo import stage
+
+        inner.forward = types.MethodType(functools.partial(stage.inner_stage_forward, adapter=self), inner)
 
     def patch_causal_lm_forward(self, lm: nn.Module) -> None:
         """Make ``lm`` run its inner stage, then the head when this stage holds it (logits out)."""
-        lm.forward = types.MethodType(functools.partial(_causal_lm_stage_forward, adapter=self), lm)
+        from ppzoo import stage
 
-
-def _inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
-    if getattr(inner, adapter.embed_name, None) is not None:
-        hidden = adapter.embed(inner, x)
-    else:
-        hidden = x
-    layers = getattr(inner, adapter.layers_name)
-    if len(layers):
-        if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kinds = adapter.layer_types(inner.config)
-        needed = {kinds[int(i)] for i in layers.keys()}
-        masks = adapter.masks(inner, hidden, attention_mask, position_ids, needed)
-        ropes = adapter.position_embeddings(inner, hidden, position_ids, needed)
-        for key, layer in layers.items():
-            kind = kinds[int(key)]
-            hidden = adapter.call_layer(
-                layer, hidden, mask=masks[kind], position_embeddings=ropes[kind], position_ids=position_ids
-            )
-    if getattr(inner, adapter.norm_name, None) is not None:
-        hidden = adapter.final_norm(inner, hidden)
-    return hidden
-
-
-def _causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
-    hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids)
-    if getattr(lm, adapter.head_name, None) is None:
-        return hidden
-    return adapter.logits(lm, hidden)
+        lm.forward = types.MethodType(functools.partial(stage.causal_lm_stage_forward, adapter=self), lm)

@@ -30,7 +30,7 @@ def _human(n: float) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import ppzoo
     from ppzoo.estimate import estimate_plan
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
 
     for flag, value in (("--seq-len", args.seq_len), ("--microbatch-size", args.microbatch_size),
                         ("--microbatches", args.microbatches)):

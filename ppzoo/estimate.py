@@ -1,7 +1,7 @@
 """Memory and bubble estimates for a plan: activations, training state, idle time.
 
 Small pure functions of the numbers they need, plus :func:`estimate_plan`, which applies them to
-every stage of a :class:`~ppzoo.plan.Plan`. They are estimates to size a run, not measurements.
+every stage of a :class:`~ppzoo.planner.Plan`. They are estimates to size a run, not measurements.
 
 Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
 Models", 2022), who count ``s·b·h·(34 + 5·a·s/h)`` bytes per GPT layer in fp16. For a Llama-style
@@ -56,7 +56,7 @@ def bubble_fraction(schedule: str, *, pp: int, microbatches: int, stages_per_ran
     only once ``microbatches ≥ 2·pp − 1``: torch pads fewer to that many). LoopedBFS, DualPipeV
     and CSV schedules return None.
     """
-    from ppzoo.plan import schedule_kind
+    from ppzoo.schedule import schedule_kind
 
     try:
         name, _ = schedule_kind(schedule)
@@ -168,7 +168,7 @@ def estimate_plan(
     Activations are taken at the plan's parameter dtype; AdamW with two fp32 states.
 
     Args:
-        plan: a :class:`~ppzoo.plan.Plan`.
+        plan: a :class:`~ppzoo.planner.Plan`.
         config: the config the plan was made from.
         seq_len: sequence length.
         microbatch_size: sequences per microbatch.

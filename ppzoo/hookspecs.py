@@ -1,7 +1,7 @@
 """The ppzoo plugin hooks.
 
 A plugin is any module or object with functions decorated by :data:`hookimpl` whose names match
-the specs below. Built-in adapters are plugins too (``ppzoo.adapters.*``); third-party packages are
+the specs below. Built-in adapters are plugins too (``ppzoo.architectures.*``); third-party packages are
 discovered through the entry-point group ``ppzoo``.
 """
 
@@ -13,7 +13,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from ppzoo.adapter import Adapter
-    from ppzoo.plan import Plan
+    from ppzoo.planner import Plan
 
 __all__ = ["hookspec", "hookimpl", "ppzoo_register_adapters", "ppzoo_adapter_for", "ppzoo_validate"]
 

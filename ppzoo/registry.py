@@ -22,13 +22,8 @@ from typing import Any, Iterator
 
 import pluggy
 
-import ppzoo.adapters  # noqa: F401 - see the NOTE below
 from ppzoo import hookspecs
 from ppzoo.adapter import Adapter
-
-# NOTE: the package of built-in adapters is imported here, before ``ppzoo/__init__`` binds
-# ``ppzoo.adapters`` to the function below: importing a package for the first time sets it as an
-# attribute of its parent, so loading the built-ins later would replace ``ppzoo.adapters()``.
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -45,16 +40,16 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "ppzoo"
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "ppzoo.adapters.llama",
-    "ppzoo.adapters.mistral",
-    "ppzoo.adapters.qwen2",
-    "ppzoo.adapters.gemma",
-    "ppzoo.adapters.phi3",
-    "ppzoo.adapters.olmo2",
-    "ppzoo.adapters.granite",
-    "ppzoo.adapters.mixtral",
-    "ppzoo.adapters.qwen_moe",
-    "ppzoo.adapters.generic",
+    "ppzoo.architectures.llama",
+    "ppzoo.architectures.mistral",
+    "ppzoo.architectures.qwen2",
+    "ppzoo.architectures.gemma",
+    "ppzoo.architectures.phi3",
+    "ppzoo.architectures.olmo2",
+    "ppzoo.architectures.granite",
+    "ppzoo.architectures.mixtral",
+    "ppzoo.architectures.qwen_moe",
+    "ppzoo.architectures.generic",
 )
 
 
@@ -78,7 +73,7 @@ class ValidationError(ValueError):
 @dataclass(frozen=True)
 class _Entry:
     adapter: Adapter
-    source: str  # who registered it, e.g. "ppzoo (built-in ppzoo.adapters.llama)"
+    source: str  # who registered it, e.g. "ppzoo (built-in ppzoo.architectures.llama)"
 
 
 class _Registry:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ppzoo.weights import INDEX_FILE, CheckpointError, _persistent_state
 
 if TYPE_CHECKING:
-    from ppzoo.pipeline import Pipeline
+    from ppzoo.runtime import Pipeline
 
 __all__ = ["SIDE_FILES", "parse_size", "save_pretrained", "write_atomically"]
 

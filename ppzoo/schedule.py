@@ -1,44 +1,72 @@
-"""Schedule construction (every torch schedule and CSV schedules), microbatch checks, the loss.
+"""Pipeline schedules: the table of torch schedules, CSV schedules, and building a schedule object.
 
 Schedules are ``torch.distributed.pipelining`` objects. ppzoo builds its ``PipelineStage`` objects
 with static shapes (``input_args`` / ``output_args``), so no metadata round trip or dummy forward
 runs at the first step; a batch of another shape gets stages and schedules of its own (see
-:class:`ppzoo.pipeline.Pipeline`).
+:class:`ppzoo.runtime.Pipeline`).
+
+NOTE: importing ``torch.distributed.pipelining`` costs seconds (it loads ``torch._dynamo``); this
+module imports it only inside the functions that build schedules, so planning stays fast.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from torch.distributed import pipelining
-
-from ppzoo.plan import schedule_kind
-
-__all__ = ["PipelineStage", "build_schedule", "check_batch", "check_microbatches", "csv_stage_count"]
-
-_CLASSES = {
-    "GPipe": "ScheduleGPipe",
-    "1F1B": "Schedule1F1B",
-    "Interleaved1F1B": "ScheduleInterleaved1F1B",
-    "LoopedBFS": "ScheduleLoopedBFS",
-    "InterleavedZeroBubble": "ScheduleInterleavedZeroBubble",
-    "ZBVZeroBubble": "ScheduleZBVZeroBubble",
-    "DualPipeV": "ScheduleDualPipeV",
-}
+__all__ = [
+    "SCHEDULES", "ScheduleSpec", "build_schedule", "check_batch", "check_microbatches", "csv_stage_count", "schedule_kind",
+]
 
 
-class PipelineStage(pipelining.PipelineStage):
-    """torch's ``PipelineStage``, minus connection warm-up messages from a rank to itself.
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One torch schedule.
 
-    NOTE: some torch releases (2.11) warm up the point-to-point connections at the first step by
-    exchanging a tensor with both neighbouring stages, even one on this very rank (V placement);
-    gloo cannot send to its own rank, so those exchanges are left out. Stages on one rank pass
-    their tensors directly, and torch releases that warm up otherwise never call this.
+    Attributes:
+        name: the canonical name users write (any case is accepted).
+        torch_class: the class in ``torch.distributed.pipelining``.
+        placement: ``"single"`` (one stage a rank), ``"loop"`` (stage ``s`` on rank ``s % pp``) or
+            ``"v"`` (rank ``r`` holds stages ``r`` and ``2·pp − 1 − r``).
     """
 
-    def _get_init_p2p_neighbors_ops(self) -> list:
-        return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
+    name: str
+    torch_class: str
+    placement: str
+
+
+#: every torch schedule ppzoo runs, by canonical name; the one list of schedule names
+SCHEDULES: dict[str, ScheduleSpec] = {
+    spec.name: spec
+    for spec in (
+        ScheduleSpec("GPipe", "ScheduleGPipe", "single"),
+        ScheduleSpec("1F1B", "Schedule1F1B", "single"),
+        ScheduleSpec("Interleaved1F1B", "ScheduleInterleaved1F1B", "loop"),
+        ScheduleSpec("LoopedBFS", "ScheduleLoopedBFS", "loop"),
+        ScheduleSpec("InterleavedZeroBubble", "ScheduleInterleavedZeroBubble", "loop"),
+        ScheduleSpec("ZBVZeroBubble", "ScheduleZBVZeroBubble", "v"),
+        ScheduleSpec("DualPipeV", "ScheduleDualPipeV", "v"),
+    )
+}
+_BY_LOWER = {name.lower(): spec for name, spec in SCHEDULES.items()}
+
+
+def schedule_kind(schedule: str) -> tuple[str, str]:
+    """``(canonical name, kind)`` for a schedule name or CSV file; kind is single, loop, v or csv.
+
+    Raises:
+        ValueError: the name is neither a known schedule nor a ``.csv`` file.
+    """
+    if str(schedule).lower().endswith(".csv"):
+        return str(schedule), "csv"
+    try:
+        spec = _BY_LOWER[str(schedule).lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}, or a path to a .csv schedule"
+        ) from None
+    return spec.name, spec.placement
 
 
 def csv_stage_count(path: str) -> int:
@@ -93,7 +121,7 @@ def check_batch(*, batch_size: int, microbatches: int) -> None:
 
 def build_schedule(
     schedule: str,
-    stages: Sequence[pipelining.PipelineStage],
+    stages: Sequence[Any],
     *,
     microbatches: int,
     loss_fn: Callable[..., Any] | None,
@@ -103,6 +131,8 @@ def build_schedule(
     ``loss_fn=None`` gives a forward-only schedule (for evaluation): GPipe's order, whatever the
     training schedule, since torch's zero-bubble and V schedules cannot run without a backward.
     """
+    from torch.distributed import pipelining
+
     name, kind = schedule_kind(schedule)
     if loss_fn is None and len(stages) > 1:
         return _forward_only(stages, microbatches=microbatches, placement="v" if kind == "v" else "loop")
@@ -115,7 +145,7 @@ def build_schedule(
         runtime = _PipelineScheduleRuntime(list(stages), microbatches, **common)
         runtime._load_csv(name)
         return runtime
-    cls = getattr(pipelining, _CLASSES[name])
+    cls = getattr(pipelining, SCHEDULES[name].torch_class)
     if kind == "single":
         if len(stages) != 1:
             raise ValueError(f"schedule {name} runs one stage per rank, got {len(stages)}")
@@ -123,7 +153,7 @@ def build_schedule(
     return cls(list(stages), microbatches, **common)
 
 
-def _forward_only(stages: Sequence[pipelining.PipelineStage], *, microbatches: int, placement: str) -> Any:
+def _forward_only(stages: Sequence[Any], *, microbatches: int, placement: str) -> Any:
     """A forward-only runtime for several stages per rank: every microbatch through stage 0, then 1, ...
 
     Each rank runs its stages' forwards in stage order, all microbatches of one stage before the

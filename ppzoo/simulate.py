@@ -19,6 +19,8 @@ import functools
 import types
 from typing import Sequence
 
+from ppzoo.schedule import SCHEDULES
+
 __all__ = ["Action", "COSTS", "SIMULATED", "schedule_order", "makespan", "ideal_efficiency"]
 
 #: ``(stage index, kind, microbatch index)``
@@ -29,8 +31,8 @@ Action = tuple[int, str, int]
 #: assumption)
 COSTS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 
-#: schedules :func:`schedule_order` knows
-SIMULATED = ("GPipe", "1F1B", "LoopedBFS", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+#: schedules :func:`schedule_order` knows: every torch schedule (CSV schedules are not simulated)
+SIMULATED = tuple(SCHEDULES)
 
 
 def _single_stage_order(schedule: str, pp: int, microbatches: int) -> dict[int, list[Action]]:
@@ -60,15 +62,10 @@ def _looped_bfs_order(pp: int, microbatches: int, stages_per_rank: int) -> dict[
 
 @functools.lru_cache(maxsize=64)
 def _torch_order(schedule: str, pp: int, microbatches: int, stages_per_rank: int) -> tuple[tuple[Action, ...], ...]:
-    from torch.distributed.pipelining import schedules as torch_schedules
+    from torch.distributed import pipelining
     from torch.distributed.pipelining.schedules import _ComputationType, generate_stage_to_rank_mapping
 
-    cls = {
-        "Interleaved1F1B": torch_schedules.ScheduleInterleaved1F1B,
-        "InterleavedZeroBubble": torch_schedules.ScheduleInterleavedZeroBubble,
-        "ZBVZeroBubble": torch_schedules.ScheduleZBVZeroBubble,
-        "DualPipeV": torch_schedules.ScheduleDualPipeV,
-    }[schedule]
+    cls = getattr(pipelining, SCHEDULES[schedule].torch_class)
     num_stages = stages_per_rank * pp
     rounds = max(1, microbatches // pp)
     # NOTE: the generators read only these attributes of the schedule; building a real schedule
@@ -78,7 +75,7 @@ def _torch_order(schedule: str, pp: int, microbatches: int, stages_per_rank: int
         num_stages=num_stages, _num_stages=num_stages, number_of_rounds=rounds,
         microbatches_per_round=microbatches // rounds,
         stage_index_to_group_rank=generate_stage_to_rank_mapping(
-            pp, num_stages, style="v" if schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
+            pp, num_stages, style=SCHEDULES[schedule].placement
         ),
     )
     compute = {"F", "B", "I", "W"}

@@ -8,16 +8,24 @@ checkpoint keys match without renaming.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ppzoo.adapter import Adapter, Layout
-from ppzoo.plan import Plan, StagePlan, meta_model
+from ppzoo.layout import Layout
+from ppzoo.meta import meta_model
+from ppzoo.planner import Plan, StagePlan
 from ppzoo.weights import Checkpoint, load_stage_weights
 
-__all__ = ["build_stage", "prune", "materialize", "run_chain"]
+if TYPE_CHECKING:
+    from ppzoo.adapter import Adapter
+
+__all__ = [
+    "build_mask", "build_stage", "causal_lm_stage_forward", "inner_stage_forward", "materialize", "prune", "run_chain",
+]
 
 
 def _set_module(root: nn.Module, fqn: str, value: nn.Module | None) -> None:
@@ -68,7 +76,7 @@ def _tie(model: nn.Module, tied: dict[str, str]) -> None:
 
 def build_stage(
     config: Any,
-    adapter: Adapter,
+    adapter: "Adapter",
     plan: Plan,
     stage_index: int,
     *,
@@ -125,3 +133,57 @@ def run_chain(
     for module in stages:
         x = module(x, attention_mask=attention_mask, position_ids=position_ids)
     return x
+
+
+# -- the stage forward ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _mask_params(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids) -> Any:
+    """Call a transformers mask function with the argument names the installed version uses."""
+    params = _mask_params(fn)
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
+    # NOTE: transformers renamed input_embeds -> inputs_embeds and past_key_values -> cache, and
+    # dropped cache_position; stages never carry a cache.
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    if "cache" in params:
+        kwargs["cache"] = None
+    elif "past_key_values" in params:
+        kwargs["past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    if "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    return fn(**kwargs)
+
+
+def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: "Adapter"):
+    if getattr(inner, adapter.embed_name, None) is not None:
+        hidden = adapter.embed(inner, x)
+    else:
+        hidden = x
+    layers = getattr(inner, adapter.layers_name)
+    if len(layers):
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kinds = adapter.layer_types(inner.config)
+        needed = {kinds[int(i)] for i in layers.keys()}
+        masks = adapter.masks(inner, hidden, attention_mask, position_ids, needed)
+        ropes = adapter.position_embeddings(inner, hidden, position_ids, needed)
+        for key, layer in layers.items():
+            kind = kinds[int(key)]
+            hidden = adapter.call_layer(
+                layer, hidden, mask=masks[kind], position_embeddings=ropes[kind], position_ids=position_ids
+            )
+    if getattr(inner, adapter.norm_name, None) is not None:
+        hidden = adapter.final_norm(inner, hidden)
+    return hidden
+
+
+def causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: "Adapter"):
+    hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids)
+    if getattr(lm, adapter.head_name, None) is None:
+        return hidden
+    return adapter.logits(lm, hidden)

@@ -33,7 +33,7 @@ from ppzoo.save import _agree, write_atomically
 from ppzoo.weights import CheckpointError
 
 if TYPE_CHECKING:
-    from ppzoo.pipeline import Pipeline
+    from ppzoo.runtime import Pipeline
 
 __all__ = ["load_state", "rank_module", "save_state", "saved_step"]
 

@@ -238,7 +238,7 @@ def _check_checkpoint_options(args: argparse.Namespace) -> None:
 def _check_model(model: str, args: argparse.Namespace) -> tuple[Any, Path, int]:
     """The model's config, local directory and size, once the plan and the microbatches suit it."""
     import ppzoo
-    from ppzoo.plan import load_config
+    from ppzoo.config import load_config
     from ppzoo.schedule import check_microbatches
     from ppzoo.weights import resolve
 

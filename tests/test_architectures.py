@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.adapter import SLIDING, Adapter
+from ppzoo.adapter import Adapter
+from ppzoo.layout import SLIDING
 from ppzoo.loss import causal_lm_loss
-from ppzoo.plan import load_config
+from ppzoo.config import load_config
 from ppzoo.registry import ValidationError
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model, tiny

@@ -97,7 +97,7 @@ def test_bubble_fraction_is_what_the_schedule_simulation_gives(schedule, pp, m):
 def test_estimate_plan_on_the_tiny_llama():
     from transformers import LlamaConfig
 
-    from ppzoo.adapters.llama import TINY
+    from ppzoo.architectures.llama import TINY
 
     config = LlamaConfig(**TINY)  # h=32, I=64, 4 heads of 8, 2 kv heads, vocab 96, 8 layers, fp32
     plan = ppzoo.plan(config, pp=2, layers_per_stage=4)
@@ -115,7 +115,7 @@ def test_estimate_plan_on_the_tiny_llama():
 def test_plan_cli_prints_and_dumps_estimates(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    from ppzoo.adapters.llama import TINY
+    from ppzoo.architectures.llama import TINY
 
     LlamaConfig(**TINY).save_pretrained(tmp_path)
     argv = ["plan", str(tmp_path), "--pp", "2", "--seq-len", "128", "--microbatch-size", "2", "--microbatches", "6",

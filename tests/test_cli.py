@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ppzoo import registry
-from ppzoo.adapters.llama import TINY
+from ppzoo.architectures.llama import TINY
 from ppzoo.cli import main
 from ppzoo.testing.reference import save_tiny_model
 
@@ -176,8 +176,8 @@ def test_list(capsys):
     lines = out.splitlines()
     adapters = registry.adapters()
     assert [line.split()[0] for line in lines] == list(adapters)
-    assert f"{'llama':<14} {'llama':<32} ppzoo (built-in ppzoo.adapters.llama)" in lines
-    assert f"{'qwen3':<14} {'qwen3':<32} ppzoo (built-in ppzoo.adapters.qwen2)" in lines
+    assert f"{'llama':<14} {'llama':<32} ppzoo (built-in ppzoo.architectures.llama)" in lines
+    assert f"{'qwen3':<14} {'qwen3':<32} ppzoo (built-in ppzoo.architectures.qwen2)" in lines
     for line, adapter in zip(lines, adapters.values()):
         types_ = ", ".join(adapter.model_types) or "(fallback)"
         assert line.startswith(f"{adapter.name:<14} {types_:<32} "), line

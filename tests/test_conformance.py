@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ppzoo import registry
-from ppzoo.adapter import KeyMap, Layout
-from ppzoo.adapters.llama import LlamaAdapter
+from ppzoo.adapter import KeyMap
+from ppzoo.layout import Layout
+from ppzoo.architectures.llama import LlamaAdapter
 from ppzoo.cli import main
 from ppzoo.testing.parametrize import parametrize_with_checks
 from ppzoo.testing import (
@@ -204,8 +205,8 @@ def test_pytest_plugin_ids_skips_and_strict_xfails(pytester):
     pytester.makepyfile(
         """
         import pytest
-        from ppzoo.adapter import Layout
-        from ppzoo.adapters.llama import LlamaAdapter
+        from ppzoo.layout import Layout
+        from ppzoo.architectures.llama import LlamaAdapter
 
         class NoHead(LlamaAdapter):
             name = "no-head"

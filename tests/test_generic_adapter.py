@@ -6,10 +6,10 @@ from transformers import AutoConfig
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.adapter import SLIDING
-from ppzoo.adapters.llama import TINY
+from ppzoo.layout import SLIDING
+from ppzoo.architectures.llama import TINY
 from ppzoo.loss import causal_lm_loss
-from ppzoo.plan import load_config
+from ppzoo.config import load_config
 from ppzoo.registry import UnknownArchitectureError, ValidationError
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.plan import load_config, meta_model
+from ppzoo.config import load_config
+from ppzoo.meta import meta_model
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, load_reference, save_tiny_model, tiny
 from ppzoo.weights import Checkpoint

@@ -1,6 +1,6 @@
 """MoE router aux loss in the distributed step: per stage, per microbatch, averaged — as documented.
 
-``ppzoo/adapters/moe.py`` states the semantics: each stage adds ``coef × load_balancing(its own
+``ppzoo/architectures/moe.py`` states the semantics: each stage adds ``coef × load_balancing(its own
 layers' router logits, this microbatch) × its share of the MoE layers``, averaged over the
 microbatches. The reference below computes exactly that from the unsplit Hugging Face model.
 """

@@ -229,7 +229,7 @@ def test_bad_settings_fail_before_any_process_group(tmp_path, kwargs, message):
 
 
 def test_schedule_names_are_case_insensitive():
-    from ppzoo.plan import schedule_kind
+    from ppzoo.schedule import schedule_kind
 
     assert schedule_kind("interleaved1f1b") == schedule_kind("Interleaved1F1B") == ("Interleaved1F1B", "loop")
     assert schedule_kind("DUALPIPEV") == ("DualPipeV", "v")

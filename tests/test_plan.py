@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
 import ppzoo
 from ppzoo import registry, simulate
-from ppzoo.plan import _EXHAUSTIVE_SPLITS, _min_max_bounds, _module_costs, meta_model
-from ppzoo.adapters.llama import TINY
+from ppzoo.cost import module_costs
+from ppzoo.meta import meta_model
+from ppzoo.split import _EXHAUSTIVE_SPLITS, min_max_bounds
+from ppzoo.architectures.llama import TINY
 
 LAYERS = [f"model.layers.{i}" for i in range(8)]
 HEAD = ["model.norm", "lm_head"]
@@ -107,7 +109,7 @@ def _units(config, seq_len):
     """(units, unit costs): the inputs, each layer, the outputs, as the planner prices them."""
     adapter = registry.adapter_for(config)
     layout = adapter.fqn_layout(config)
-    costs = _module_costs(config, adapter, meta_model(config), layout, seq_len)
+    costs = module_costs(config, adapter, meta_model(config), layout, seq_len)
     units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(layout.num_layers)] + [list(layout.outputs)]
     return units, [sum(costs[m] for m in unit) for unit in units]
 
@@ -210,12 +212,11 @@ def test_the_search_stops_at_its_budget(monkeypatch):
     """A budget of one split's actions: the search keeps the min-max split it started from."""
     config = LlamaConfig(**HEAVY_HEAD)
     free = ppzoo.plan(config, pp=2, schedule="ZBVZeroBubble", seq_len=128, microbatches=4)
-    # NOTE: ppzoo.plan the attribute is the function; the module is in sys.modules
-    monkeypatch.setattr(sys.modules["ppzoo.plan"], "_SEARCH_ACTIONS", 1)
+    monkeypatch.setattr("ppzoo.split._SEARCH_ACTIONS", 1)
     capped = ppzoo.plan(config, pp=2, schedule="ZBVZeroBubble", seq_len=128, microbatches=4)
     units, unit_costs = _units(config, 128)
     assert tuple(len(s.layers) for s in capped.stages) != tuple(len(s.layers) for s in free.stages)
-    start = _min_max_bounds(unit_costs, 4)
+    start = min_max_bounds(unit_costs, 4)
     assert [s.cost for s in capped.stages] == pytest.approx([sum(unit_costs[a:b]) for a, b in zip(start, start[1:])])
 
 
@@ -230,7 +231,7 @@ def test_large_models_are_searched_locally():
     assert math.comb(len(units) - 1, result.num_stages - 1) > _EXHAUSTIVE_SPLITS
     flat = [m for s in result.stages for m in s.modules]
     assert flat == [m for unit in units for m in unit]
-    start = _min_max_bounds(unit_costs, result.num_stages)
+    start = min_max_bounds(unit_costs, result.num_stages)
     assert _step(result, unit_costs, units, microbatches=16) <= _step(result, unit_costs, units, start, microbatches=16)
 
 
@@ -488,7 +489,7 @@ import sys, types
 import ppzoo
 ppzoo.plan({str(tmp_path)!r}, pp=2)
 assert "torch.distributed.pipelining" not in sys.modules, "the plan loaded the runtime"
-import ppzoo.pipeline
+import ppzoo.runtime
 from ppzoo import Pipeline, pipeline
 assert isinstance(ppzoo.pipeline, types.FunctionType) and ppzoo.pipeline is pipeline, ppzoo.pipeline
 assert isinstance(ppzoo.Pipeline, type) and ppzoo.Pipeline is Pipeline

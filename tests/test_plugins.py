@@ -25,7 +25,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
 
 FAKEARCH = """
 from ppzoo import hookimpl
-from ppzoo.adapters.llama import LlamaAdapter
+from ppzoo.architectures.llama import LlamaAdapter
 
 CALLS = []
 
@@ -110,7 +110,7 @@ def test_a_plugin_overrides_a_builtin_with_a_warning_naming_both_distributions(i
         "llama-plus",
         """
         from ppzoo import hookimpl
-        from ppzoo.adapters.llama import LlamaAdapter
+        from ppzoo.architectures.llama import LlamaAdapter
 
         class LlamaPlus(LlamaAdapter):
             name = "llama-plus"
@@ -125,7 +125,7 @@ def test_a_plugin_overrides_a_builtin_with_a_warning_naming_both_distributions(i
     assert adapter.name == "llama-plus"
     assert [str(w.message) for w in warned] == [
         f"ppzoo: adapter 'llama-plus' from ppzoo-llama-plus (entry point 'llama-plus' = {module}) overrides "
-        "adapter 'llama' from ppzoo (built-in ppzoo.adapters.llama) for model_type 'llama'"
+        "adapter 'llama' from ppzoo (built-in ppzoo.architectures.llama) for model_type 'llama'"
     ]
 
 

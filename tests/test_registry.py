@@ -8,7 +8,7 @@ from transformers import LlamaConfig, MistralConfig
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.adapters.llama import LlamaAdapter
+from ppzoo.architectures.llama import LlamaAdapter
 
 pytest_plugins = ["ppzoo.testing.pytest_plugin", "pytester"]
 
@@ -46,7 +46,7 @@ def registering(*adapters):
 def test_builtins_register_in_order():
     names = list(registry.adapters())
     assert names[:4] == ["llama", "mistral", "qwen2", "qwen3"]
-    assert registry.adapter_source(registry.adapters()["llama"]) == "ppzoo (built-in ppzoo.adapters.llama)"
+    assert registry.adapter_source(registry.adapters()["llama"]) == "ppzoo (built-in ppzoo.architectures.llama)"
 
 
 def test_ppzoo_adapters_is_the_function_after_the_builtins_load():
@@ -127,7 +127,7 @@ def test_overriding_a_builtin_warns_naming_both_and_unregistering_restores_it():
             assert ppzoo.adapter_for(LlamaConfig()) is override
     assert [str(w.message) for w in warned] == [
         "ppzoo: adapter 'llama-fork' from my-override (registered at run time) overrides adapter 'llama' "
-        "from ppzoo (built-in ppzoo.adapters.llama) for model_type 'llama'"
+        "from ppzoo (built-in ppzoo.architectures.llama) for model_type 'llama'"
     ]
     assert ppzoo.adapter_for(LlamaConfig()) is builtin  # the very same object as before
 
@@ -217,7 +217,7 @@ def test_ppzoo_plugin_fixture_unregisters_after_a_failing_test(pytester):
         """
         import ppzoo
         import ppzoo.registry
-        from ppzoo.adapters.llama import LlamaAdapter
+        from ppzoo.architectures.llama import LlamaAdapter
 
         class Leftover(LlamaAdapter):
             name = "leftover"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from ppzoo.adapters.llama import TINY
+from ppzoo.architectures.llama import TINY
 from ppzoo.cli import main
 from ppzoo.train import BUILTIN_MODEL, load_tokens, sample_batch
 

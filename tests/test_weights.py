@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import ppzoo
 import ppzoo.weights
 from ppzoo import registry
-from ppzoo.plan import load_config
-from ppzoo.adapters.llama import TINY
+from ppzoo.config import load_config
+from ppzoo.architectures.llama import TINY
 from ppzoo.stage import build_stage
 from ppzoo.testing.reference import load_reference, save_tiny_model
 from ppzoo.weights import INDEX_FILE, SINGLE_FILE, Checkpoint, CheckpointError

@@ -20,7 +20,7 @@ from ppzoo.testing.checks import (
     check_validation,
     resolving_to,
 )
-from ppzoo.testing.kit import CHECKS, Case, Check, CheckResult, check_adapter, check_adapters, checks
+from ppzoo.testing.kit import CHECKS, Case, Check, CheckResult, cases, check_adapter, check_adapters
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
     "check_tied_weights",
     "check_tiny_config",
     "check_validation",
-    "checks",
+    "cases",
     "distributed_step_problems",
     "resolving_to",
 ]

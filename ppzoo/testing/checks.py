@@ -18,10 +18,12 @@ from typing import Any, Iterator
 import torch
 
 from ppzoo import registry
-from ppzoo.adapter import SLIDING, Adapter
+from ppzoo.adapter import Adapter
+from ppzoo.layout import SLIDING
 from ppzoo.hookspecs import hookimpl
 from ppzoo.loss import causal_lm_loss
-from ppzoo.plan import Plan, meta_model, plan
+from ppzoo.meta import meta_model
+from ppzoo.planner import Plan, plan
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 from ppzoo.weights import Checkpoint

@@ -1,6 +1,6 @@
 """The conformance kit's checks as data: which apply to an adapter, and running them without pytest.
 
-``checks(adapter)`` generates one :class:`Case` per check, already marked skipped (with the reason)
+``cases(adapter)`` generates one :class:`Case` per check, already marked skipped (with the reason)
 when the adapter's declared capabilities rule it out, or expected to fail (with the reason) when
 the caller says so. ``check_adapter`` and ``check_adapters`` run the cases and return one
 :class:`CheckResult` per check; the pytest plugin turns the same cases into test items.
@@ -16,7 +16,7 @@ from ppzoo.adapter import Adapter
 from ppzoo.testing import checks as _checks
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
-__all__ = ["CHECKS", "Case", "Check", "CheckResult", "check_adapter", "check_adapters", "checks"]
+__all__ = ["CHECKS", "Case", "Check", "CheckResult", "check_adapter", "cases", "check_adapters"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _skip_reason(adapter: Adapter, check: Check) -> str | None:
     return None
 
 
-def checks(
+def cases(
     adapter: Adapter, *, expected_failures: Mapping[str, str] | None = None, select: Sequence[str] | None = None
 ) -> Iterator[Case]:
     """Every conformance check for ``adapter``, in order, as :class:`Case` objects.
@@ -185,14 +185,14 @@ def check_adapters(
     unknown = sorted(set(expected) - {a.name for a in adapters})
     if unknown:
         raise ValueError(f"expected_failures names adapters {unknown} that are not being checked")
-    cases = [case for a in adapters for case in checks(a, expected_failures=expected.get(a.name), select=select)]
-    stepped = [c.adapter for c in cases if c.check.name == "distributed_step" and not c.skip]
+    all_cases = [case for a in adapters for case in cases(a, expected_failures=expected.get(a.name), select=select)]
+    stepped = [c.adapter for c in all_cases if c.check.name == "distributed_step" and not c.skip]
     try:
         step_problems = distributed_step_problems(stepped) if stepped else {}
     except Exception:  # noqa: BLE001 - reported on each distributed check, the rest still run
         step_problems = {a.name: [f"the process group could not run:\n{traceback.format_exc()}"] for a in stepped}
     results = []
-    for case in cases:
+    for case in all_cases:
         extra = {"problems": step_problems[case.adapter.name]} if case.check.name == "distributed_step" and not case.skip else {}
         results.append(_outcome(case, **extra))
     return results

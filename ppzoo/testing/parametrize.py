@@ -13,7 +13,7 @@ import pytest
 
 from ppzoo import registry
 from ppzoo.adapter import Adapter
-from ppzoo.testing.kit import CHECKS, Check, checks
+from ppzoo.testing.kit import CHECKS, Check, cases
 from ppzoo.testing.step import check_distributed_step
 
 __all__ = ["MARKER", "ConformanceCase", "case_params", "parametrize_with_checks"]
@@ -94,7 +94,7 @@ def case_params(refs: list[Any], *, expected_failures: dict[str, str] | None = N
             if key in {c.name for c in CHECKS} or key != check:
                 mine[check] = reason
                 used.add(key)
-        for case in checks(adapter, expected_failures=mine, select=select):
+        for case in cases(adapter, expected_failures=mine, select=select):
             marks = []
             if case.skip:
                 marks.append(pytest.mark.skip(reason=case.skip))

@@ -2,14 +2,14 @@
 
 Hub checkpoints name the MoE block ``block_sparse_moe`` and its expert matrices ``w1`` (gate),
 ``w3`` (up) and ``w2`` (down); transformers holds ``mlp.gate`` and fused ``mlp.experts.*`` (see
-``ppzoo.adapters.moe`` for the key conversion and the router aux loss).
+``ppzoo.architectures.moe`` for the key conversion and the router aux loss).
 """
 
 from __future__ import annotations
 
-from ppzoo.adapters.llama import TINY
-from ppzoo.adapters.mistral import MistralAdapter
-from ppzoo.adapters.moe import MoEAdapter
+from ppzoo.architectures.llama import TINY
+from ppzoo.architectures.mistral import MistralAdapter
+from ppzoo.architectures.moe import MoEAdapter
 from ppzoo.hookspecs import hookimpl
 
 #: the MoE shape every tiny MoE config shares: few, small experts

@@ -1,4 +1,4 @@
-"""The ``Pipeline`` object users hold, and ``pipeline()``, which builds it on every rank."""
+"""The runtime: the ``Pipeline`` object users hold, and ``pipeline()``, which builds it on every rank."""
 
 from __future__ import annotations
 
@@ -13,16 +13,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed import pipelining
+
 from ppzoo import registry
+from ppzoo.aux_loss import AuxLoss
+from ppzoo.config import load_config
+from ppzoo.dtypes import parse_dtype
 from ppzoo.loss import causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
 from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
-from ppzoo.plan import Plan, load_config, plan as make_plan, schedule_kind
-from ppzoo.schedule import PipelineStage, build_schedule, check_batch, check_microbatches, csv_stage_count
+from ppzoo.planner import Plan, plan as make_plan
+from ppzoo.schedule import build_schedule, check_batch, check_microbatches, csv_stage_count, schedule_kind
 from ppzoo.stage import build_stage
+from ppzoo.tied import TiedWeights
 from ppzoo.weights import Checkpoint, resolve
 
-__all__ = ["Pipeline", "pipeline"]
+__all__ = ["Pipeline", "PipelineStage", "pipeline"]
 
 log = logging.getLogger("ppzoo")
 
@@ -30,6 +36,19 @@ log = logging.getLogger("ppzoo")
 _CONFIG_LOADING_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir")
 #: how many batch shapes keep their stages and schedules (each shape needs its own, see below)
 _SHAPE_CACHE = 4
+
+
+class PipelineStage(pipelining.PipelineStage):
+    """torch's ``PipelineStage``, minus connection warm-up messages from a rank to itself.
+
+    NOTE: some torch releases (2.11) warm up the point-to-point connections at the first step by
+    exchanging a tensor with both neighbouring stages, even one on this very rank (V placement);
+    gloo cannot send to its own rank, so those exchanges are left out. Stages on one rank pass
+    their tensors directly, and torch releases that warm up otherwise never call this.
+    """
+
+    def _get_init_p2p_neighbors_ops(self) -> list:
+        return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
 
 
 class Pipeline:
@@ -68,10 +87,11 @@ class Pipeline:
         self._last_rank = plan.stages[-1].rank
         self._num_tokens = 1
         self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
-        self._tied_group = self._tie_or_group()
-        self._aux_total = torch.zeros((), dtype=torch.float32, device=device)
-        for module in modules.values():
-            module.register_forward_hook(self._attach_aux_loss, with_kwargs=True)
+        self._tied = TiedWeights(
+            adapter.tied_weights(config), modules=modules, num_stages=plan.num_stages,
+            first_rank=plan.stages[0].rank, last_rank=self._last_rank, pp_rank=self.pp_rank, mesh=mesh,
+        )
+        self._aux_loss = AuxLoss(adapter, config, list(modules.values()), microbatches=microbatches, device=device)
 
     # -- what this rank holds ----------------------------------------------------------------
     @property
@@ -119,57 +139,6 @@ class Pipeline:
                 for index, module in self._modules.items()
             ],
         }
-
-    # -- tied embeddings -----------------------------------------------------------------------
-    def _tie_or_group(self) -> Any:
-        """Tie the head to the embedding on one rank, or make the group that syncs their grads."""
-        tied = self.adapter.tied_weights(self.config)
-        if not tied or self.plan.num_stages == 1:
-            return None
-        first, last = self.plan.stages[0].rank, self.plan.stages[-1].rank
-        if first == last:
-            if self.pp_rank == first:
-                head, body = self._modules[self.plan.num_stages - 1], self._modules[0]
-                for copy, source in tied.items():
-                    owner, _, name = copy.rpartition(".")
-                    setattr(head.get_submodule(owner) if owner else head, name, body.get_parameter(source))
-            return None
-        # NOTE: new_group is collective over the world: every rank creates every pp line's group.
-        mine = None
-        pp_lines = self.mesh.mesh.reshape(self.plan.pp, -1).T  # one row per (dp, cp, tp) position
-        for line in pp_lines.tolist():
-            group = dist.new_group([line[first], line[last]])
-            if dist.get_rank() in (line[first], line[last]):
-                mine = group
-        return mine
-
-    def _sync_tied_grads(self) -> None:
-        if self._tied_group is None:
-            return
-        for copy, source in self.adapter.tied_weights(self.config).items():
-            name = source if self.holds_first else copy
-            module = self._modules[0] if self.holds_first else self._modules[self.plan.num_stages - 1]
-            param = module.get_parameter(name)
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-            dist.all_reduce(grad, group=self._tied_group)
-
-    # -- auxiliary losses (MoE router load balancing) --------------------------------------------
-    def _attach_aux_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
-        """Give a stage's own auxiliary loss (MoE load balancing) its gradient, per microbatch.
-
-        Only hidden states cross stage boundaries, so each stage adds its own term: the adapter's
-        ``aux_loss`` over this stage's layers for this microbatch, averaged over microbatches.
-        """
-        if not torch.is_grad_enabled():
-            return output
-        aux = self.adapter.aux_loss(self.config, [module], kwargs.get("attention_mask"))
-        if aux is None:
-            return output
-        aux = aux / self.microbatches
-        self._aux_total += aux.detach().float()
-        return _AttachAuxLoss.apply(output, aux)
 
     # -- running -------------------------------------------------------------------------------
     def _runtime(self, microbatch_size: int, seq_len: int, train: bool) -> Any:
@@ -265,14 +234,14 @@ class Pipeline:
         for module in self._modules.values():
             module.train()
         losses: list[torch.Tensor] = []
-        self._aux_total.zero_()
+        self._aux_loss.reset()
         # NOTE: return_outputs=False: training needs only the losses; keeping and concatenating
         # every microbatch's logits would cost vocab-sized memory and time on the last rank.
         runtime.step(
             *args, target=labels.to(self.device) if self.holds_last else None, losses=losses,
             return_outputs=False, **kwargs,
         )
-        self._sync_tied_grads()
+        self._tied.sync_grads()
         self._sync_tp_replicated_grads()
         if self.holds_last:
             loss = torch.stack([l.detach().float() for l in losses]).sum() / self._dp_size
@@ -280,7 +249,7 @@ class Pipeline:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
         # every stage's auxiliary terms, averaged over data-parallel ranks as their gradients are
-        aux = self._aux_total.clone()
+        aux = self._aux_loss.total.clone()
         dist.all_reduce(aux, group=self._pp_group)
         return self._dp_sum(loss + aux / self._dp_size)
 
@@ -401,7 +370,7 @@ def pipeline(
         ppzoo.registry.ValidationError: the adapter rejects the config.
     """
     device = torch.device(device) if device is not None else default_device()
-    dtype = getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
+    dtype = parse_dtype(dtype)
     degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
     if cp != 1:
         raise ValueError(
@@ -463,20 +432,6 @@ def pipeline(
     pipe.source = local
     return pipe
 
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``output`` whose backward also sends a gradient of one into ``aux``."""
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
-        # NOTE: a copy, not a view: zero-bubble schedules detach stage outputs in place.
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad_output, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
 
 
 def _check_intra_stage(config: Any, adapter: Any, plan: Plan, degrees: Degrees, *, custom: bool) -> None:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ppzoo.adapters.llama import TINY, LlamaAdapter
+from ppzoo.architectures.llama import TINY, LlamaAdapter
 from ppzoo.hookspecs import hookimpl
 
 

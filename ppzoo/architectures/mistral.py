@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ppzoo.adapter import FULL, SLIDING
-from ppzoo.adapters.llama import TINY, LlamaAdapter
+from ppzoo.layout import FULL, SLIDING
+from ppzoo.architectures.llama import TINY, LlamaAdapter
 from ppzoo.hookspecs import hookimpl
 
 

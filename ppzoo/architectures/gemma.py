@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ppzoo.adapters.llama import TINY, LlamaAdapter
+from ppzoo.architectures.llama import TINY, LlamaAdapter
 from ppzoo.hookspecs import hookimpl
 
 #: Gemma's tiny shape: like Llama's, tied embeddings as the released models have them

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ppzoo.adapter import KeyMap
-from ppzoo.adapters.llama import LlamaAdapter
+from ppzoo.architectures.llama import LlamaAdapter
 
 __all__ = ["ExpertKeyMap", "MoEAdapter"]
 

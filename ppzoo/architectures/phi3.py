@@ -8,8 +8,8 @@ runs on the same ``position_ids``. As in Mistral, ``sliding_window`` applies to 
 
 from __future__ import annotations
 
-from ppzoo.adapters.llama import TINY
-from ppzoo.adapters.mistral import MistralAdapter
+from ppzoo.architectures.llama import TINY
+from ppzoo.architectures.mistral import MistralAdapter
 from ppzoo.hookspecs import hookimpl
 
 

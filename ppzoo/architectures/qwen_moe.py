@@ -4,14 +4,14 @@ A layer routes when it is not in ``mlp_only_layers`` and ``(index + 1) % decoder
 (and ``num_experts > 0``); only those layers record router logits. Qwen2-MoE adds a gated shared
 expert to every MoE block (counted in full by the cost model) and slides the window on the layers
 ``config.layer_types`` names; Qwen3-MoE slides it on all layers when ``sliding_window`` is set.
-Key conversion and the router aux loss: ``ppzoo.adapters.moe``.
+Key conversion and the router aux loss: ``ppzoo.architectures.moe``.
 """
 
 from __future__ import annotations
 
-from ppzoo.adapters.mistral import MistralAdapter
-from ppzoo.adapters.mixtral import MOE_TINY
-from ppzoo.adapters.moe import MoEAdapter
+from ppzoo.architectures.mistral import MistralAdapter
+from ppzoo.architectures.mixtral import MOE_TINY
+from ppzoo.architectures.moe import MoEAdapter
 from ppzoo.hookspecs import hookimpl
 
 

@@ -44,7 +44,7 @@ class GenericAdapter(Adapter):
         """A tiny config of one architecture the fallback serves (Helium: no adapter of its own)."""
         from transformers import HeliumConfig
 
-        from ppzoo.adapters.llama import TINY
+        from ppzoo.architectures.llama import TINY
 
         return HeliumConfig(**TINY, head_dim=8)
 
@@ -92,7 +92,7 @@ class GenericAdapter(Adapter):
         ]
 
     def _layout_problems(self, config, kind: str) -> list[str]:
-        from ppzoo.plan import meta_model
+        from ppzoo.meta import meta_model
 
         try:
             model = meta_model(config)
