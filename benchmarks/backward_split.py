@@ -1,6 +1,6 @@
 """Split backward: what the zero-bubble schedules pay for input and weight gradients apart.
 
-    python benchmarks/backward_split.py --out benchmarks/results/backward-split.json
+    python -m benchmarks.backward_split --out benchmarks/results/backward-split.json
 
 InterleavedZeroBubble and ZBVZeroBubble run each stage's backward as two actions, the input
 gradient (I) and later the weight gradient (W), with torch's ``stage_backward_input`` and
@@ -18,11 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
-    PressureMonitor, float32_checkpoint, paired_parser, start_single_process, table, write_json,
+from benchmarks.common import (
+    PressureMonitor,
+    command_line,
+    float32_checkpoint,
+    paired_parser,
+    start_single_process,
+    table,
+    write_json,
 )
 
 #: shape name → (sequence length, microbatch size)
@@ -36,9 +39,9 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
 
     import ppzoo
     from ppzoo import registry
+    from ppzoo.checkpoint import Checkpoint
     from ppzoo.config import load_config
     from ppzoo.stage import build_stage
-    from ppzoo.weights import Checkpoint
 
     config = load_config(directory)
     layout = registry.adapter_for(config).fqn_layout(config)
@@ -46,8 +49,15 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
     # NOTE: a middle stage of every layer: hidden states in, hidden states out, no head
     split = [list(layout.inputs), layers, list(layout.outputs)]
     plan = ppzoo.plan(config, pp=3, stage_modules=split, dtype=torch.float32)
-    stage = build_stage(config, registry.adapter_for(config), plan, 1, checkpoint=Checkpoint(directory),
-                        dtype=torch.float32, attn_implementation="sdpa")
+    stage = build_stage(
+        config,
+        registry.adapter_for(config),
+        plan,
+        1,
+        checkpoint=Checkpoint(directory),
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+    )
     stage.train()
     hidden = int(config.hidden_size)
     gen = torch.Generator().manual_seed(0)
@@ -103,21 +113,41 @@ def main(argv: list[str] | None = None) -> int:
         grad_input = statistics.median(t[1] for t in times["split"])
         grad_weight = statistics.median(t[2] for t in times["split"])
         paired = statistics.median((s[1] + s[2]) / f[1] for f, s in zip(times["full"], times["split"]))
-        rows.append({
-            "case": name, "forward_s": forward, "backward_s": backward, "input_grad_s": grad_input,
-            "weight_grad_s": grad_weight, "split_over_full": paired, "cpu_pressure": pressure.summary(),
-            "times": times,
-        })
+        rows.append(
+            {
+                "case": name,
+                "forward_s": forward,
+                "backward_s": backward,
+                "input_grad_s": grad_input,
+                "weight_grad_s": grad_weight,
+                "split_over_full": paired,
+                "cpu_pressure": pressure.summary(),
+                "times": times,
+            }
+        )
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(table(rows, ["case", "forward_s", "backward_s", "input_grad_s", "weight_grad_s", "split_over_full"],
-                floats="{:.4f}"))
-    print(f"split_over_full: (I + W) / B, the median of per-pair ratios; threads {args.threads}; load average "
-          f"before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure (mean/max): "
-          f"{[r['cpu_pressure'] for r in rows]}")
-    write_json(args.out, {
-        "benchmark": "backward_split", "machine": info,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "threads": args.threads, "rows": rows,
-    })
+    print(
+        table(
+            rows,
+            ["case", "forward_s", "backward_s", "input_grad_s", "weight_grad_s", "split_over_full"],
+            floats="{:.4f}",
+        )
+    )
+    print(
+        f"split_over_full: (I + W) / B, the median of per-pair ratios; threads {args.threads}; load average "
+        f"before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure (mean/max): "
+        f"{[r['cpu_pressure'] for r in rows]}"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "backward_split",
+            "machine": info,
+            "command": command_line(__spec__.name),
+            "threads": args.threads,
+            "rows": rows,
+        },
+    )
     return 0
 
 

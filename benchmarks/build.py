@@ -1,6 +1,6 @@
 """Build benchmark: time and memory to a ready stage, ppzoo's path against the naive one.
 
-    python benchmarks/build.py --out benchmarks/results/build.json
+    python -m benchmarks.build --out benchmarks/results/build.json
 
 For pp in {1, 2, 4} and every rank, a fresh process measures its baseline RSS after imports, then
 builds its stage and reports the wall time to a ready stage and the rise of peak RSS
@@ -32,15 +32,22 @@ import threading
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
-    checkpoint_files, current_rss_bytes, evict_page_cache, generate_checkpoint, human_bytes, llama_config,
-    machine, peak_rss_bytes, table, write_json,
+from benchmarks.common import (
+    command_line,
+    current_rss_bytes,
+    evict_page_cache,
+    human_bytes,
+    llama_config,
+    machine,
+    peak_rss_bytes,
+    table,
+    write_json,
 )
+from ppzoo.testing.synthetic import checkpoint_files, generate_checkpoint
 
 PATHS = ("ppzoo", "mmap", "naive")
+#: the directory that holds the ``benchmarks`` package
+_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _RssSampler:
@@ -58,7 +65,7 @@ class _RssSampler:
                 self.peak[key] = max(self.peak.get(key, 0), value)
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self._thread.start()
         return self
 
@@ -92,27 +99,32 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import ppzoo
+    import ppzoo.checkpoint.reading as reading
     from ppzoo import registry
+    from ppzoo.checkpoint import Checkpoint
     from ppzoo.config import load_config
     from ppzoo.stage import build_stage, prune
-    import ppzoo.weights as weights
 
     torch.set_num_threads(1)
     torch_dtype = getattr(torch, dtype)
     if path == "mmap":
         from safetensors import safe_open
 
-        missing = [name for name in ("_open", "_read_into") if not hasattr(weights, name)]
-        if missing:
-            raise RuntimeError(f"ppzoo.weights has no {missing}: the mmap path needs updating to the new loader")
+        if not hasattr(reading, "_open"):
+            raise RuntimeError("ppzoo.checkpoint.reading has no _open: the mmap path needs updating to the new loader")
+        read = reading.Reader.read
 
-        def whole_then_copy(reader, key, local, part):
+        def whole_then_copy(reader, key, part=None, *, into=None):
+            value = read(reader, key, part)
+            if into is None:
+                return value
             with torch.no_grad():
-                local.copy_(reader.read(key, part))
+                into.copy_(value)
+            return into
 
         # NOTE: the loader before it read through pread, in place: mapped shards, whole-tensor reads.
-        weights._open = lambda file, device: safe_open(file, framework="pt", device=device)
-        weights._read_into = whole_then_copy
+        reading._open = lambda file, device: safe_open(file, framework="pt", device=device)
+        reading.Reader.read = whole_then_copy
     gc.collect()
     baseline = peak_rss_bytes()
     baseline_parts = current_rss_bytes()
@@ -128,9 +140,7 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
             adapter.patch_causal_lm_forward(model)
             gc.collect()
         else:
-            model = build_stage(
-                config, adapter, plan, rank, checkpoint=weights.Checkpoint(directory), dtype=torch_dtype
-            )
+            model = build_stage(config, adapter, plan, rank, checkpoint=Checkpoint(directory), dtype=torch_dtype)
         built = time.perf_counter() - start
         built_rise = peak_rss_bytes() - baseline
         touch_parameters(model)
@@ -159,9 +169,22 @@ def measure_rank(directory: str, path: str, pp: int, rank: int, dtype: str) -> d
 def _run_child(args: argparse.Namespace, path: str, pp: int, rank: int) -> dict:
     if args.cold:
         evict_page_cache(checkpoint_files(args.dir))
-    cmd = [sys.executable, __file__, "--child", path, str(pp), str(rank), "--dir", str(args.dir), "--dtype", args.stage_dtype or args.dtype]
+    cmd = [
+        sys.executable,
+        "-m",
+        __spec__.name,
+        "--child",
+        path,
+        str(pp),
+        str(rank),
+        "--dir",
+        str(args.dir),
+        "--dtype",
+        args.stage_dtype or args.dtype,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    # NOTE: run from the directory that holds the benchmarks package, as ``python -m`` needs
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=_ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{path} pp={pp} rank={rank} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,7 +192,9 @@ def _run_child(args: argparse.Namespace, path: str, pp: int, rank: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/ppzoo-bench/llama-1b"), help="checkpoint directory (generated if absent)")
+    parser.add_argument(
+        "--dir", type=Path, default=Path("/tmp/ppzoo-bench/llama-1b"), help="checkpoint directory (generated if absent)"
+    )
     parser.add_argument("--shape", default="1b", help="shape in benchmarks.common.SHAPES")
     parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype")
     parser.add_argument("--stage-dtype", default=None, help="the stages' parameter dtype (default: the checkpoint's)")
@@ -201,40 +226,79 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(
                     f"  {path:<6} pp={pp} rank={rank}: ready in {row['seconds']:.2f}s, RSS +{human_bytes(row['rss_rise'])} "
-                    f"= {row['rise_over_stage']:.2f} x stage", flush=True,
+                    f"= {row['rise_over_stage']:.2f} x stage",
+                    flush=True,
                 )
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     shown = [
         {
-            "path": r["path"], "pp": r["pp"], "rank": r["rank"], "built_s": r["built_seconds"],
-            "ready_s": r["seconds"], "stage": human_bytes(r["stage_bytes"]),
-            "rise_built": human_bytes(r["built_rss_rise"]), "rss_rise": human_bytes(r["rss_rise"]),
-            "rise/stage": r["rise_over_stage"], "anon_rise": human_bytes(r["peak_anon_rise"]),
+            "path": r["path"],
+            "pp": r["pp"],
+            "rank": r["rank"],
+            "built_s": r["built_seconds"],
+            "ready_s": r["seconds"],
+            "stage": human_bytes(r["stage_bytes"]),
+            "rise_built": human_bytes(r["built_rss_rise"]),
+            "rss_rise": human_bytes(r["rss_rise"]),
+            "rise/stage": r["rise_over_stage"],
+            "anon_rise": human_bytes(r["peak_anon_rise"]),
             "file_rise": human_bytes(r["peak_file_rise"]),
         }
         for r in rows
     ]
     print()
-    print(table(shown, ["path", "pp", "rank", "built_s", "ready_s", "stage", "rise_built", "rss_rise", "rise/stage", "anon_rise", "file_rise"], floats="{:.2f}"))
+    print(
+        table(
+            shown,
+            [
+                "path",
+                "pp",
+                "rank",
+                "built_s",
+                "ready_s",
+                "stage",
+                "rise_built",
+                "rss_rise",
+                "rise/stage",
+                "anon_rise",
+                "file_rise",
+            ],
+            floats="{:.2f}",
+        )
+    )
     summary = []
     for path in args.paths:
         base = [r["seconds"] for r in rows if r["path"] == path and r["pp"] == min(args.pp)]
         for pp in args.pp:
             mine = [r for r in rows if r["path"] == path and r["pp"] == pp]
-            summary.append({
-                "path": path, "pp": pp, "max_time_s": max(r["seconds"] for r in mine),
-                "speedup": max(base) / max(r["seconds"] for r in mine),
-                "max_rise/stage": max(r["rise_over_stage"] for r in mine),
-            })
+            summary.append(
+                {
+                    "path": path,
+                    "pp": pp,
+                    "max_time_s": max(r["seconds"] for r in mine),
+                    "speedup": max(base) / max(r["seconds"] for r in mine),
+                    "max_rise/stage": max(r["rise_over_stage"] for r in mine),
+                }
+            )
     print()
     print(table(summary, ["path", "pp", "max_time_s", "speedup", "max_rise/stage"], floats="{:.2f}"))
     print(f"load average before {info['load_avg']}, after {info['load_avg_after']}")
-    write_json(args.out, {
-        "benchmark": "build", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "checkpoint": str(args.dir), "shape": args.shape, "dtype": args.dtype,
-        "stage_dtype": args.stage_dtype or args.dtype, "cold_page_cache": args.cold,
-        "ranks_run": "one after another, each in a fresh process", "rows": rows, "summary": summary,
-    })
+    write_json(
+        args.out,
+        {
+            "benchmark": "build",
+            "machine": info,
+            "command": command_line(__spec__.name),
+            "checkpoint": str(args.dir),
+            "shape": args.shape,
+            "dtype": args.dtype,
+            "stage_dtype": args.stage_dtype or args.dtype,
+            "cold_page_cache": args.cold,
+            "ranks_run": "one after another, each in a fresh process",
+            "rows": rows,
+            "summary": summary,
+        },
+    )
     return 0
 
 

@@ -1,8 +1,8 @@
-"""What the benchmarks share: model shapes, checkpoint generation, machine facts, tables, JSON.
+"""What the benchmarks share: model shapes, machine facts, tables, JSON.
 
-Checkpoints are generated from a config, tensor by tensor, straight into sharded safetensors with
-an index: at most one shard is ever in memory, so generating a 1 B model is cheap and the
-benchmarks never download weights.
+Checkpoints are generated from a config by :func:`ppzoo.testing.synthetic.generate_checkpoint`,
+tensor by tensor, straight into sharded safetensors with an index: at most one shard is ever in
+memory, so generating a 1 B model is cheap and the benchmarks never download weights.
 """
 
 from __future__ import annotations
@@ -15,47 +15,64 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "SHAPES",
     "llama_config",
-    "generate_checkpoint",
+    "float32_checkpoint",
     "machine",
     "peak_rss_bytes",
     "current_rss_bytes",
     "cpu_pressure",
     "PressureMonitor",
-    "checkpoint_files",
     "evict_page_cache",
     "table",
     "write_json",
     "median_time",
     "human_bytes",
+    "command_line",
 ]
 
 #: Llama-style shapes the benchmarks use, by name
 SHAPES: dict[str, dict[str, int]] = {
     # ~0.84 B parameters: 1.67 GB in bf16 (TinyLlama-like widths, 16 layers)
     "1b": dict(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
     ),
     # the step benchmark's small shape: its 32k-vocab head costs as much as several layers
     "small": dict(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
     ),
     # a wider shape whose layers, not the head, dominate
     "medium": dict(
-        hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
     ),
     # end-to-end runs of the GPU check on CPU
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
     ),
 }
 
@@ -66,101 +83,15 @@ def llama_config(shape: str | dict[str, int], *, dtype: str = "bfloat16", max_po
 
     fields = SHAPES[shape] if isinstance(shape, str) else dict(shape)
     config = LlamaConfig(
-        **fields, max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **fields,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config.dtype = dtype
     return config
-
-
-def _parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """(checkpoint key, shape) of every persistent tensor, in forward order, from a meta model."""
-    import torch
-
-    from ppzoo.meta import meta_model
-
-    model = meta_model(config, dtype=torch.float32)
-    return [(key, tuple(t.shape)) for key, t in model.state_dict(keep_vars=True).items()]
-
-
-def generate_checkpoint(
-    directory: str | os.PathLike,
-    config: Any,
-    *,
-    dtype: str = "bfloat16",
-    shard_bytes: int = 512 * 2**20,
-    seed: int = 0,
-    device: str = "cpu",
-) -> Path:
-    """Write a random checkpoint of ``config`` as sharded safetensors with an index.
-
-    Tensors are drawn one at a time (normal, std ``initializer_range``, on ``device`` — a GPU
-    draws a 1 B model in a second) and written shard by shard with ``save_file``; norm weights
-    are ones. A directory that already holds a complete checkpoint of the same config, dtype and
-    seed is reused as it is.
-
-    Returns:
-        The directory.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    config.dtype = dtype
-    stamp = {"config": config.to_dict(), "dtype": dtype, "seed": seed, "shard_bytes": shard_bytes}
-    stamp_file = directory / "ppzoo_benchmark.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp_file.unlink(missing_ok=True)
-    torch_dtype = getattr(torch, dtype)
-    std = float(getattr(config, "initializer_range", 0.02))
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shapes = _parameter_shapes(config)
-    element = torch.empty((), dtype=torch_dtype).element_size()
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for key, shape in shapes:
-        nbytes = element * _prod(shape)
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, shape))
-        size += nbytes
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for key, shape in shard:
-            if len(shape) == 1:
-                value = torch.ones(shape, dtype=torch_dtype)
-            else:
-                value = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device == "cpu" else torch_dtype)
-                value = value.mul_(std).to(device="cpu", dtype=torch_dtype)
-            tensors[key] = value
-            weight_map[key] = name
-            total += value.numel() * value.element_size()
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(directory)
-    stamp_file.write_text(json.dumps(stamp))
-    return directory
-
-
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
-    """The shard files of a generated checkpoint."""
-    index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
-    return [Path(directory) / name for name in sorted(set(index["weight_map"].values()))]
 
 
 def evict_page_cache(paths: Iterable[str | os.PathLike]) -> None:
@@ -253,7 +184,7 @@ class PressureMonitor:
             if value is not None:
                 self.samples.append(value)
 
-    def __enter__(self) -> "PressureMonitor":
+    def __enter__(self) -> PressureMonitor:
         self._thread.start()
         return self
 
@@ -277,6 +208,7 @@ def human_bytes(n: float) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floats: str = "{:.3f}") -> str:
     """A plain-text table of ``rows`` (dicts) with the given columns, right-aligned."""
+
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return floats.format(value)
@@ -289,6 +221,11 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floats: str
     return "\n".join(lines)
 
 
+def command_line(module: str) -> str:
+    """How this run was started, as one types it: ``python -m <module> <its arguments>``."""
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
 def write_json(path: str | os.PathLike | None, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` (parents created); nothing when ``path`` is None."""
     if path is None:
@@ -298,7 +235,9 @@ def write_json(path: str | os.PathLike | None, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, sync: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
+def median_time(
+    fn: Callable[[], Any], *, repeats: int, warmup: int = 1, sync: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and all times."""
     for _ in range(warmup):
         fn()
@@ -339,4 +278,6 @@ def start_single_process(threads: int) -> dict[str, Any]:
 
 def float32_checkpoint(root: Path, shape: str) -> Path:
     """The generated fp32 checkpoint of a named shape under ``root`` (made on first use)."""
+    from ppzoo.testing.synthetic import generate_checkpoint
+
     return generate_checkpoint(root / f"llama-{shape}-f32", llama_config(shape, dtype="float32"), dtype="float32")

@@ -3,11 +3,11 @@
 Run it on a machine with one CUDA GPU, from the repository root (about a minute; under four
 with the checkpoint's generation):
 
-    python benchmarks/gpu_check.py --device cuda --out /tmp/ppzoo_gpu_check.json
+    python -m benchmarks.gpu_check --device cuda --out /tmp/ppzoo_gpu_check.json
 
 and on CPU, with a tiny shape, to try it anywhere:
 
-    python benchmarks/gpu_check.py --device cpu --small --out /tmp/ppzoo_gpu_check_cpu.json
+    python -m benchmarks.gpu_check --device cpu --small --out /tmp/ppzoo_gpu_check_cpu.json
 
 It generates a random Llama-style checkpoint of ~0.84 B parameters directly in bf16 under /tmp
 (reused when present), then:
@@ -33,12 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
-    checkpoint_files, evict_page_cache, generate_checkpoint, llama_config, machine, write_json,
-)
+from benchmarks.common import evict_page_cache, llama_config, machine, write_json
+from ppzoo.testing.synthetic import checkpoint_files, generate_checkpoint
 
 _READ_CHUNK = 64 * 2**20
 
@@ -63,7 +59,7 @@ def build_all(directory: Path, plan, config, *, device: str, dtype) -> tuple[lis
     """Every stage of ``plan`` on ``device``: (stages, seconds for the builds, seconds in weight loading)."""
     import ppzoo.stage
     from ppzoo import registry
-    from ppzoo.weights import Checkpoint
+    from ppzoo.checkpoint import Checkpoint
 
     loading = []
     original = ppzoo.stage.load_stage_weights
@@ -83,7 +79,13 @@ def build_all(directory: Path, plan, config, *, device: str, dtype) -> tuple[lis
         start = time.perf_counter()
         stages = [
             ppzoo.stage.build_stage(
-                config, adapter, plan, i, checkpoint=Checkpoint(directory), device=device, dtype=dtype,
+                config,
+                adapter,
+                plan,
+                i,
+                checkpoint=Checkpoint(directory),
+                device=device,
+                dtype=dtype,
                 attn_implementation="sdpa",
             )
             for i in range(plan.num_stages)
@@ -130,19 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
+    from transformers.utils import logging as hf_logging
 
     import ppzoo
-    from ppzoo.loss import causal_lm_loss
     from ppzoo.config import load_config
+    from ppzoo.loss import causal_lm_loss
     from ppzoo.stage import run_chain
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     device = args.device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit("gpu_check: --device cuda but torch sees no CUDA GPU; use --device cpu --small to try it on CPU")
+            raise SystemExit(
+                "gpu_check: --device cuda but torch sees no CUDA GPU; use --device cpu --small to try it on CPU"
+            )
         device = str(torch.device(device if ":" in device else f"cuda:{torch.cuda.current_device()}"))
     shape = "tiny" if args.small else "1b"
     seq_len = args.seq_len or (64 if args.small else 1024)
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.zeros(1, device=device)  # NOTE: CUDA context creation is not part of any timing below
 
     start = time.perf_counter()
-    generate_checkpoint(directory, llama_config(shape), dtype="bfloat16",
-                        device=device if device.startswith("cuda") else "cpu")
+    generate_checkpoint(
+        directory, llama_config(shape), dtype="bfloat16", device=device if device.startswith("cuda") else "cpu"
+    )
     summary["generate_s"] = round(time.perf_counter() - start, 2)
     files = checkpoint_files(directory)
     print(f"checkpoint {directory}: {len(files)} shards, generated or reused in {summary['generate_s']}s", flush=True)
@@ -165,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     _, warm = read_files(files)
     summary["file_bytes"] = nbytes
     summary["read_gbps"] = {"cold": round(nbytes / cold / 1e9, 3), "warm": round(nbytes / warm / 1e9, 3)}
-    print(f"plain read of {nbytes / 1e9:.2f} GB: cold {summary['read_gbps']['cold']} GB/s, "
-          f"warm {summary['read_gbps']['warm']} GB/s", flush=True)
+    print(
+        f"plain read of {nbytes / 1e9:.2f} GB: cold {summary['read_gbps']['cold']} GB/s, "
+        f"warm {summary['read_gbps']['warm']} GB/s",
+        flush=True,
+    )
 
     # 2. every stage onto the device, cold then warm
     config = load_config(directory)
@@ -179,12 +186,17 @@ def main(argv: list[str] | None = None) -> int:
             evict_page_cache(files)
         stages, seconds, loading = build_all(directory, plan, config, device=device, dtype=dtype)
         builds[cache] = {
-            "build_s": round(seconds, 3), "load_s": round(loading, 3),
-            "build_gbps": round(stage_bytes / seconds / 1e9, 3), "load_gbps": round(stage_bytes / loading / 1e9, 3),
+            "build_s": round(seconds, 3),
+            "load_s": round(loading, 3),
+            "build_gbps": round(stage_bytes / seconds / 1e9, 3),
+            "load_gbps": round(stage_bytes / loading / 1e9, 3),
         }
-        print(f"{plan.num_stages} stages ({stage_bytes / 1e9:.2f} GB) onto {device}, {cache} cache: "
-              f"build {seconds:.2f}s = {builds[cache]['build_gbps']} GB/s, weight loading "
-              f"{loading:.2f}s = {builds[cache]['load_gbps']} GB/s", flush=True)
+        print(
+            f"{plan.num_stages} stages ({stage_bytes / 1e9:.2f} GB) onto {device}, {cache} cache: "
+            f"build {seconds:.2f}s = {builds[cache]['build_gbps']} GB/s, weight loading "
+            f"{loading:.2f}s = {builds[cache]['load_gbps']} GB/s",
+            flush=True,
+        )
         if cache == "cold":
             del stages
             if device.startswith("cuda"):
@@ -207,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         loss_theirs = reference(input_ids=ids, labels=labels).loss
     summary["logits_max_abs_diff"] = (ours.float() - theirs.float()).abs().max().item()
     summary["logits_max_abs"] = theirs.float().abs().max().item()
-    summary["loss"] = {"ppzoo": loss_ours.item(), "hf": loss_theirs.item(),
-                       "abs_diff": abs(loss_ours.item() - loss_theirs.item())}
-    print(f"logits max |diff| {summary['logits_max_abs_diff']:.3g} (max |logit| {summary['logits_max_abs']:.3g}); "
-          f"loss ppzoo {loss_ours.item():.5f}, HF {loss_theirs.item():.5f}", flush=True)
+    summary["loss"] = {
+        "ppzoo": loss_ours.item(),
+        "hf": loss_theirs.item(),
+        "abs_diff": abs(loss_ours.item() - loss_theirs.item()),
+    }
+    print(
+        f"logits max |diff| {summary['logits_max_abs_diff']:.3g} (max |logit| {summary['logits_max_abs']:.3g}); "
+        f"loss ppzoo {loss_ours.item():.5f}, HF {loss_theirs.item():.5f}",
+        flush=True,
+    )
     del ours, theirs
 
     # 4. forward+backward of the chain (and of the reference, for scale)
@@ -240,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     summary["fwd_bwd_times_s"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
     if device.startswith("cuda"):
         summary["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    print(f"forward+backward of {args.batch_size} x {seq_len} tokens: stage chain {summary['chain_fwd_bwd_s']}s, "
-          f"HF {summary['hf_fwd_bwd_s']}s", flush=True)
+    print(
+        f"forward+backward of {args.batch_size} x {seq_len} tokens: stage chain {summary['chain_fwd_bwd_s']}s, "
+        f"HF {summary['hf_fwd_bwd_s']}s",
+        flush=True,
+    )
     summary["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, summary)
     compact = {k: v for k, v in summary.items() if k != "machine"}

@@ -1,6 +1,6 @@
 """Overhead: the whole model as one ppzoo stage against plain Hugging Face, forward + backward.
 
-    python benchmarks/overhead.py --out benchmarks/results/overhead.json
+    python -m benchmarks.overhead --out benchmarks/results/overhead.json
 
 One process, one torch thread (``--threads``). The stage is ``build_stage`` with a one-stage plan
 (embedding, every layer, norm and head; ppzoo's patched forwards) and ``causal_lm_loss``; the
@@ -18,11 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
-    PressureMonitor, float32_checkpoint, paired_parser, start_single_process, table, write_json,
+from benchmarks.common import (
+    PressureMonitor,
+    command_line,
+    float32_checkpoint,
+    paired_parser,
+    start_single_process,
+    table,
+    write_json,
 )
 
 #: shape name → (sequence length, batch size)
@@ -36,16 +39,21 @@ def measure(directory: Path, *, seq_len: int, batch_size: int, pairs: int, warmu
 
     import ppzoo
     from ppzoo import registry
-    from ppzoo.loss import causal_lm_loss
+    from ppzoo.checkpoint import Checkpoint
     from ppzoo.config import load_config
+    from ppzoo.loss import causal_lm_loss
     from ppzoo.stage import build_stage
-    from ppzoo.weights import Checkpoint
 
     config = load_config(directory)
     config._attn_implementation = "sdpa"
     plan = ppzoo.plan(config, pp=1, dtype=torch.float32)
     stage = build_stage(
-        config, registry.adapter_for(config), plan, 0, checkpoint=Checkpoint(directory), dtype=torch.float32,
+        config,
+        registry.adapter_for(config),
+        plan,
+        0,
+        checkpoint=Checkpoint(directory),
+        dtype=torch.float32,
         attn_implementation="sdpa",
     )
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
@@ -93,20 +101,39 @@ def main(argv: list[str] | None = None) -> int:
             times = measure(directory, seq_len=seq_len, batch_size=batch_size, pairs=args.pairs, warmup=args.warmup)
         ours, theirs = statistics.median(times["ppzoo"]), statistics.median(times["hf"])
         paired = statistics.median(a / b for a, b in zip(times["ppzoo"], times["hf"]))
-        rows.append({
-            "case": name, "seq_len": seq_len, "batch_size": batch_size, "ppzoo_s": ours, "hf_s": theirs,
-            "ratio": paired, "ratio_of_medians": ours / theirs, "cpu_pressure": pressure.summary(), "times": times,
-        })
+        rows.append(
+            {
+                "case": name,
+                "seq_len": seq_len,
+                "batch_size": batch_size,
+                "ppzoo_s": ours,
+                "hf_s": theirs,
+                "ratio": paired,
+                "ratio_of_medians": ours / theirs,
+                "cpu_pressure": pressure.summary(),
+                "times": times,
+            }
+        )
         print(f"  {name}: ppzoo {ours:.4f}s, HF {theirs:.4f}s, paired ratio {paired:.3f}", flush=True)
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(table(rows, ["case", "seq_len", "batch_size", "ppzoo_s", "hf_s", "ratio", "ratio_of_medians"], floats="{:.4f}"))
-    print(f"threads {args.threads}; load average before {info['load_avg']}, after {info['load_avg_after']}; "
-          f"CPU pressure (mean/max): {[r['cpu_pressure'] for r in rows]}")
-    write_json(args.out, {
-        "benchmark": "overhead", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "threads": args.threads, "rows": rows,
-    })
+    print(
+        table(rows, ["case", "seq_len", "batch_size", "ppzoo_s", "hf_s", "ratio", "ratio_of_medians"], floats="{:.4f}")
+    )
+    print(
+        f"threads {args.threads}; load average before {info['load_avg']}, after {info['load_avg_after']}; "
+        f"CPU pressure (mean/max): {[r['cpu_pressure'] for r in rows]}"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "overhead",
+            "machine": info,
+            "command": command_line(__spec__.name),
+            "threads": args.threads,
+            "rows": rows,
+        },
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Step efficiency: ``Pipeline.step`` with pp=2 against the unsplit model, same batch and optimizer.
 
-    python benchmarks/step.py --out benchmarks/results/step.json
+    python -m benchmarks.step --out benchmarks/results/step.json
 
 Each pipeline rank is a process with one torch thread (``run_distributed``, gloo); the baseline
 is the unsplit Hugging Face model in one process with one thread, stepping the same global batch
@@ -41,15 +41,12 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
-    PressureMonitor, generate_checkpoint, llama_config, machine, table, write_json,
-)
+from benchmarks.common import PressureMonitor, command_line, llama_config, machine, table, write_json
+from ppzoo.testing.synthetic import generate_checkpoint
 
 #: the benchmark's shapes: model shape, sequence length, microbatches, microbatch size
 CASES: dict[str, dict[str, Any]] = {
@@ -170,7 +167,15 @@ def _stage_seconds(pipe: Any, ids: Any, labels: Any, microbatches: int) -> dict[
     return out
 
 
-def _measure(rank: int, world: int, directory: str, case: dict[str, Any], variants: list[tuple[str, str]], steps: int, warmup: int) -> dict:
+def _measure(
+    rank: int,
+    world: int,
+    directory: str,
+    case: dict[str, Any],
+    variants: list[tuple[str, str]],
+    steps: int,
+    warmup: int,
+) -> dict:
     """Every (schedule, split) in turn; each timed pipeline step follows a timed single-process step.
 
     The single-process steps (whole batch, then accumulated microbatches) run on rank 0 while
@@ -189,15 +194,29 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
     for schedule, split in variants:
         extra = {}
         if split == "layers":
-            extra["stage_modules"] = layer_balanced_split(load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"])
+            extra["stage_modules"] = layer_balanced_split(
+                load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"]
+            )
         pipe = ppzoo.pipeline(
-            directory, pp=world, schedule=schedule, microbatches=case["microbatches"], dtype=torch.float32,
-            device="cpu", attn_implementation="sdpa", seq_len=case["seq_len"], **extra,
+            directory,
+            pp=world,
+            schedule=schedule,
+            microbatches=case["microbatches"],
+            dtype=torch.float32,
+            device="cpu",
+            attn_implementation="sdpa",
+            seq_len=case["seq_len"],
+            **extra,
         )
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5)
         ids, labels = _batch(pipe.config.vocab_size, case)
         record: dict[str, Any] = {
-            "single": [], "single_accumulated": [], "step": [], "pipe_step": [], "cpu": [], "stage_seconds": [],
+            "single": [],
+            "single_accumulated": [],
+            "step": [],
+            "pipe_step": [],
+            "cpu": [],
+            "stage_seconds": [],
         }
         for i in range(warmup + steps):
             dist.barrier()
@@ -216,9 +235,14 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], varian
                 if turn == rank:
                     stage_s = _stage_seconds(pipe, ids, labels, case["microbatches"])
             if i >= warmup:
-                for key, value in (("single", single_s), ("single_accumulated", accumulated_s),
-                                   ("step", end - start), ("pipe_step", middle - start),
-                                   ("cpu", end_cpu - start_cpu), ("stage_seconds", stage_s)):
+                for key, value in (
+                    ("single", single_s),
+                    ("single_accumulated", accumulated_s),
+                    ("step", end - start),
+                    ("pipe_step", middle - start),
+                    ("cpu", end_cpu - start_cpu),
+                    ("stage_seconds", stage_s),
+                ):
                     record[key].append(value)
         record["stages"] = {s.ppzoo_stage.index: list(s.ppzoo_stage.modules) for s in pipe.stages}
         out["variants"][f"{schedule}/{split}"] = record
@@ -235,11 +259,21 @@ def _variants(schedules: Sequence[str], layer_balanced: bool) -> list[tuple[str,
     return out
 
 
-def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: int, warmup: int, root: Path,
-             layer_balanced: bool = False) -> dict:
+def run_case(
+    name: str,
+    case: dict[str, Any],
+    *,
+    schedules: list[str],
+    steps: int,
+    warmup: int,
+    root: Path,
+    layer_balanced: bool = False,
+) -> dict:
     from ppzoo.testing.distributed import run_distributed
 
-    directory = generate_checkpoint(root / f"llama-{case['shape']}-f32", llama_config(case["shape"], dtype="float32"), dtype="float32")
+    directory = generate_checkpoint(
+        root / f"llama-{case['shape']}-f32", llama_config(case["shape"], dtype="float32"), dtype="float32"
+    )
     tokens = case["seq_len"] * case["microbatches"] * case["microbatch_size"]
     pp = 2
     variants = _variants(schedules, layer_balanced)
@@ -267,26 +301,38 @@ def run_case(name: str, case: dict[str, Any], *, schedules: list[str], steps: in
         # communication, plus the slowest rank's optimizer step.
         optimizer_s = [statistics.median(a - b for a, b in zip(rec["step"], rec["pipe_step"])) for rec in records]
         simulated = measured + max(optimizer_s)
-        rows.append({
-            "case": name, "schedule": schedule, "split": split, "step_s": step_s, "single_s": single,
-            "tokens_per_s": tokens / step_s, "single_tokens_per_s": tokens / single,
-            "efficiency": efficiency, "ideal": ideal, "of_ideal": efficiency / ideal,
-            "of_ideal_vs_accumulated": single_accumulated / (pp * step_s) / ideal,
-            # NOTE: of_ideal = granularity × balance × runtime: what microbatches cost the single
-            # process, what the measured stage (and optimizer) imbalance allows, and the pipeline
-            # runtime's own cost against a simulation of the measured stages.
-            "granularity": single / single_accumulated,
-            "balance": single_accumulated / (pp * simulated) / ideal,
-            "runtime": simulated / step_s,
-            "stage_fwd_bwd_s": stage_list, "simulated_step_s": simulated,
-            "pipe_step_s": [statistics.median(rec["pipe_step"]) for rec in records], "optimizer_s": optimizer_s,
-            "cpu_busy": [statistics.median(c / w for c, w in zip(rec["cpu"], rec["step"])) for rec in records],
-            "single_accumulated_s": single_accumulated,
-            "single_paired_s": statistics.median(records[0]["single"]),
-            "steps_s": per_step, "single_steps_s": records[0]["single"],
-            "single_accumulated_steps_s": records[0]["single_accumulated"],
-            "stages": [records[r]["stages"] for r in range(pp)],
-        })
+        rows.append(
+            {
+                "case": name,
+                "schedule": schedule,
+                "split": split,
+                "step_s": step_s,
+                "single_s": single,
+                "tokens_per_s": tokens / step_s,
+                "single_tokens_per_s": tokens / single,
+                "efficiency": efficiency,
+                "ideal": ideal,
+                "of_ideal": efficiency / ideal,
+                "of_ideal_vs_accumulated": single_accumulated / (pp * step_s) / ideal,
+                # NOTE: of_ideal = granularity × balance × runtime: what microbatches cost the single
+                # process, what the measured stage (and optimizer) imbalance allows, and the pipeline
+                # runtime's own cost against a simulation of the measured stages.
+                "granularity": single / single_accumulated,
+                "balance": single_accumulated / (pp * simulated) / ideal,
+                "runtime": simulated / step_s,
+                "stage_fwd_bwd_s": stage_list,
+                "simulated_step_s": simulated,
+                "pipe_step_s": [statistics.median(rec["pipe_step"]) for rec in records],
+                "optimizer_s": optimizer_s,
+                "cpu_busy": [statistics.median(c / w for c, w in zip(rec["cpu"], rec["step"])) for rec in records],
+                "single_accumulated_s": single_accumulated,
+                "single_paired_s": statistics.median(records[0]["single"]),
+                "steps_s": per_step,
+                "single_steps_s": records[0]["single"],
+                "single_accumulated_steps_s": records[0]["single_accumulated"],
+                "stages": [records[r]["stages"] for r in range(pp)],
+            }
+        )
     return {"case": name, **case, "tokens_per_step": tokens, "rows": rows}
 
 
@@ -294,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
-    parser.add_argument("--layer-balanced", action="store_true",
-                        help="also run each schedule on the previous planner's split (every stage at least one "
-                             "layer, the costliest stage as cheap as possible), for comparison")
+    parser.add_argument(
+        "--layer-balanced",
+        action="store_true",
+        help="also run each schedule on the previous planner's split (every stage at least one "
+        "layer, the costliest stage as cheap as possible), for comparison",
+    )
     parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--root", type=Path, default=Path("/tmp/ppzoo-bench"), help="where checkpoints are generated")
@@ -308,26 +357,63 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases:
         print(f"case {name}: {CASES[name]}", flush=True)
         with PressureMonitor() as pressure:
-            result = run_case(name, CASES[name], schedules=args.schedules, steps=args.steps, warmup=args.warmup,
-                              root=args.root, layer_balanced=args.layer_balanced)
+            result = run_case(
+                name,
+                CASES[name],
+                schedules=args.schedules,
+                steps=args.steps,
+                warmup=args.warmup,
+                root=args.root,
+                layer_balanced=args.layer_balanced,
+            )
         result["cpu_pressure"] = pressure.summary()
         results.append(result)
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     rows = [row for result in results for row in result["rows"]]
     print()
-    print(table(rows, ["case", "schedule", "split", "step_s", "single_s", "tokens_per_s", "single_tokens_per_s",
-                       "efficiency", "ideal", "of_ideal", "granularity", "balance", "runtime", "of_ideal_vs_accumulated"]))
+    print(
+        table(
+            rows,
+            [
+                "case",
+                "schedule",
+                "split",
+                "step_s",
+                "single_s",
+                "tokens_per_s",
+                "single_tokens_per_s",
+                "efficiency",
+                "ideal",
+                "of_ideal",
+                "granularity",
+                "balance",
+                "runtime",
+                "of_ideal_vs_accumulated",
+            ],
+        )
+    )
     for row in rows:
         stages = ", ".join(f"{t * 1000:.0f}" for t in row["stage_fwd_bwd_s"])
-        print(f"{row['case']} {row['schedule']}/{row['split']}: stage fwd+bwd per microbatch [{stages}] ms, "
-              f"optimizer per rank {[round(t, 3) for t in row['optimizer_s']]} s, "
-              f"CPU busy per rank {[round(b, 2) for b in row['cpu_busy']]}")
-    print(f"load average before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure from other "
-          f"tasks during each case (PSI some avg10, mean/max): {[r['cpu_pressure'] for r in results]}")
-    write_json(args.out, {
-        "benchmark": "step", "machine": info, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "pp": 2, "threads_per_process": 1, "results": results,
-    })
+        print(
+            f"{row['case']} {row['schedule']}/{row['split']}: stage fwd+bwd per microbatch [{stages}] ms, "
+            f"optimizer per rank {[round(t, 3) for t in row['optimizer_s']]} s, "
+            f"CPU busy per rank {[round(b, 2) for b in row['cpu_busy']]}"
+        )
+    print(
+        f"load average before {info['load_avg']}, after {info['load_avg_after']}; CPU pressure from other "
+        f"tasks during each case (PSI some avg10, mean/max): {[r['cpu_pressure'] for r in results]}"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "step",
+            "machine": info,
+            "command": command_line(__spec__.name),
+            "pp": 2,
+            "threads_per_process": 1,
+            "results": results,
+        },
+    )
     return 0
 
 

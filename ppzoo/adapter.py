@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ppzoo.capabilities import Capability, parse_capabilities
 from ppzoo.layout import FULL, SLIDING, Layout
+from ppzoo.validation import Problem
 
 __all__ = ["Adapter", "KeyMap"]
-
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     #: ``config.architectures`` entries this adapter handles (matched after model types)
     architectures: tuple[str, ...] = ()
-    #: declared features, used by the conformance kit: "sliding_window", "tied_embeddings", "moe", ...
-    capabilities: frozenset[str] = frozenset()
+    #: declared features (:class:`~ppzoo.capabilities.Capability` members): which conformance checks
+    #: apply, and what the tiny config must exercise; an unknown name fails when the class is defined
+    capabilities: frozenset[Capability] = frozenset()
     #: a fallback adapter is tried last, for any config its :meth:`matches` accepts
     fallback: bool = False
 
@@ -70,6 +73,11 @@ class Adapter:
     norm_name = "norm"
     head_name = "lm_head"
     rotary_name = "rotary_emb"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "capabilities" in cls.__dict__:
+            cls.capabilities = parse_capabilities(cls.__dict__["capabilities"], owner=f"{cls.__name__}.capabilities")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -128,26 +136,43 @@ class Adapter:
         return None
 
     # -- validation --------------------------------------------------------------------------
-    def validate(self, config: Any, plan: Any = None) -> list[str]:
-        """Every reason ``config`` cannot run under ``plan``; empty when it can."""
+    def validate(self, config: Any, plan: Any = None) -> list[Problem]:
+        """Every reason ``config`` cannot run under ``plan`` (None before the split); empty when it can.
+
+        ppzoo's own rules (:mod:`ppzoo.rules`) call it for every validation. Return one
+        :class:`~ppzoo.validation.Problem` per reason, with a stable code: the base class's codes
+        are in :data:`ppzoo.validation.CODES`; an adapter's own start with its name.
+        """
         problems = []
         if getattr(config, "is_encoder_decoder", False):
             problems.append(
-                f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs"
+                Problem(
+                    "encoder-decoder",
+                    f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
+                )
             )
         cfg = self.text_config(config)
         known = {FULL, SLIDING}
         unknown = sorted(set(self.layer_types(config)) - known)
         if unknown:
-            problems.append(f"layer_types {unknown} are not supported by adapter {self.name!r} (known: {sorted(known)})")
+            problems.append(
+                Problem(
+                    "unknown-layer-type",
+                    f"layer_types {unknown} are not supported by adapter {self.name!r} (known: {sorted(known)})",
+                )
+            )
         if SLIDING in self.layer_types(config) and not getattr(cfg, "sliding_window", None):
-            problems.append("layer_types has sliding_attention layers but sliding_window is not set")
+            problems.append(
+                Problem(
+                    "sliding-window-unset", "layer_types has sliding_attention layers but sliding_window is not set"
+                )
+            )
         return problems
 
     def validation_cases(self) -> list[tuple[Any, str]]:
-        """``(config, problem)`` pairs: configs this adapter's own rules reject, each with one
-        problem :meth:`validate` reports for it, word for word. The conformance kit proves each
-        rule fires; the base class's rules are checked without being listed here."""
+        """``(config, code)`` pairs: configs this adapter's own rules reject, each with the code of
+        one problem :meth:`validate` reports for it. The conformance kit proves each rule fires;
+        the base class's rules are checked without being listed here."""
         return []
 
     # -- build ---------------------------------------------------------------------------------
@@ -179,7 +204,9 @@ class Adapter:
         rope = getattr(inner, self.rotary_name)(hidden, position_ids=position_ids)
         return {t: rope for t in needed}
 
-    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids) -> torch.Tensor:
+    def call_layer(
+        self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids
+    ) -> torch.Tensor:
         # NOTE: keyword arguments only: some families put position_embeddings second.
         out = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         return out[0] if isinstance(out, tuple) else out
@@ -191,6 +218,17 @@ class Adapter:
         return getattr(lm, self.head_name)(hidden)
 
     # -- forward patches -----------------------------------------------------------------------
+    def prune_to_stage(self, model: nn.Module, layout: Layout, stage: Any, *, config: Any) -> None:
+        """Turn the whole meta-device ``model`` into the pipeline stage ``stage`` (a ``StagePlan``).
+
+        The default drops every module the stage does not hold and keeps its layers in a
+        ``ModuleDict`` by original index (:func:`ppzoo.stage.prune`); an adapter that runs the
+        model's own forward keeps stand-ins instead (see ``ppzoo.architectures.native``).
+        """
+        from ppzoo import stage as stage_module
+
+        stage_module.prune(model, layout, stage)
+
     def patch_inner_forward(self, inner: nn.Module) -> None:
         """Make ``inner`` map (token ids | hidden states) to hidden states for its own layers."""
         from ppzoo import stage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -29,11 +29,14 @@ def _human(n: float) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import ppzoo
-    from ppzoo.estimate import estimate_plan
     from ppzoo.config import load_config
+    from ppzoo.estimate import estimate_plan
 
-    for flag, value in (("--seq-len", args.seq_len), ("--microbatch-size", args.microbatch_size),
-                        ("--microbatches", args.microbatches)):
+    for flag, value in (
+        ("--seq-len", args.seq_len),
+        ("--microbatch-size", args.microbatch_size),
+        ("--microbatches", args.microbatches),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     config = load_config(args.path)
@@ -48,8 +51,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         microbatches=args.microbatches,
     )
     estimates = estimate_plan(
-        result, config, seq_len=args.seq_len, microbatch_size=args.microbatch_size,
-        microbatches=args.microbatches, fused_attention=args.fused_attention,
+        result,
+        config,
+        seq_len=args.seq_len,
+        microbatch_size=args.microbatch_size,
+        microbatches=args.microbatches,
+        fused_attention=args.fused_attention,
     )
     if args.json:
         print(json.dumps(result.to_dict() | {"estimates": estimates}, indent=2))
@@ -67,7 +74,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         span = result.layout.layer(s.layers[0]) if s.layers else ""
         if len(s.layers) > 1:
             span += f"-{s.layers[-1]}"
-        shown = ", ".join([m for m in others if m in result.layout.inputs] + ([span] if span else []) + [m for m in others if m in result.layout.outputs])
+        shown = ", ".join(
+            [m for m in others if m in result.layout.inputs]
+            + ([span] if span else [])
+            + [m for m in others if m in result.layout.outputs]
+        )
         act, state = est["activation_bytes_per_microbatch"], est["training_state_bytes"]
         print(
             f"{s.index:>5} {s.rank:>4} {_human(s.params):>9} {_human(s.bytes) + 'B':>9} {s.cost / total_cost:>6.1%} "
@@ -122,9 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="parameter dtype for byte counts (default: the config's)")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for costs and activations (default 2048)")
     p.add_argument("--microbatch-size", type=int, default=1, help="sequences per microbatch (default 1)")
-    p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: the number of stages)")
-    p.add_argument("--fused-attention", action="store_true",
-                   help="activations for flash / memory-efficient attention (no seq x seq probabilities kept)")
+    p.add_argument(
+        "--microbatches", type=int, default=None, help="microbatches per step (default: the number of stages)"
+    )
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="activations for flash / memory-efficient attention (no seq x seq probabilities kept)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan and its estimates as JSON")
     p.set_defaults(func=_cmd_plan)
 

@@ -20,4 +20,3 @@ def load_config(config_or_path: Any, **kwargs: Any) -> Any:
             raise FileNotFoundError(f"no directory {path!r}; pass a Hugging Face model directory or hub id")
         return AutoConfig.from_pretrained(path, **kwargs)
     return config_or_path
-

@@ -16,7 +16,9 @@ from ppzoo.layout import SLIDING, Layout
 __all__ = ["module_costs"]
 
 
-def module_costs(config: Any, adapter: Adapter, model: torch.nn.Module, layout: Layout, seq_len: int) -> dict[str, float]:
+def module_costs(
+    config: Any, adapter: Adapter, model: torch.nn.Module, layout: Layout, seq_len: int
+) -> dict[str, float]:
     """Estimated forward FLOPs per token of each module (backward scales them all alike).
 
     Matrix multiplies cost 2 FLOPs per weight; attention adds 4·heads·head_dim per attended key
@@ -43,4 +45,3 @@ def module_costs(config: Any, adapter: Adapter, model: torch.nn.Module, layout: 
             keys = min(window, seq_len / 2) if kinds[index] == SLIDING else seq_len / 2
             costs[fqn] = 2.0 * adapter.active_matrix_params(cfg, module, matrix) + 4.0 * heads * head_dim * keys
     return costs
-

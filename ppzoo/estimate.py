@@ -126,8 +126,9 @@ def stage_activation_bytes(
     return layers * layer_bytes + extra
 
 
-def training_state_bytes(params: int, *, param_bytes: int, grad_bytes: int | None = None,
-                         optimizer_states: int = 2, state_bytes: int = 4) -> int:
+def training_state_bytes(
+    params: int, *, param_bytes: int, grad_bytes: int | None = None, optimizer_states: int = 2, state_bytes: int = 4
+) -> int:
     """Parameters + gradients + optimizer states: ``params × (param + grad + states × state)``.
 
     The default is AdamW with two fp32 states per parameter (mixed-precision practice; torch's
@@ -178,28 +179,39 @@ def estimate_plan(
     Returns:
         A JSON-ready dict: the inputs, ``bubble_fraction`` (None when not modelled) and ``stages``.
     """
-    import torch
-
     from ppzoo import registry
+    from ppzoo.dtypes import parse_dtype
 
     cfg = registry.adapter_for(config).text_config(config)
     hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    element = getattr(torch, plan.dtype).itemsize
+    element = parse_dtype(plan.dtype).itemsize
     microbatches = plan.num_stages if microbatches is None else microbatches
     per_layer = layer_activation_bytes(
-        hidden=hidden, kv_hidden=kv_heads * head_dim, intermediate=_mlp_width(cfg), heads=heads,
-        seq_len=seq_len, microbatch_size=microbatch_size, element_bytes=element, fused_attention=fused_attention,
+        hidden=hidden,
+        kv_hidden=kv_heads * head_dim,
+        intermediate=_mlp_width(cfg),
+        heads=heads,
+        seq_len=seq_len,
+        microbatch_size=microbatch_size,
+        element_bytes=element,
+        fused_attention=fused_attention,
     )
     stages = [
         StageEstimate(
             index=s.index,
             rank=s.rank,
             activation_bytes_per_microbatch=stage_activation_bytes(
-                layer_bytes=per_layer, layers=len(s.layers), first=s.index == 0,
-                last=s.index == plan.num_stages - 1, hidden=hidden, vocab=int(cfg.vocab_size),
-                seq_len=seq_len, microbatch_size=microbatch_size, element_bytes=element,
+                layer_bytes=per_layer,
+                layers=len(s.layers),
+                first=s.index == 0,
+                last=s.index == plan.num_stages - 1,
+                hidden=hidden,
+                vocab=int(cfg.vocab_size),
+                seq_len=seq_len,
+                microbatch_size=microbatch_size,
+                element_bytes=element,
             ),
             training_state_bytes=training_state_bytes(s.params, param_bytes=element),
         )

@@ -26,7 +26,9 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((shift_labels(labels) != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed token cross-entropy divided by ``num_tokens`` (default: this batch's valid tokens)."""
     targets = shift_labels(labels).reshape(-1).to(logits.device)
     loss = F.cross_entropy(

@@ -33,4 +33,3 @@ def meta_model(config: Any, *, dtype: torch.dtype = torch.float32, **kwargs: Any
     # back into the config it is given: pass the dtype explicitly, on a copy of the config.
     with torch.device("meta"), no_init_weights(), _default_dtype(dtype):
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, **kwargs)
-

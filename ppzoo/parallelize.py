@@ -1,7 +1,7 @@
 """Parallelism inside a stage: tensor parallel, then FSDP2, on the stage's own sub-mesh.
 
 A stage is parallelized on the meta device, before any weight is read, so each rank then reads
-only its own slices of the checkpoint (see :func:`ppzoo.weights.load_stage_weights`).
+only its own slices of the checkpoint (see :func:`ppzoo.checkpoint.load_stage_weights`).
 
 The default, :func:`parallelize_stage`, applies the adapter's tensor-parallel plan on the ``tp``
 dimension (attention and MLP projections column/row-wise; embedding, norms and head replicated),
@@ -13,7 +13,8 @@ token mean over the *global* batch (a custom ``parallelize_fn`` must average too
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

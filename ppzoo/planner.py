@@ -11,8 +11,9 @@ whose step, simulated with the schedule's own order (:mod:`ppzoo.simulate`), is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -24,8 +25,9 @@ from ppzoo.layout import Layout
 from ppzoo.meta import meta_model
 from ppzoo.schedule import schedule_kind
 from ppzoo.split import balanced_bounds, stages_from_modules
+from ppzoo.validation import Settings
 
-__all__ = ["Plan", "StagePlan", "plan"]
+__all__ = ["Plan", "StagePlan", "placement_for", "plan", "stage_rank"]
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,25 @@ class Plan:
         }
 
 
-
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
+
+def placement_for(schedule: str) -> str:
+    """``"v"`` for the V schedules (ZBVZeroBubble, DualPipeV), else ``"loop"``."""
+    return "v" if schedule_kind(schedule)[1] == "v" else "loop"
+
+
+def stage_rank(index: int, *, num_stages: int, pp: int, placement: str) -> int:
+    """The pipeline rank that holds stage ``index``: ``index % pp`` in a loop, or down and back up in a V."""
+    if placement == "v":
+        return index if index < pp else 2 * pp - 1 - index
+    return index % pp
+
+
+def _check_count(arg: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
 
 
 def plan(
@@ -100,9 +117,17 @@ def plan(
     dtype: Any = None,
     seq_len: int = 2048,
     microbatches: int | None = None,
-    validate: bool = True,
+    dp_replicate: int | None = None,
+    dp_shard: int | None = None,
+    cp: int | None = None,
+    tp: int | None = None,
+    custom_parallelize: bool | None = None,
 ) -> Plan:
     """Split a model into pipeline stages and place them on ranks.
+
+    Every validation rule runs (the adapter's, ppzoo's own and every plugin's; see
+    :mod:`ppzoo.validation`) on what is known: the mesh degrees, when given, are checked here, as
+    :func:`ppzoo.pipeline` passes them, so a plan refuses exactly what a pipeline would.
 
     Args:
         config_or_path: a transformers config, a directory with ``config.json``, or a hub id.
@@ -113,66 +138,67 @@ def plan(
         stage_modules: an explicit split: one list of module FQNs per stage, in forward order.
         dtype: parameter dtype for ``bytes``; default the config's dtype, else float32.
         seq_len: sequence length the cost model assumes for attention.
-        microbatches: microbatches per step, for the simulated step the split is chosen by
-            (default: the number of stages, as :func:`ppzoo.pipeline`).
-        validate: run the adapter's and plugins' validation rules on the result.
+        microbatches: microbatches per step, for the simulated step the split is chosen by and for
+            the schedule's rules (default: the number of stages, as :func:`ppzoo.pipeline`).
+        dp_replicate, dp_shard, cp, tp: the other mesh degrees, when known (None: not checked).
+        custom_parallelize: a ``parallelize_fn`` will replace ppzoo's tensor parallel + FSDP2.
 
     Returns:
         The :class:`Plan`.
 
     Raises:
-        ValueError: impossible degrees or splits; the message names the numbers.
-        ppzoo.registry.ValidationError: the adapter rejects the config.
+        ValueError: an argument of the wrong type or range, or an explicit split that names
+            modules wrongly; the message names the value.
+        ppzoo.validation.ValidationError: the config, the split or the settings break rules; every
+            problem at once, each with its code (``.problems``).
     """
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ValueError(f"pp must be an integer >= 1, got {pp!r}")
     for arg, value in (
-        ("stages_per_rank", stages_per_rank), ("layers_per_stage", layers_per_stage), ("microbatches", microbatches)
+        ("stages_per_rank", stages_per_rank),
+        ("layers_per_stage", layers_per_stage),
+        ("microbatches", microbatches),
+        ("dp_replicate", dp_replicate),
+        ("dp_shard", dp_shard),
+        ("cp", cp),
+        ("tp", tp),
     ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        _check_count(arg, value)
     if stage_modules is not None and layers_per_stage is not None:
         raise ValueError("pass either stage_modules or layers_per_stage, not both")
     name, kind = schedule_kind(schedule)
     config = load_config(config_or_path)
     adapter = registry.adapter_for(config)
-    if validate:
-        # NOTE: config rules first: nothing is built from a config the adapter refuses (a
-        # vision-language config, say, has no layout to cost). The plan's own rules run at the end.
-        registry.validate(config, None, adapter=adapter)
-    layout = adapter.fqn_layout(config)
+    settings = Settings(
+        pp=pp,
+        schedule=name,
+        stages_per_rank=stages_per_rank,
+        microbatches=microbatches,
+        dp_replicate=dp_replicate,
+        dp_shard=dp_shard,
+        cp=cp,
+        tp=tp,
+        custom_parallelize=custom_parallelize,
+    )
+    try:
+        layout = adapter.fqn_layout(config)
+    except Exception:
+        # NOTE: a config the adapter refuses may have no layout at all; its problems say why.
+        registry.validate(config, adapter=adapter, settings=settings)
+        raise
     n_layers = layout.num_layers
-
     if stage_modules is not None:
-        split = stages_from_modules(layout, stage_modules)
-        num_stages = len(split)
+        num_stages = len(stage_modules)
     elif layers_per_stage is not None:
         num_stages = -(-n_layers // layers_per_stage)
-        split = None
     else:
-        if stages_per_rank is None:
-            stages_per_rank = 1 if kind == "single" else 2
-        num_stages = pp * stages_per_rank
-        split = None
-
-    if num_stages % pp:
-        raise ValueError(
-            f"{num_stages} stages cannot be spread evenly over pp={pp} ranks; "
-            f"choose a stage count divisible by {pp}"
-        )
-    per_rank = num_stages // pp
-    if stages_per_rank is not None and per_rank != stages_per_rank:
-        raise ValueError(f"stages_per_rank={stages_per_rank} but the split has {per_rank} stages per rank")
-    if num_stages > n_layers:
-        raise ValueError(
-            f"{num_stages} stages (pp={pp} × {per_rank} per rank) is more than the model's {n_layers} layers; "
-            "lower pp or stages per rank"
-        )
-    if kind == "single" and per_rank != 1:
-        raise ValueError(f"schedule {name} runs one stage per rank, but the plan puts {per_rank} on each")
-    if kind == "v" and per_rank != 2:
-        raise ValueError(f"schedule {name} needs V placement with exactly two stages per rank, got {per_rank}")
-    placement = "v" if kind == "v" else "loop"
+        num_stages = pp * (stages_per_rank or (1 if kind == "single" else 2))
+    split = stages_from_modules(layout, stage_modules) if stage_modules is not None else None
+    settings = replace(settings, num_stages=num_stages)
+    # NOTE: every rule before anything is built: nothing is costed or split for a config, split
+    # or setting a rule refuses (a vision-language config, say, has no layout to cost).
+    registry.validate(config, adapter=adapter, settings=settings)
+    placement = placement_for(name)
 
     pdtype = parse_dtype(dtype if dtype is not None else getattr(config, "dtype", None))
     model = meta_model(config, dtype=pdtype)
@@ -185,10 +211,13 @@ def plan(
             bounds = [0, *cuts, len(units)]
         else:
             bounds = balanced_bounds(
-                [sum(costs[m] for m in unit) for unit in units], num_stages,
-                schedule=name, pp=pp, microbatches=num_stages if microbatches is None else microbatches,
+                [sum(costs[m] for m in unit) for unit in units],
+                num_stages,
+                schedule=name,
+                pp=pp,
+                microbatches=num_stages if microbatches is None else microbatches,
             )
-        split = [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:])]
+        split = [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     # NOTE: parameters() already counts a shared tensor once; a tie the meta model did not make
     # (the copy is a separate tensor) is subtracted here, as num_parameters() counts it once too.
@@ -201,7 +230,7 @@ def plan(
     element = pdtype.itemsize
     stages = []
     for s, mods in enumerate(split):
-        rank = s % pp if placement == "loop" else (s if s < pp else 2 * pp - 1 - s)
+        rank = stage_rank(s, num_stages=num_stages, pp=pp, placement=placement)
         params = sum(_numel(model.get_submodule(m)) for m in mods)
         layers = tuple(int(m.rsplit(".", 1)[1]) for m in mods if m.startswith(layout.layers + "."))
         stages.append(StagePlan(s, rank, tuple(mods), layers, params, params * element, sum(costs[m] for m in mods)))
@@ -216,6 +245,6 @@ def plan(
         total_params=total,
         dtype=str(pdtype).replace("torch.", ""),
     )
-    if validate:
-        registry.validate(config, result, adapter=adapter)
+    # NOTE: plugins' rules about the stages themselves (their modules, ranks, sizes)
+    registry.validate(config, result, adapter=adapter, settings=settings)
     return result

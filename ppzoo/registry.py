@@ -1,8 +1,12 @@
 """The plugin registry: the only code that calls ``pm.hook.*``.
 
-Built-in adapter modules are registered first, then every entry point in the group ``ppzoo``.
-pluggy calls the last registered plugin first, and when two plugins register an adapter for the
-same model type the later one wins, with a warning naming both. Plugins load lazily, once.
+:class:`PluginManager` is pluggy's, as pytest's is: built-in modules are registered first
+(:data:`BUILTIN_PLUGINS`, ppzoo's own validation rules before the adapters), then every entry point
+of the group ``ppzoo`` through pluggy's ``load_setuptools_entrypoints``, then ``check_pending()``.
+Blocking is pluggy's ``set_blocked``, and the distribution behind an entry point is pluggy's
+``list_plugin_distinfo()``. pluggy calls the last registered plugin first; when two plugins
+register an adapter for the same model type the later one wins, with a warning naming both.
+Plugins load lazily, once.
 
 Environment:
     PPZOO_DISABLE_PLUGIN_AUTOLOAD=1   load built-ins only, no entry points
@@ -17,29 +21,38 @@ import importlib.metadata
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pluggy
 
 from ppzoo import hookspecs
 from ppzoo.adapter import Adapter
+from ppzoo.capabilities import parse_capabilities
+from ppzoo.validation import Problem, Settings, ValidationError
 
 __all__ = [
     "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
+    "ESSENTIAL_PLUGINS",
     "PluginError",
+    "PluginManager",
     "UnknownArchitectureError",
     "ValidationError",
     "adapter_for",
+    "adapter_source",
     "adapters",
     "plugin",
+    "problems",
     "reset",
     "validate",
 ]
 
 ENTRY_POINT_GROUP = "ppzoo"
-BUILTIN_PLUGINS: tuple[str, ...] = (
+#: built-in plugins that cannot be blocked: without them nothing checks a config before it runs
+ESSENTIAL_PLUGINS: tuple[str, ...] = ("ppzoo.rules",)
+BUILTIN_PLUGINS: tuple[str, ...] = ESSENTIAL_PLUGINS + (
     "ppzoo.architectures.llama",
     "ppzoo.architectures.mistral",
     "ppzoo.architectures.qwen2",
@@ -61,86 +74,150 @@ class UnknownArchitectureError(ValueError):
     """No registered adapter handles a config."""
 
 
-class ValidationError(ValueError):
-    """A config or plan breaks one or more adapter rules; ``problems`` lists them all."""
-
-    def __init__(self, problems: list[str], *, model_type: str | None = None):
-        self.problems = list(problems)
-        head = f"ppzoo cannot run this {model_type or 'model'} as configured:"
-        super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
-
-
 @dataclass(frozen=True)
 class _Entry:
     adapter: Adapter
     source: str  # who registered it, e.g. "ppzoo (built-in ppzoo.architectures.llama)"
 
 
-class _Registry:
+class PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager for the ``ppzoo`` hooks, plus the adapters each plugin registers.
+
+    Registering a plugin also checks its hooks (``check_pending``) and calls its
+    ``ppzoo_register_adapters``; a plugin that fails either is unregistered again, with what it
+    registered, and reported as a :class:`PluginError` naming it.
+    """
+
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager("ppzoo")
-        self.pm.add_hookspecs(hookspecs)
-        self.sources: dict[object, str] = {}
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
         self.entries: dict[object, list[_Entry]] = {}  # per plugin, in registration order
         self.by_name: dict[str, _Entry] = {}
         self.by_model_type: dict[str, _Entry] = {}
-        self._load()
+        self._deferring = False
 
-    # -- loading ---------------------------------------------------------------------------
-    def _load(self) -> None:
-        blocked = {n.strip() for n in os.environ.get("PPZOO_BLOCK_PLUGINS", "").split(",") if n.strip()}
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, *, autoload: bool, blocked: list[str]) -> None:
+        """Block ``blocked``, register the built-ins, then (with ``autoload``) the entry points."""
+        for name in blocked:
+            self._block(name)
         for modname in BUILTIN_PLUGINS:
-            if modname in blocked or modname.rsplit(".", 1)[-1] in blocked:
-                continue
-            module = importlib.import_module(modname)
-            self._register_plugin(module, modname, f"ppzoo (built-in {modname})")
-        if os.environ.get("PPZOO_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0"):
-            return
+            if not self.is_blocked(modname):
+                self.register(importlib.import_module(modname), modname)
+        if autoload:
+            self._load_entry_points()
+
+    def _block(self, name: str) -> None:
+        builtin = {m: m for m in BUILTIN_PLUGINS} | {m.rsplit(".", 1)[-1]: m for m in BUILTIN_PLUGINS}
+        if builtin.get(name) in ESSENTIAL_PLUGINS:
+            raise PluginError(
+                f"PPZOO_BLOCK_PLUGINS names {name!r}: {builtin[name]} holds ppzoo's own validation rules and "
+                "cannot be blocked; remove it from PPZOO_BLOCK_PLUGINS"
+            )
+        self.set_blocked(name)
+        if name in builtin:
+            self.set_blocked(builtin[name])
+
+    def _load_entry_points(self) -> None:
+        # NOTE: one entry point a time through pluggy's loader, so that a plugin failing to import
+        # is named; its adapters are registered once pluggy has recorded its distribution.
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in blocked:
+            if self.is_blocked(ep.name) or self.get_plugin(ep.name) is not None:
                 continue
             dist = ep.dist.name if ep.dist is not None else "unknown distribution"
             source = f"{dist} (entry point {ep.name!r} = {ep.value})"
+            self._deferring = True
             try:
-                plugin = ep.load()
+                self.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            except pluggy.PluginValidationError as exc:
+                self._drop(self.get_plugin(ep.name))
+                raise PluginError(f"ppzoo plugin {source} is invalid: {exc}") from exc
             except Exception as exc:
                 raise PluginError(
                     f"ppzoo plugin {source} failed to import: {type(exc).__name__}: {exc}. "
                     f"Fix or uninstall {dist}, or skip it with PPZOO_BLOCK_PLUGINS={ep.name}."
                 ) from exc
-            self._register_plugin(plugin, ep.name, source)
+            finally:
+                self._deferring = False
+            loaded = self.get_plugin(ep.name)
+            if loaded is not None:
+                self._activate(loaded)
 
-    def _register_plugin(self, plugin: object, name: str, source: str) -> None:
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """pluggy's ``register``, then the plugin's hooks are checked and its adapters registered.
+
+        Raises:
+            PluginError: the plugin's hooks are invalid, or registering its adapters failed.
+        """
         try:
-            self.pm.register(plugin, name=name)
-            self.pm.check_pending()
+            registered = super().register(plugin, name)
         except pluggy.PluginValidationError as exc:
-            if self.pm.is_registered(plugin):
-                self.pm.unregister(plugin)
-            raise PluginError(f"ppzoo plugin {source} is invalid: {exc}") from exc
-        self.sources[plugin] = source
-        added = self.entries[plugin] = []
-        for impl in self.pm.hook.ppzoo_register_adapters.get_hookimpls():
-            if impl.plugin is plugin:
-                try:
-                    impl.function(register=lambda a, _s=source: added.append(self._add_adapter(a, _s)))
-                except Exception as exc:
-                    # NOTE: a half-registered plugin would stay in the hook tables and break
-                    # every later lookup; drop it and what it registered before failing.
-                    self._unregister_plugin(plugin)
-                    if isinstance(exc, PluginError):
-                        raise
-                    raise PluginError(
-                        f"ppzoo plugin {source} raised while registering adapters: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
+            self._drop(plugin)
+            if self._deferring:
+                raise
+            raise PluginError(f"ppzoo plugin {self._describe(plugin, name)} is invalid: {exc}") from exc
+        if registered is not None and not self._deferring:
+            self._activate(plugin)
+        return registered
 
-    def _unregister_plugin(self, plugin: object) -> None:
-        self.sources.pop(plugin, None)
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
+        """pluggy's ``unregister``; the adapters the plugin registered go with it."""
+        removed = super().unregister(plugin, name)
+        if removed is not None and self.entries.pop(removed, None):
+            self._rebuild_tables()
+        return removed
+
+    def source(self, plugin: object) -> str:
+        """Who provides ``plugin``: ``ppzoo (built-in ...)``, ``<dist> (entry point ...)`` or a run-time name."""
+        return self._describe(plugin, self.get_name(plugin))
+
+    def _describe(self, plugin: object, name: str | None) -> str:
+        name = name or self.get_canonical_name(plugin)
+        if name in BUILTIN_PLUGINS:
+            return f"ppzoo (built-in {name})"
+        for registered, dist in self.list_plugin_distinfo():
+            if registered is plugin:
+                value = next(
+                    (ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP and ep.name == name), "?"
+                )
+                return f"{dist.project_name} (entry point {name!r} = {value})"
+        return f"{name} (registered at run time)"
+
+    def _activate(self, plugin: object) -> None:
+        source = self.source(plugin)
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self._drop(plugin)
+            raise PluginError(f"ppzoo plugin {source} is invalid: {exc}") from exc
+        added = self.entries[plugin] = []
+        for impl in self.hook.ppzoo_register_adapters.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            register = lambda adapter: added.append(self._add_adapter(adapter, source))  # noqa: E731
+            try:
+                impl.function(**({"register": register} if "register" in impl.argnames else {}))
+            except Exception as exc:
+                # NOTE: a half-registered plugin would stay in the hook tables and break every
+                # later lookup; drop it and what it registered before failing.
+                self._drop(plugin)
+                if isinstance(exc, PluginError):
+                    raise
+                raise PluginError(
+                    f"ppzoo plugin {source} raised while registering adapters: {type(exc).__name__}: {exc}"
+                ) from exc
+
+    def _drop(self, plugin: object | None) -> None:
+        """Forget a plugin that failed half-way (pluggy may hold part of it)."""
+        if plugin is not None and self.is_registered(plugin):
+            self.unregister(plugin)
         self.entries.pop(plugin, None)
-        self.pm.unregister(plugin)
-        # Rebuild the adapter tables from what the remaining plugins registered, in order; the
-        # adapter objects stay the same, so references held elsewhere remain valid.
+        self._rebuild_tables()
+
+    # -- adapters ------------------------------------------------------------------------------
+    def _rebuild_tables(self) -> None:
+        # NOTE: from what the remaining plugins registered, in order; the adapter objects stay
+        # the same, so references held elsewhere remain valid.
         self.by_name.clear()
         self.by_model_type.clear()
         for entries in self.entries.values():
@@ -151,9 +228,12 @@ class _Registry:
 
     def _add_adapter(self, adapter: Adapter, source: str) -> _Entry:
         if not isinstance(adapter, Adapter):
-            raise PluginError(
-                f"ppzoo plugin {source} registered {adapter!r}, which is not a ppzoo.Adapter instance"
-            )
+            raise PluginError(f"ppzoo plugin {source} registered {adapter!r}, which is not a ppzoo.Adapter instance")
+        try:
+            # NOTE: the class was checked when defined; this catches capabilities set on the instance
+            parse_capabilities(adapter.capabilities, owner=f"adapter {adapter.name!r}")
+        except (TypeError, ValueError) as exc:
+            raise PluginError(f"ppzoo plugin {source}: {exc}") from exc
         entry = _Entry(adapter, source)
         for model_type in adapter.model_types:
             previous = self.by_model_type.get(model_type)
@@ -169,22 +249,27 @@ class _Registry:
 
 
 _lock = threading.Lock()
-_registry: _Registry | None = None
+_manager: PluginManager | None = None
 
 
-def _get() -> _Registry:
-    global _registry
+def _get() -> PluginManager:
+    global _manager
     with _lock:
-        if _registry is None:
-            _registry = _Registry()
-        return _registry
+        if _manager is None:
+            manager = PluginManager()
+            manager.load(
+                autoload=os.environ.get("PPZOO_DISABLE_PLUGIN_AUTOLOAD", "").strip() in ("", "0"),
+                blocked=[n.strip() for n in os.environ.get("PPZOO_BLOCK_PLUGINS", "").split(",") if n.strip()],
+            )
+            _manager = manager
+        return _manager
 
 
 def reset() -> None:
     """Forget loaded plugins; the next call loads them again (reads the environment anew)."""
-    global _registry
+    global _manager
     with _lock:
-        _registry = None
+        _manager = None
 
 
 def adapters() -> dict[str, Adapter]:
@@ -210,21 +295,21 @@ def adapter_for(config: Any) -> Adapter:
     Raises:
         UnknownArchitectureError: no adapter handles the config.
     """
-    reg = _get()
-    claimed = reg.pm.hook.ppzoo_adapter_for(config=config)
+    pm = _get()
+    claimed = pm.hook.ppzoo_adapter_for(config=config)
     if claimed is not None:
         return claimed
     model_type = getattr(config, "model_type", None)
-    if model_type in reg.by_model_type:
-        return reg.by_model_type[model_type].adapter
+    if model_type in pm.by_model_type:
+        return pm.by_model_type[model_type].adapter
     for arch in getattr(config, "architectures", None) or ():
-        for entry in reg.by_name.values():
+        for entry in pm.by_name.values():
             if arch in entry.adapter.architectures:
                 return entry.adapter
-    for entry in reg.by_name.values():
+    for entry in pm.by_name.values():
         if entry.adapter.fallback and entry.adapter.matches(config):
             return entry.adapter
-    known = ", ".join(sorted(reg.by_model_type)) or "none"
+    known = ", ".join(sorted(pm.by_model_type)) or "none"
     raise UnknownArchitectureError(
         f"no ppzoo adapter for model_type {model_type!r}; registered: {known}. "
         "Write an Adapter subclass and register it from a plugin "
@@ -232,28 +317,65 @@ def adapter_for(config: Any) -> Adapter:
     )
 
 
-def validate(config: Any, plan: Any = None, *, adapter: Adapter | None = None) -> None:
-    """Run the adapter's rules and every plugin's ``ppzoo_validate``; raise all problems at once.
+def problems(
+    config: Any, plan: Any = None, *, adapter: Adapter | None = None, settings: Settings | None = None
+) -> list[Problem]:
+    """Every problem every plugin's ``ppzoo_validate`` finds (ppzoo's own rules first).
+
+    Args:
+        config: the model config.
+        plan: the plan, or None before the split.
+        adapter: the config's adapter (default: :func:`adapter_for`).
+        settings: the run settings known so far (default: none known).
 
     Raises:
-        ValidationError: one or more rules failed; the message lists every problem.
+        PluginError: a rule returned something other than :class:`~ppzoo.validation.Problem` objects.
     """
-    reg = _get()
+    pm = _get()
     adapter = adapter or adapter_for(config)
-    problems = list(adapter.validate(config, plan))
-    for extra in reg.pm.hook.ppzoo_validate(config=config, plan=plan):
-        problems.extend(extra or ())
-    if problems:
-        raise ValidationError(problems, model_type=getattr(config, "model_type", None))
+    args = dict(config=config, adapter=adapter, plan=plan, settings=settings or Settings())
+    found: list[Problem] = []
+    for result in pm.hook.ppzoo_validate(**args):
+        for problem in result or ():
+            if not isinstance(problem, Problem):
+                raise PluginError(
+                    f"ppzoo plugin {_returning(pm, args, problem)} returned {problem!r} from ppzoo_validate; "
+                    "return ppzoo.validation.Problem(code, message) objects — see docs/adapters.md"
+                )
+            found.append(problem)
+    return found
+
+
+def _returning(pm: PluginManager, args: dict, value: object) -> str:
+    """Which plugin's ``ppzoo_validate`` returns ``value`` (asked again, on the error path only)."""
+    for impl in pm.hook.ppzoo_validate.get_hookimpls():
+        if value in (impl.function(**{k: args[k] for k in impl.argnames}) or ()):
+            return pm.source(impl.plugin)
+    return "(unknown)"
+
+
+def validate(
+    config: Any, plan: Any = None, *, adapter: Adapter | None = None, settings: Settings | None = None
+) -> None:
+    """Run every plugin's ``ppzoo_validate`` (ppzoo's own rules included); raise all problems at once.
+
+    Args: as :func:`problems`.
+
+    Raises:
+        ValidationError: one or more rules failed; ``problems`` holds them, the message lists them.
+    """
+    found = problems(config, plan, adapter=adapter, settings=settings)
+    if found:
+        raise ValidationError(found, model_type=getattr(config, "model_type", None))
 
 
 @contextlib.contextmanager
 def plugin(obj: object, name: str | None = None) -> Iterator[object]:
     """Register ``obj`` as a plugin for the duration of a ``with`` block (tests, notebooks)."""
-    reg = _get()
-    name = name or getattr(obj, "__name__", None) or f"plugin-{id(obj)}"
-    reg._register_plugin(obj, name, f"{name} (registered at run time)")
+    pm = _get()
+    pm.register(obj, name or getattr(obj, "__name__", None) or f"plugin-{id(obj)}")
     try:
         yield obj
     finally:
-        reg._unregister_plugin(obj)
+        if pm.is_registered(obj):
+            pm.unregister(obj)

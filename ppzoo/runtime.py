@@ -6,27 +6,28 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torch.distributed import pipelining
 
 from ppzoo import registry
 from ppzoo.aux_loss import AuxLoss
+from ppzoo.checkpoint import Checkpoint, resolve
 from ppzoo.config import load_config
 from ppzoo.dtypes import parse_dtype
 from ppzoo.loss import causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
 from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
-from ppzoo.planner import Plan, plan as make_plan
-from ppzoo.schedule import build_schedule, check_batch, check_microbatches, csv_stage_count, schedule_kind
+from ppzoo.planner import Plan
+from ppzoo.planner import plan as make_plan
+from ppzoo.schedule import build_schedule, check_batch, csv_stage_count, schedule_kind
 from ppzoo.stage import build_stage
 from ppzoo.tied import TiedWeights
-from ppzoo.weights import Checkpoint, resolve
 
 __all__ = ["Pipeline", "PipelineStage", "pipeline"]
 
@@ -88,8 +89,13 @@ class Pipeline:
         self._num_tokens = 1
         self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
         self._tied = TiedWeights(
-            adapter.tied_weights(config), modules=modules, num_stages=plan.num_stages,
-            first_rank=plan.stages[0].rank, last_rank=self._last_rank, pp_rank=self.pp_rank, mesh=mesh,
+            adapter.tied_weights(config),
+            modules=modules,
+            num_stages=plan.num_stages,
+            first_rank=plan.stages[0].rank,
+            last_rank=self._last_rank,
+            pp_rank=self.pp_rank,
+            mesh=mesh,
         )
         self._aux_loss = AuxLoss(adapter, config, list(modules.values()), microbatches=microbatches, device=device)
 
@@ -238,13 +244,16 @@ class Pipeline:
         # NOTE: return_outputs=False: training needs only the losses; keeping and concatenating
         # every microbatch's logits would cost vocab-sized memory and time on the last rank.
         runtime.step(
-            *args, target=labels.to(self.device) if self.holds_last else None, losses=losses,
-            return_outputs=False, **kwargs,
+            *args,
+            target=labels.to(self.device) if self.holds_last else None,
+            losses=losses,
+            return_outputs=False,
+            **kwargs,
         )
         self._tied.sync_grads()
         self._sync_tp_replicated_grads()
         if self.holds_last:
-            loss = torch.stack([l.detach().float() for l in losses]).sum() / self._dp_size
+            loss = torch.stack([part.detach().float() for part in losses]).sum() / self._dp_size
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
@@ -297,25 +306,34 @@ class Pipeline:
     source: Path | None = None
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> Path:
-        """Write a Hugging Face checkpoint of the current weights (collective); see :mod:`ppzoo.save`.
+        """Write a Hugging Face checkpoint of the current weights (collective); see :mod:`ppzoo.checkpoint.export`.
 
         ``max_shard_size`` (bytes, or ``"5GB"``-style) bounds each shard file, as in Hugging Face.
         """
-        from ppzoo.save import save_pretrained
+        from ppzoo.checkpoint import save_pretrained
 
-        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+        return save_pretrained(
+            self._modules,
+            directory,
+            adapter=self.adapter,
+            config=self.config,
+            mesh=self.mesh,
+            dtype=self.dtype,
+            source=self.source,
+            max_shard_size=max_shard_size,
+        )
 
     def save_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer, *, step: int) -> Path:
-        """Save model, optimizer and step for resuming, under any split (collective); see :mod:`ppzoo.state`."""
-        from ppzoo.state import save_state
+        """Save model, optimizer and step for resuming, under any split (collective); see :mod:`ppzoo.checkpoint.state`."""
+        from ppzoo.checkpoint import save_state
 
-        return save_state(self, directory, optimizer, step=step)
+        return save_state(self.stages, directory, optimizer, step=step, adapter=self.adapter, config=self.config)
 
     def load_state(self, directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
-        """Restore what :meth:`save_state` saved (collective); returns the saved step. See :mod:`ppzoo.state`."""
-        from ppzoo.state import load_state
+        """Restore what :meth:`save_state` saved (collective); returns the saved step. See :mod:`ppzoo.checkpoint.state`."""
+        from ppzoo.checkpoint import load_state
 
-        return load_state(self, directory, optimizer)
+        return load_state(self.stages, directory, optimizer, adapter=self.adapter, config=self.config)
 
 
 def pipeline(
@@ -366,16 +384,14 @@ def pipeline(
         The :class:`Pipeline`.
 
     Raises:
-        ValueError: impossible degrees, split or schedule settings, before any communication.
-        ppzoo.registry.ValidationError: the adapter rejects the config.
+        ValueError: an argument of the wrong type, before any communication.
+        ppzoo.validation.ValidationError: the config, split, schedule, microbatch count or degrees
+            break validation rules (every problem at once, each with its code), before any
+            communication.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype)
     degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
-    if cp != 1:
-        raise ValueError(
-            f"cp={cp}: ppzoo does not implement context parallelism (and gloo on CPU cannot run it); use cp=1"
-        )
     name, kind = schedule_kind(schedule)
     if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
         stages_per_rank = csv_stage_count(name) // pp
@@ -398,11 +414,15 @@ def pipeline(
         dtype=dtype,
         seq_len=seq_len,
         microbatches=microbatches,
+        dp_replicate=dp_replicate,
+        dp_shard=dp_shard,
+        cp=cp,
+        tp=tp,
+        custom_parallelize=parallelize_fn is not None,
     )
+    # NOTE: the plan ran every validation rule on these settings; none needs a process group.
     microbatches = the_plan.num_stages if microbatches is None else microbatches
-    check_microbatches(schedule=name, microbatches=microbatches, num_stages=the_plan.num_stages, pp=pp)
     adapter = registry.adapter_for(config)
-    _check_intra_stage(config, adapter, the_plan, degrees, custom=parallelize_fn is not None)
 
     init_distributed(device)
     mesh = build_mesh(degrees, device)
@@ -418,42 +438,33 @@ def pipeline(
     for spec in the_plan.stages_for_rank(pp_rank):
         started = time.perf_counter()
         modules[spec.index] = build_stage(
-            config, adapter, the_plan, spec.index, checkpoint=checkpoint, device=device, dtype=dtype,
-            parallelize=parallelize, attn_implementation=config._attn_implementation,
+            config,
+            adapter,
+            the_plan,
+            spec.index,
+            checkpoint=checkpoint,
+            device=device,
+            dtype=dtype,
+            parallelize=parallelize,
+            attn_implementation=config._attn_implementation,
         )
         log.info(
             "rank %d: stage %d/%d ready (%s params) in %.1fs",
-            dist.get_rank(), spec.index, the_plan.num_stages, f"{spec.params:,}", time.perf_counter() - started,
+            dist.get_rank(),
+            spec.index,
+            the_plan.num_stages,
+            f"{spec.params:,}",
+            time.perf_counter() - started,
         )
     pipe = Pipeline(
-        config=config, adapter=adapter, plan=the_plan, modules=modules, mesh=mesh,
-        device=device, microbatches=microbatches, dtype=dtype,
+        config=config,
+        adapter=adapter,
+        plan=the_plan,
+        modules=modules,
+        mesh=mesh,
+        device=device,
+        microbatches=microbatches,
+        dtype=dtype,
     )
     pipe.source = local
     return pipe
-
-
-
-def _check_intra_stage(config: Any, adapter: Any, plan: Plan, degrees: Degrees, *, custom: bool) -> None:
-    """Refuse, before any communication, degrees the default parallelize cannot apply exactly."""
-    cfg = adapter.text_config(config)
-    if degrees.tp > 1 and not custom:
-        sizes = {
-            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
-            "intermediate_size": getattr(cfg, "intermediate_size", None),
-        }
-        bad = [f"{k}={v}" for k, v in sizes.items() if v is not None and v % degrees.tp]
-        if bad:
-            raise ValueError(f"tp={degrees.tp} must divide {', '.join(bad)}; choose a tp that divides them")
-        if not adapter.tp_plan(config):
-            raise ValueError(
-                f"tp={degrees.tp}: adapter {adapter.name!r} has no tensor-parallel plan; pass parallelize_fn=..."
-            )
-    dp = degrees.dp_replicate * degrees.dp_shard
-    first, last = plan.stages[0].rank, plan.stages[-1].rank
-    if dp > 1 and adapter.tied_weights(config) and first == last and plan.num_stages > 1:
-        raise ValueError(
-            "V placement puts the tied embedding and head on one rank as one parameter, which FSDP cannot "
-            f"shard in two stages (dp_replicate × dp_shard = {dp}); use a loop schedule (1F1B, Interleaved1F1B)"
-        )

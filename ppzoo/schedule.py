@@ -12,11 +12,18 @@ module imports it only inside the functions that build schedules, so planning st
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = [
-    "SCHEDULES", "ScheduleSpec", "build_schedule", "check_batch", "check_microbatches", "csv_stage_count", "schedule_kind",
+    "SCHEDULES",
+    "ScheduleSpec",
+    "build_schedule",
+    "check_batch",
+    "check_microbatches",
+    "csv_stage_count",
+    "schedule_kind",
 ]
 
 
@@ -92,22 +99,23 @@ def csv_stage_count(path: str) -> int:
 def check_microbatches(*, schedule: str, microbatches: int, num_stages: int, pp: int) -> None:
     """Raise before any communication when ``microbatches`` does not suit the schedule.
 
+    The rules are ppzoo's own validation rules (:func:`ppzoo.rules.microbatch_problems`), which
+    :func:`ppzoo.plan` and :func:`ppzoo.pipeline` run too; this is for callers that pick the count
+    after planning.
+
     Raises:
-        ValueError: naming the numbers and what to change.
+        ValueError: ``microbatches`` is not an integer >= 1.
+        ppzoo.validation.ValidationError: the count does not suit the schedule; the message names
+            the numbers and what to change.
     """
-    name, _ = schedule_kind(schedule)
-    if not isinstance(microbatches, int) or microbatches < 1:
+    from ppzoo.rules import microbatch_problems
+    from ppzoo.validation import ValidationError
+
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}")
-    if name in ("1F1B", "DualPipeV") and microbatches < num_stages:
-        raise ValueError(
-            f"schedule {name} needs at least as many microbatches as stages: got {microbatches} microbatches "
-            f"for {num_stages} stages; raise microbatches to {num_stages} or more"
-        )
-    if name in ("Interleaved1F1B", "InterleavedZeroBubble") and microbatches % pp:
-        raise ValueError(
-            f"schedule {name} runs microbatches in rounds of pp={pp}: {microbatches} microbatches is not a "
-            f"multiple of {pp}"
-        )
+    problems = microbatch_problems(schedule=schedule, microbatches=microbatches, num_stages=num_stages, pp=pp)
+    if problems:
+        raise ValidationError(problems)
 
 
 def check_batch(*, batch_size: int, microbatches: int) -> None:

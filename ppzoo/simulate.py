@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Sequence
+from collections.abc import Sequence
 
 from ppzoo.schedule import SCHEDULES
 
@@ -71,12 +71,14 @@ def _torch_order(schedule: str, pp: int, microbatches: int, stages_per_rank: int
     # NOTE: the generators read only these attributes of the schedule; building a real schedule
     # needs stages and a process group, which a plan has not got.
     state = types.SimpleNamespace(
-        pp_group_size=pp, _n_microbatches=microbatches, n_local_stages=stages_per_rank,
-        num_stages=num_stages, _num_stages=num_stages, number_of_rounds=rounds,
+        pp_group_size=pp,
+        _n_microbatches=microbatches,
+        n_local_stages=stages_per_rank,
+        num_stages=num_stages,
+        _num_stages=num_stages,
+        number_of_rounds=rounds,
         microbatches_per_round=microbatches // rounds,
-        stage_index_to_group_rank=generate_stage_to_rank_mapping(
-            pp, num_stages, style=SCHEDULES[schedule].placement
-        ),
+        stage_index_to_group_rank=generate_stage_to_rank_mapping(pp, num_stages, style=SCHEDULES[schedule].placement),
     )
     compute = {"F", "B", "I", "W"}
     result = []

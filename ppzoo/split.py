@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ppzoo.layout import Layout
 
@@ -100,7 +100,7 @@ def balanced_bounds(
             for k in range(1, stages):
                 for width in (1, 2)[: stages - k]:
                     for delta in (-1, 1):
-                        moved = bounds[:k] + tuple(b + delta for b in bounds[k:k + width]) + bounds[k + width:]
+                        moved = bounds[:k] + tuple(b + delta for b in bounds[k : k + width]) + bounds[k + width :]
                         if moved not in steps and all(a < b for a, b in zip(moved, moved[1:])):
                             steps[moved] = step(moved)
             shortest = min(steps, key=lambda b: (steps[b], b))
@@ -134,8 +134,6 @@ def stages_from_modules(layout: Layout, stage_modules: Sequence[Sequence[str]]) 
     order = [fqn for mods in stage_modules for fqn in mods]
     if order != list(known):
         raise ValueError(
-            "stage_modules must keep forward order (inputs, layers in order, outputs) across stages; "
-            f"got {order}"
+            f"stage_modules must keep forward order (inputs, layers in order, outputs) across stages; got {order}"
         )
     return [list(m) for m in stage_modules]
-

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ppzoo.checkpoint import Checkpoint, load_stage_weights
 from ppzoo.layout import Layout
 from ppzoo.meta import meta_model
 from ppzoo.planner import Plan, StagePlan
-from ppzoo.weights import Checkpoint, load_stage_weights
 
 if TYPE_CHECKING:
     from ppzoo.adapter import Adapter
 
 __all__ = [
-    "build_mask", "build_stage", "causal_lm_stage_forward", "inner_stage_forward", "materialize", "prune", "run_chain",
+    "build_mask",
+    "build_stage",
+    "causal_lm_stage_forward",
+    "inner_stage_forward",
+    "materialize",
+    "prune",
+    "run_chain",
 ]
 
 
@@ -76,7 +83,7 @@ def _tie(model: nn.Module, tied: dict[str, str]) -> None:
 
 def build_stage(
     config: Any,
-    adapter: "Adapter",
+    adapter: Adapter,
     plan: Plan,
     stage_index: int,
     *,
@@ -105,7 +112,7 @@ def build_stage(
     """
     stage = plan.stages[stage_index]
     model = meta_model(config, dtype=dtype, **model_kwargs)
-    prune(model, plan.layout, stage)
+    adapter.prune_to_stage(model, plan.layout, stage, config=config)
     tied = adapter.tied_weights(config)
     _tie(model, tied)
     if parallelize is not None:
@@ -116,7 +123,9 @@ def build_stage(
     else:
         materialize(model, device)
     for owner in model.modules():
-        if owner._non_persistent_buffers_set and any(owner._buffers.get(n) is not None for n in owner._non_persistent_buffers_set):
+        if owner._non_persistent_buffers_set and any(
+            owner._buffers.get(n) is not None for n in owner._non_persistent_buffers_set
+        ):
             adapter.init_buffers(model, owner)
     load_stage_weights(model, checkpoint, adapter=adapter, config=config)
     adapter.patch_inner_forward(model.get_submodule(adapter.inner_name))
@@ -136,7 +145,7 @@ def run_chain(
 
 
 # -- the stage forward ----------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask_params(fn: Callable) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
@@ -159,7 +168,7 @@ def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, 
     return fn(**kwargs)
 
 
-def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: "Adapter"):
+def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
     if getattr(inner, adapter.embed_name, None) is not None:
         hidden = adapter.embed(inner, x)
     else:
@@ -182,7 +191,7 @@ def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, ada
     return hidden
 
 
-def causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: "Adapter"):
+def causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
     hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids)
     if getattr(lm, adapter.head_name, None) is None:
         return hidden

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from ppzoo.dtypes import TRAINING_DTYPES
+
 __all__ = [
     "DEFAULT_CORPUS",
     "TrainJob",
@@ -60,7 +62,6 @@ BUILTIN_MODEL = dict(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 #: steps averaged for the first and last loss of the summary
 _SUMMARY_WINDOW = 5
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -87,34 +88,62 @@ class TrainJob:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``ppzoo train`` options to ``parser``."""
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory or hub id (default: a small Llama-style model, random weights)")
-    parser.add_argument("--model-dir", default=None, metavar="DIR",
-                        help="where to save the built-in model (default: a temporary directory)")
-    parser.add_argument("--data", default=None, metavar="FILE",
-                        help=f"UTF-8 text to train on (default: ppzoo's {DEFAULT_CORPUS})")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or hub id (default: a small Llama-style model, random weights)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        metavar="DIR",
+        help="where to save the built-in model (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--data", default=None, metavar="FILE", help=f"UTF-8 text to train on (default: ppzoo's {DEFAULT_CORPUS})"
+    )
     parser.add_argument("--pp", type=int, default=2, help="pipeline-parallel degree = worker processes (default 2)")
-    parser.add_argument("--schedule", default="1F1B",
-                        help="GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
-                             "DualPipeV, or a .csv file (default 1F1B)")
+    parser.add_argument(
+        "--schedule",
+        default="1F1B",
+        help="GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
+        "DualPipeV, or a .csv file (default 1F1B)",
+    )
     parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step (default 4)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model's init and of the batches (default 0)")
-    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype (default float32)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="cpu (gloo, one torch thread per worker) or cuda (nccl, one GPU per worker)")
-    parser.add_argument("--log-every", type=int, default=None, metavar="N",
-                        help="print progress every N steps (default: about 10 lines per run)")
-    parser.add_argument("--save", default=None, metavar="DIR",
-                        help="save DIR/model (a Hugging Face checkpoint) and DIR/state (model, optimizer and "
-                             "step, for --resume) at the end, and every --save-every steps")
+    parser.add_argument("--dtype", default="float32", choices=TRAINING_DTYPES, help="parameter dtype (default float32)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu (gloo, one torch thread per worker) or cuda (nccl, one GPU per worker)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="print progress every N steps (default: about 10 lines per run)",
+    )
+    parser.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="save DIR/model (a Hugging Face checkpoint) and DIR/state (model, optimizer and "
+        "step, for --resume) at the end, and every --save-every steps",
+    )
     parser.add_argument("--save-every", type=int, default=None, metavar="N", help="also save every N steps")
-    parser.add_argument("--resume", default=None, metavar="DIR",
-                        help="continue a run saved with --save DIR up to --steps, with any --pp or --schedule "
-                             "(the model comes from DIR/model unless --model is given)")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue a run saved with --save DIR up to --steps, with any --pp or --schedule "
+        "(the model comes from DIR/model unless --model is given)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,11 +181,22 @@ def main(args: argparse.Namespace) -> int:
         tokens_path = Path(scratch) / "tokens.pt"
         torch.save(tokens, tokens_path)
         job = TrainJob(
-            model=model, tokens_path=str(tokens_path), pp=args.pp, schedule=args.schedule,
-            microbatches=args.microbatches, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
-            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
+            model=model,
+            tokens_path=str(tokens_path),
+            pp=args.pp,
+            schedule=args.schedule,
+            microbatches=args.microbatches,
+            steps=args.steps,
+            lr=args.lr,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            dtype=args.dtype,
+            device=args.device,
             log_every=args.log_every or max(1, args.steps // 10),
-            save=args.save, save_every=args.save_every, resume=args.resume,
+            save=args.save,
+            save_every=args.save_every,
+            resume=args.resume,
         )
         origin = f"built-in, random init, saved in {model}" if args.model is None and not args.resume else model
         print(
@@ -174,8 +214,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    positive = {"--pp": args.pp, "--microbatches": args.microbatches, "--steps": args.steps,
-                "--seq-len": args.seq_len, "--batch-size": args.batch_size}
+    positive = {
+        "--pp": args.pp,
+        "--microbatches": args.microbatches,
+        "--steps": args.steps,
+        "--seq-len": args.seq_len,
+        "--batch-size": args.batch_size,
+    }
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -206,13 +251,11 @@ def _check_options(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
         if torch.cuda.device_count() < args.pp:
-            raise ValueError(
-                f"--pp {args.pp} needs {args.pp} GPUs, torch sees {torch.cuda.device_count()}; lower --pp"
-            )
+            raise ValueError(f"--pp {args.pp} needs {args.pp} GPUs, torch sees {torch.cuda.device_count()}; lower --pp")
 
 
 def _check_checkpoint_options(args: argparse.Namespace) -> None:
-    from ppzoo.state import saved_step
+    from ppzoo.checkpoint import saved_step
 
     if args.save_every is not None and args.save is None:
         raise ValueError(f"--save-every {args.save_every} needs --save DIR, the directory to save into")
@@ -222,8 +265,10 @@ def _check_checkpoint_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--save {args.save!r} is a file; pass a directory (it gets model/ and state/)")
     if args.resume is not None:
         if args.model_dir is not None:
-            raise ValueError("--model-dir names where the built-in model is saved; drop it when resuming "
-                             "(the model comes from the --resume directory)")
+            raise ValueError(
+                "--model-dir names where the built-in model is saved; drop it when resuming "
+                "(the model comes from the --resume directory)"
+            )
         try:
             step = saved_step(Path(args.resume) / "state")
         except Exception as exc:  # noqa: BLE001 - reported with the option it came from
@@ -231,23 +276,32 @@ def _check_checkpoint_options(args: argparse.Namespace) -> None:
         if args.model is None and not (Path(args.resume) / "model" / "config.json").is_file():
             raise ValueError(f"--resume {args.resume!r} has no model/config.json; pass the trained model with --model")
         if step >= args.steps:
-            raise ValueError(f"--resume {args.resume!r} is at step {step}, --steps is {args.steps}; "
-                             f"raise --steps above {step} to train further")
+            raise ValueError(
+                f"--resume {args.resume!r} is at step {step}, --steps is {args.steps}; "
+                f"raise --steps above {step} to train further"
+            )
 
 
 def _check_model(model: str, args: argparse.Namespace) -> tuple[Any, Path, int]:
     """The model's config, local directory and size, once the plan and the microbatches suit it."""
     import ppzoo
+    from ppzoo.checkpoint import resolve
     from ppzoo.config import load_config
     from ppzoo.schedule import check_microbatches
-    from ppzoo.weights import resolve
 
     local_dir = resolve(model)
     config = load_config(local_dir)
-    the_plan = ppzoo.plan(config, pp=args.pp, schedule=args.schedule, dtype=args.dtype, seq_len=args.seq_len,
-                          microbatches=args.microbatches)
-    check_microbatches(schedule=the_plan.schedule, microbatches=args.microbatches,
-                       num_stages=the_plan.num_stages, pp=args.pp)
+    the_plan = ppzoo.plan(
+        config,
+        pp=args.pp,
+        schedule=args.schedule,
+        dtype=args.dtype,
+        seq_len=args.seq_len,
+        microbatches=args.microbatches,
+    )
+    check_microbatches(
+        schedule=the_plan.schedule, microbatches=args.microbatches, num_stages=the_plan.num_stages, pp=args.pp
+    )
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and args.seq_len > limit:
         raise ValueError(
@@ -376,8 +430,15 @@ def train_worker(job: TrainJob) -> dict[str, Any] | None:
     else:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.manual_seed(job.seed)
-    pipe = ppzoo.pipeline(job.model, pp=job.pp, schedule=job.schedule, microbatches=job.microbatches,
-                          dtype=job.dtype, device=device, seq_len=job.seq_len)
+    pipe = ppzoo.pipeline(
+        job.model,
+        pp=job.pp,
+        schedule=job.schedule,
+        microbatches=job.microbatches,
+        dtype=job.dtype,
+        device=device,
+        seq_len=job.seq_len,
+    )
     tokens = torch.load(job.tokens_path)
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=job.lr)
     generator = torch.Generator().manual_seed(job.seed)
@@ -423,8 +484,14 @@ def _launch(job: TrainJob) -> dict[str, Any] | None:
 
     # NOTE: the settings of ``torchrun --standalone``: a c10d rendezvous on a free local port.
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=job.pp, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=job.pp,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        start_method="spawn",
     )
     try:
         results = elastic_launch(config, train_worker)(job)

@@ -80,8 +80,18 @@ def test_plan_follows_the_microbatches(config_dir, capsys):
 
 def test_plan_json_options(config_dir, capsys):
     code, out, _ = run(
-        capsys, "plan", config_dir, "--pp", "2", "--schedule", "Interleaved1F1B", "--layers-per-stage", "2",
-        "--dtype", "bfloat16", "--json",
+        capsys,
+        "plan",
+        config_dir,
+        "--pp",
+        "2",
+        "--schedule",
+        "Interleaved1F1B",
+        "--layers-per-stage",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--json",
     )
     assert code == 0
     data = json.loads(out)
@@ -90,6 +100,36 @@ def test_plan_json_options(config_dir, capsys):
     assert all(s["bytes"] == 2 * s["params"] for s in data["stages"])
     code, out, _ = run(capsys, "plan", config_dir, "--pp", "2", "--schedule", "ZBVZeroBubble", "--json")
     assert [s["rank"] for s in json.loads(out)["stages"]] == [0, 1, 1, 0]
+
+
+def test_plan_cli_prints_and_dumps_estimates(tmp_path, capsys):
+    LlamaConfig(**TINY).save_pretrained(tmp_path)
+    argv = [
+        "plan",
+        str(tmp_path),
+        "--pp",
+        "2",
+        "--seq-len",
+        "128",
+        "--microbatch-size",
+        "2",
+        "--microbatches",
+        "6",
+        "--fused-attention",
+    ]
+    assert main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    layer = 2 * 128 * (1920 + 4 * 4)
+    assert data["estimates"]["stages"][0]["activation_bytes_per_microbatch"] == 4 * layer + 2 * 128 * 4 * 32
+    assert (data["estimates"]["seq_len"], data["estimates"]["microbatch_size"]) == (128, 2)
+    assert data["estimates"]["bubble_fraction"] == pytest.approx(1 / 7)
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("bubble with 6 microbatches: 14.3%")
+    assert main(["plan", str(tmp_path), "--pp", "2", "--schedule", "DualPipeV", "--microbatches", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("not modelled for this schedule")
+    assert main(["plan", str(tmp_path), "--pp", "2", "--seq-len", "0"]) == 2
+    assert "--seq-len must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_plan_of_a_full_checkpoint_equals_its_config(config_dir, tmp_path, capsys):
@@ -117,7 +157,10 @@ def test_plan_of_a_full_checkpoint_equals_its_config(config_dir, tmp_path, capsy
             "unknown schedule 'nope'; use one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, "
             "ZBVZeroBubble, DualPipeV, or a path to a .csv schedule",
         ),
-        (["--pp", "2", "--dtype", "float33"], "dtype 'float33' is not a torch dtype; use e.g. bfloat16, float16 or float32"),
+        (
+            ["--pp", "2", "--dtype", "float33"],
+            "dtype 'float33' is not a torch dtype; use e.g. bfloat16, float16 or float32",
+        ),
     ],
     ids=["pp0", "too-many-stages", "not-divisible", "v-needs-two", "schedule", "dtype"],
 )
@@ -138,7 +181,10 @@ def test_plan_of_a_missing_directory(tmp_path, capsys):
 def test_plan_of_a_directory_without_config(tmp_path, capsys):
     code, _, err = run(capsys, "plan", tmp_path, "--pp", "2")
     assert code == 2
-    assert err == f"ppzoo plan: error: {str(tmp_path)!r} has no config.json; pass a Hugging Face model directory or hub id\n"
+    assert (
+        err
+        == f"ppzoo plan: error: {str(tmp_path)!r} has no config.json; pass a Hugging Face model directory or hub id\n"
+    )
 
 
 def test_plan_of_an_unreachable_hub_id(capsys, monkeypatch):

@@ -7,15 +7,15 @@ Select one cell with ``-k``, e.g. ``python -m pytest tests/test_conformance.py -
 """
 
 import pytest
-import torch
 
 from ppzoo import registry
 from ppzoo.adapter import KeyMap
-from ppzoo.layout import Layout
 from ppzoo.architectures.llama import LlamaAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.cli import main
-from ppzoo.testing.parametrize import parametrize_with_checks
+from ppzoo.layout import Layout
 from ppzoo.testing import (
+    CHECKS,
     CheckResult,
     check_adapter,
     check_buffers_after_meta_init,
@@ -26,6 +26,9 @@ from ppzoo.testing import (
     check_tiny_config,
     check_validation,
 )
+from ppzoo.testing.exercised import RECOGNISERS
+from ppzoo.testing.parametrize import parametrize_with_checks
+from ppzoo.validation import Problem
 
 pytest_plugins = ["ppzoo.testing.pytest_plugin", "pytester"]
 
@@ -83,7 +86,25 @@ class ClaimsARule(LlamaAdapter):
     name = "claims-a-rule"
 
     def validation_cases(self):
-        return [(self.tiny_config(), "hidden_size must be prime")]
+        return [(self.tiny_config(), "claims-hidden-size-prime")]
+
+
+class RuleWithCode(LlamaAdapter):
+    """Refuses configs marked ``odd``, with a code and words of its own choosing."""
+
+    name = "rule-with-code"
+    code = "rule-with-code-odd"
+
+    def validate(self, config, plan=None):
+        problems = super().validate(config, plan)
+        if getattr(config, "odd", False):
+            problems.append(Problem(self.code, f"config.odd={config.odd}: any wording at all; set odd=False"))
+        return problems
+
+    def validation_cases(self):
+        odd = self.tiny_config()
+        odd.odd = True
+        return [(odd, "rule-with-code-odd")]
 
 
 def test_stage_chain_catches_a_head_that_scales_logits():
@@ -98,8 +119,7 @@ def test_layout_catches_a_parameter_left_out():
     with pytest.raises(AssertionError) as raised:
         check_layout(NoHead())
     assert str(raised.value) == (
-        "adapter 'no-head': layout\n"
-        "  - parameter 'lm_head.weight' is in 0 layout modules []; it must be in exactly one"
+        "adapter 'no-head': layout\n  - parameter 'lm_head.weight' is in 0 layout modules []; it must be in exactly one"
     )
 
 
@@ -122,13 +142,59 @@ def test_buffers_catch_a_wrong_rope_init():
 def test_a_declared_capability_the_tiny_config_does_not_exercise_fails():
     with pytest.raises(AssertionError) as raised:
         check_tied_weights(ClaimsTies())
-    assert str(raised.value) == "adapter 'claims-ties' declares 'tied_embeddings' but tied_weights(tiny_config()) is empty"
+    assert (
+        str(raised.value) == "adapter 'claims-ties' declares 'tied_embeddings' but tied_weights(tiny_config()) is empty"
+    )
     with pytest.raises(AssertionError) as raised:
         check_tiny_config(ClaimsTies())
     assert str(raised.value) == (
         "adapter 'claims-ties': tiny config\n"
-        "  - declares 'tied_embeddings' but tiny_config() does not exercise it, so no check would test it"
+        "  - declares 'tied_embeddings' but tiny_config() does not exercise it, so no check would test it "
+        "(it needs: lm_head is tied to the input embedding (tied_weights() is not empty))"
     )
+
+
+@pytest.mark.parametrize("capability", list(Capability), ids=lambda c: c.value)
+def test_the_kit_understands_every_capability(capability):
+    """Each capability has a recogniser, names checks the kit has, and some built-in adapter (or
+    the example package) exercises it, so the recogniser is known to fire."""
+    assert capability in RECOGNISERS
+    assert capability.description and set(capability.checks) <= {c.name for c in CHECKS}
+    assert capability.checks and all(isinstance(name, str) for name in capability.checks)
+    for check in CHECKS:
+        assert check.requires <= set(Capability)
+
+
+def test_every_capability_is_exercised_by_a_builtin_adapter():
+    declared = {c for adapter in registry.adapters().values() for c in adapter.capabilities}
+    # NOTE: the example package's logit scale is the one capability no built-in has
+    assert set(Capability) - declared == {Capability.LOGIT_SCALE}
+
+
+@pytest.mark.parametrize(
+    "name, overrides, capability",
+    [
+        ("mixtral", {"output_router_logits": False}, "router_aux_loss"),
+        ("mixtral", {"router_aux_loss_coef": 0.0}, "router_aux_loss"),
+        ("granite", {"embedding_multiplier": 1.0}, "embedding_multiplier"),
+        ("granite", {"logits_scaling": 1.0}, "logits_scaling"),
+        ("gemma2", {"final_logit_softcapping": None, "attn_logit_softcapping": None}, "softcap"),
+        ("phi3", {"sliding_window": 64}, "sliding_window"),
+    ],
+)
+def test_a_tiny_config_that_stops_exercising_a_capability_fails(name, overrides, capability):
+    adapter = registry.adapters()[name]
+
+    class Switched(type(adapter)):
+        def tiny_config(self):
+            config = super().tiny_config()
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            return config
+
+    with pytest.raises(AssertionError) as raised:
+        check_tiny_config(Switched())
+    assert f"  - declares {capability!r} but tiny_config() does not exercise it" in str(raised.value)
 
 
 def test_an_exercised_capability_must_be_declared():
@@ -136,7 +202,7 @@ def test_an_exercised_capability_must_be_declared():
 
     class Undeclared(type(gemma)):
         name = "undeclared-ties"
-        capabilities = frozenset()
+        capabilities = frozenset({Capability.EMBEDDING_SCALE})
 
     with pytest.raises(AssertionError) as raised:
         check_tiny_config(Undeclared())
@@ -151,8 +217,19 @@ def test_validation_catches_a_rule_that_does_not_fire():
         check_validation(ClaimsARule())
     assert str(raised.value).splitlines()[:2] == [
         "adapter 'claims-a-rule': validation",
-        "  - rule 'hidden_size must be prime' did not fire; validation raised []",
+        "  - rule 'claims-hidden-size-prime' did not fire; validation raised []",
     ]
+
+
+def test_validation_compares_codes_not_words():
+    check_validation(RuleWithCode())  # the message is the adapter's business
+    wrong = RuleWithCode()
+    wrong.code = "rule-with-code-other"
+    with pytest.raises(AssertionError) as raised:
+        check_validation(wrong)
+    assert str(raised.value).splitlines()[1] == (
+        "  - rule 'rule-with-code-odd' did not fire; validation raised ['rule-with-code-other']"
+    )
 
 
 @parametrize_with_checks(DoubledLogits(), select=["distributed_step"])
@@ -164,7 +241,9 @@ def test_distributed_step_catches_a_head_that_scales_logits(ppzoo_case):
     assert problems[0] == "adapter 'doubled-logits': distributed step vs Hugging Face"
     for schedule in ("GPipe", "1F1B", "Interleaved1F1B"):
         assert any(p.startswith(f"  - {schedule} rank 1: loss ") for p in problems), schedule
-        assert any(p.startswith(f"  - {schedule} rank 1: eval logits on the last-stage rank are off by") for p in problems)
+        assert any(
+            p.startswith(f"  - {schedule} rank 1: eval logits on the last-stage rank are off by") for p in problems
+        )
     assert any(p.startswith("  - ZBVZeroBubble rank 0: loss ") for p in problems)
 
 
@@ -173,14 +252,22 @@ def test_check_adapter_records_pass_skip_xfail_and_strict_xpass():
     llama = registry.adapters()["llama"]
     assert check_adapter(llama, select=["layout", "tied_weights"]) == [
         CheckResult("llama", "layout", "passed"),
-        CheckResult("llama", "tied_weights", "skipped", reason="adapter 'llama' does not declare 'tied_embeddings' in its capabilities"),
+        CheckResult(
+            "llama",
+            "tied_weights",
+            "skipped",
+            reason="adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
+        ),
     ]
     (xfailed,) = check_adapter(NoHead(), select=["layout"], expected_failures={"layout": "the head is left out"})
     assert (xfailed.status, xfailed.reason) == ("xfailed", "the head is left out")
     assert "parameter 'lm_head.weight' is in 0 layout modules" in xfailed.error
     (xpassed,) = check_adapter(llama, select=["layout"], expected_failures={"layout": "thought broken"})
     assert xpassed == CheckResult(
-        "llama", "layout", "failed", reason="thought broken",
+        "llama",
+        "layout",
+        "failed",
+        reason="thought broken",
         error="passed, but was expected to fail (thought broken); remove it from expected_failures",
     )
 
@@ -232,16 +319,20 @@ def test_pytest_plugin_ids_skips_and_strict_xfails(pytester):
     ]
     result = pytester.runpytest_inprocess("-p", "ppzoo.testing.pytest_plugin", "-rfsx", "-k", "not no-head-plan")
     result.assert_outcomes(passed=1, skipped=2, xfailed=1, failed=1, deselected=1)
-    result.stdout.fnmatch_lines_random([
-        "SKIPPED * adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
-        "XFAIL *test_kit[[]no-head-layout[]] - the head is left out",
-        "FAILED *test_kit[[]llama-plan[]]*",
-        "[[]XPASS(strict)[]] thought broken",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "SKIPPED * adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
+            "XFAIL *test_kit[[]no-head-layout[]] - the head is left out",
+            "FAILED *test_kit[[]llama-plan[]]*",
+            "[[]XPASS(strict)[]] thought broken",
+        ]
+    )
 
 
 def test_ppzoo_check_prints_the_table(capsys):
-    assert main(["check", "--adapter", "llama", "--adapter", "gemma", "--check", "layout", "--check", "tied_weights"]) == 0
+    assert (
+        main(["check", "--adapter", "llama", "--adapter", "gemma", "--check", "layout", "--check", "tied_weights"]) == 0
+    )
     assert capsys.readouterr().out.splitlines() == [
         "architecture  provided by  layout  tied_weights",
         "llama         ppzoo        pass    skip (1)",

@@ -6,14 +6,15 @@ from transformers import AutoConfig
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.layout import SLIDING
 from ppzoo.architectures.llama import TINY
-from ppzoo.loss import causal_lm_loss
+from ppzoo.checkpoint import Checkpoint
 from ppzoo.config import load_config
+from ppzoo.layout import SLIDING
+from ppzoo.loss import causal_lm_loss
 from ppzoo.registry import UnknownArchitectureError, ValidationError
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
-from ppzoo.weights import Checkpoint
+from ppzoo.validation import Problem
 
 ADVICE = "write an Adapter subclass for it (see docs/adapters.md)"
 #: architectures with no adapter of their own: plain Llama-like (helium), sliding windows from
@@ -76,7 +77,10 @@ def test_generic_stage_chain_equals_reference(case, n):
 
 
 def extra(model_type, attr, value, step):
-    return f"model_type {model_type!r} has {attr}={value!r} ({step}), which the generic adapter does not apply; {ADVICE}"
+    return Problem(
+        "generic-forward-step",
+        f"model_type {model_type!r} has {attr}={value!r} ({step}), which the generic adapter does not apply; {ADVICE}",
+    )
 
 
 REFUSED = {
@@ -102,25 +106,42 @@ REFUSED = {
             extra("minicpm3", "dim_model_base", 256, "a hidden-state rescale before the CausalLM head"),
         ],
     ),
-    "helium-logit_scale": ("helium", {"logit_scale": 0.25}, [extra("helium", "logit_scale", 0.25, "a logit scale in the CausalLM head")]),
+    "helium-logit_scale": (
+        "helium",
+        {"logit_scale": 0.25},
+        [extra("helium", "logit_scale", 0.25, "a logit scale in the CausalLM head")],
+    ),
     "flex_olmo-moe": (
         "flex_olmo",
         {"output_router_logits": True},
         [
             extra("flex_olmo", "output_router_logits", True, "a router aux loss added in the CausalLM forward"),
-            "model_type 'flex_olmo' is a mixture of experts (num_experts=7, num_local_experts=7): expert checkpoint "
-            f"keys and the router aux loss need a dedicated adapter; {ADVICE}",
+            Problem(
+                "generic-moe",
+                "model_type 'flex_olmo' is a mixture of experts (num_experts=7, num_local_experts=7): expert checkpoint "
+                f"keys and the router aux loss need a dedicated adapter; {ADVICE}",
+            ),
         ],
     ),
     "olmo3-per-layer-type-rope": (
         "olmo3",
         {},
-        [f"model_type 'olmo3' has per-layer-type RoPE (rope_parameters keyed by ['full_attention', 'sliding_attention']); {ADVICE}"],
+        [
+            Problem(
+                "generic-per-layer-type-rope",
+                f"model_type 'olmo3' has per-layer-type RoPE (rope_parameters keyed by ['full_attention', 'sliding_attention']); {ADVICE}",
+            )
+        ],
     ),
     "starcoder2-window-without-layer-types": (
         "starcoder2",
         {"sliding_window": 4096},
-        [f"model_type 'starcoder2' sets sliding_window=4096 without layer_types, so which layers slide is decided in its forward; {ADVICE}"],
+        [
+            Problem(
+                "generic-sliding-window",
+                f"model_type 'starcoder2' sets sliding_window=4096 without layer_types, so which layers slide is decided in its forward; {ADVICE}",
+            )
+        ],
     ),
     "starcoder2-embedding_dropout": (
         "starcoder2",
@@ -130,7 +151,12 @@ REFUSED = {
     "phi4_multimodal-extra-modules": (
         "phi4_multimodal",
         {"num_hidden_layers": 2},
-        [f"model_type 'phi4_multimodal' has parameters outside embed_tokens/layers/norm/lm_head ('model.embed_tokens_extend'); {ADVICE}"],
+        [
+            Problem(
+                "generic-layout",
+                f"model_type 'phi4_multimodal' has parameters outside embed_tokens/layers/norm/lm_head ('model.embed_tokens_extend'); {ADVICE}",
+            )
+        ],
     ),
 }
 
@@ -151,9 +177,12 @@ def test_plan_refuses_before_building():
         ppzoo.plan(config, pp=2)
 
 
-def test_non_standard_layouts_are_not_matched():
+def test_non_standard_layouts_are_not_matched(monkeypatch):
     config = AutoConfig.for_model("codegen")  # base_model_pp_plan over wte / h / ln_f
     assert not registry.adapters()["generic"].matches(config)
+    # NOTE: without the native fallback (which runs the model's own forward) nothing takes it
+    monkeypatch.setenv("PPZOO_BLOCK_PLUGINS", "native")
+    registry.reset()
     with pytest.raises(UnknownArchitectureError, match=r"no ppzoo adapter for model_type 'codegen'"):
         registry.adapter_for(config)
 

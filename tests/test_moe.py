@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM
 
 import ppzoo
 from ppzoo import registry
+from ppzoo.checkpoint import Checkpoint
 from ppzoo.config import load_config
 from ppzoo.meta import meta_model
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, load_reference, save_tiny_model, tiny
-from ppzoo.weights import Checkpoint
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -77,9 +77,9 @@ def test_mixtral_renames_its_moe_block_both_ways():
     key_map = adapter.key_map(config)
     t = torch.randn(4, 32)
     assert list(key_map.split("model.layers.3.mlp.gate.weight", t)) == ["model.layers.3.block_sparse_moe.gate.weight"]
-    assert key_map.sources("model.layers.3.mlp.gate.weight", {"model.layers.3.block_sparse_moe.gate.weight"}.__contains__) == [
-        "model.layers.3.block_sparse_moe.gate.weight"
-    ]
+    assert key_map.sources(
+        "model.layers.3.mlp.gate.weight", {"model.layers.3.block_sparse_moe.gate.weight"}.__contains__
+    ) == ["model.layers.3.block_sparse_moe.gate.weight"]
     assert key_map.split("model.layers.3.self_attn.q_proj.weight", t) == {"model.layers.3.self_attn.q_proj.weight": t}
 
 
@@ -125,7 +125,7 @@ def test_missing_expert_names_the_fused_parameter(tmp_path):
     tensors = {k: v for fqn, t in hf.state_dict().items() for k, v in key_map.split(fqn, t).items()}
     del tensors["model.layers.0.mlp.experts.3.up_proj.weight"]
     directory = write_checkpoint(tmp_path, config, tensors)
-    from ppzoo.weights import CheckpointError
+    from ppzoo.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError) as exc:
         chain(directory, 1, *batch(config.vocab_size)[:2])
@@ -138,7 +138,13 @@ def test_missing_expert_names_the_fused_parameter(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "layer", "routed"),
-    [("mixtral", 0, True), ("qwen2_moe", 1, True), ("qwen2_moe", 3, False), ("qwen3_moe", 2, False), ("qwen3_moe", 4, True)],
+    [
+        ("mixtral", 0, True),
+        ("qwen2_moe", 1, True),
+        ("qwen2_moe", 3, False),
+        ("qwen3_moe", 2, False),
+        ("qwen3_moe", 4, True),
+    ],
 )
 def test_cost_counts_only_routed_experts(name, layer, routed):
     adapter, config = tiny(name)
@@ -179,7 +185,7 @@ def test_stages_record_their_router_logits(tmp_path):
         assert len(stage.ppzoo_router_logits) == len(held)
     recorded = [t for s in stages for t in s.ppzoo_router_logits]
     assert len(recorded) == len(out.router_logits) == 3
-    for got, want in zip(recorded, out.router_logits):
+    for got, want in zip(recorded, out.router_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # a second forward replaces, never appends
     with torch.no_grad():
@@ -187,9 +193,15 @@ def test_stages_record_their_router_logits(tmp_path):
     assert len([t for s in stages for t in s.ppzoo_router_logits]) == 3
 
 
+def test_the_tiny_configs_turn_the_router_aux_loss_on():
+    """So that the conformance kit's stage chain and distributed step compare the aux loss too."""
+    for name in MOE:
+        _, config = tiny(name)
+        assert config.output_router_logits is True and config.router_aux_loss_coef > 0, name
+
+
 def test_aux_loss_is_none_without_output_router_logits(tmp_path):
-    adapter, config = tiny("mixtral")
-    assert config.output_router_logits is False
+    adapter, config = tiny("mixtral", output_router_logits=False)
     directory = save_tiny_model(adapter, tmp_path, config=config)
     stages, _ = chain(directory, 2, *batch(config.vocab_size)[:2])
     assert adapter.aux_loss(config, stages) is None

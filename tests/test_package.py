@@ -10,7 +10,9 @@ import ppzoo
 
 
 def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages(ppzoo.__path__, prefix="ppzoo.") if "pytest_plugin" not in m.name)
+    return sorted(
+        m.name for m in pkgutil.walk_packages(ppzoo.__path__, prefix="ppzoo.") if "pytest_plugin" not in m.name
+    )
 
 
 @pytest.mark.parametrize("name", _modules())

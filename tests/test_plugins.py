@@ -19,6 +19,7 @@ from transformers import CohereConfig, LlamaConfig
 
 import ppzoo
 from ppzoo import hookspecs, registry
+from ppzoo.architectures.llama import TINY
 from ppzoo.cli import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
@@ -138,7 +139,11 @@ def test_disable_autoload_loads_builtins_only(install, monkeypatch):
     assert "registered: " in str(raised.value) and "fakearch" not in str(raised.value).split("registered: ")[1]
     assert module not in sys.modules
     sources = {registry.adapter_source(a) for a in registry.adapters().values()}
-    assert sources == {f"ppzoo (built-in {module})" for module in registry.BUILTIN_PLUGINS}
+    adapter_modules = set(registry.BUILTIN_PLUGINS) - set(registry.ESSENTIAL_PLUGINS)
+    assert sources == {f"ppzoo (built-in {module})" for module in adapter_modules}
+    monkeypatch.setenv("PPZOO_DISABLE_PLUGIN_AUTOLOAD", "0")  # as in pytest: "0" leaves autoload on
+    registry.reset()
+    assert "fakearch" in registry.adapters()
 
 
 def test_block_plugins_skips_named_entry_points_and_builtins(install, monkeypatch):
@@ -150,6 +155,51 @@ def test_block_plugins_skips_named_entry_points_and_builtins(install, monkeypatc
     assert "otherarch" in names and kept in sys.modules
     assert "fakearch" not in names and blocked not in sys.modules
     assert "mistral" not in names and "llama" in names
+    pm = registry._get()  # blocking is pluggy's: the names stay blocked, registering them is a no-op
+    assert pm.is_blocked("fakearch") and pm.is_blocked("ppzoo.architectures.mistral")
+    assert pm.register(types.ModuleType("late"), "fakearch") is None
+
+
+@pytest.mark.parametrize("name", ["rules", "ppzoo.rules"])
+def test_the_core_rules_cannot_be_blocked(install, monkeypatch, name):
+    monkeypatch.setenv("PPZOO_BLOCK_PLUGINS", f"mistral,{name}")
+    registry.reset()
+    with pytest.raises(registry.PluginError) as raised:
+        registry.adapters()
+    assert str(raised.value) == (
+        f"PPZOO_BLOCK_PLUGINS names {name!r}: ppzoo.rules holds ppzoo's own validation rules and cannot be blocked; "
+        "remove it from PPZOO_BLOCK_PLUGINS"
+    )
+
+
+def test_the_distribution_of_an_entry_point_plugin_is_pluggys_distinfo(install):
+    module = install("ppzoo-fakearch", "fakearch", FAKEARCH)
+    pm = registry._get()
+    (dist,) = [d for plugin, d in pm.list_plugin_distinfo() if plugin is sys.modules[module]]
+    assert dist.project_name == "ppzoo-fakearch"
+    assert pm.source(sys.modules[module]) == f"ppzoo-fakearch (entry point 'fakearch' = {module})"
+
+
+def test_an_installed_plugins_rule_fires_with_its_code(install):
+    install(
+        "ppzoo-site-rules",
+        "site-rules",
+        """
+        from ppzoo import hookimpl
+        from ppzoo.validation import Problem
+
+        @hookimpl
+        def ppzoo_validate(config, settings):
+            if settings.tp is not None and settings.tp > 1:
+                return [Problem("site-no-tp", f"this cluster has no fast links for tp={settings.tp}; use tp=1")]
+        """,
+    )
+    config = LlamaConfig(**TINY)
+    assert ppzoo.plan(config, pp=2).num_stages == 2  # tp not known: the rule has nothing to say
+    with pytest.raises(registry.ValidationError) as raised:
+        ppzoo.plan(config, pp=2, tp=2)
+    assert raised.value.codes == ["site-no-tp"]
+    assert str(raised.value) == "this cluster has no fast links for tp=2; use tp=1"
 
 
 def test_unknown_architecture_error_lists_plugin_adapters_too(install):
@@ -225,6 +275,25 @@ def test_every_conformance_check_is_documented():
 
     documented = re.findall(r"^\| `(\w+)` \|", DOCS.read_text().split("## 3.")[1].split("## 4.")[0], flags=re.M)
     assert documented == [check.name for check in CHECKS]
+
+
+def test_every_problem_code_is_documented_with_its_meaning():
+    from ppzoo.validation import CODES
+
+    section = DOCS.read_text().split("## 6. Problem codes")[1]
+    documented = dict(re.findall(r"^\| `([a-z0-9-]+)` \| (.+) \|$", section, flags=re.M))
+    assert documented == CODES
+
+
+def test_every_capability_is_documented_with_its_checks():
+    from ppzoo.capabilities import Capability
+
+    section = DOCS.read_text().split("### Capabilities")[1].split("### ")[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \| (.+) \|$", section, flags=re.M)
+    assert [name for name, _, _ in rows] == [c.value for c in Capability]
+    for (name, what, checks), capability in zip(rows, Capability, strict=True):
+        assert what.replace("`", "") == capability.description, name
+        assert re.findall(r"`(\w+)`", checks) == list(capability.checks), name
 
 
 def test_the_pytest_plugin_is_opt_in():

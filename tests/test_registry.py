@@ -3,12 +3,16 @@
 import types
 import warnings
 
+import pluggy
 import pytest
 from transformers import LlamaConfig, MistralConfig
 
 import ppzoo
+import ppzoo.rules
 from ppzoo import registry
-from ppzoo.architectures.llama import LlamaAdapter
+from ppzoo.architectures.llama import TINY, LlamaAdapter
+from ppzoo.capabilities import Capability
+from ppzoo.validation import CODES, Problem, Settings, ValidationError
 
 pytest_plugins = ["ppzoo.testing.pytest_plugin", "pytester"]
 
@@ -29,6 +33,10 @@ class Claimer:
     def ppzoo_adapter_for(self, config):
         self.asked += 1
         return self.adapter if getattr(config, "claim_me", False) else None
+
+
+def tiny_llama():
+    return LlamaConfig(**TINY)
 
 
 def registering(*adapters):
@@ -193,23 +201,140 @@ def test_a_misspelled_hook_is_refused():
 def test_validation_reports_the_adapters_and_every_plugins_problems_at_once(ppzoo_plugin):
     class Rule:
         @ppzoo.hookimpl
-        def ppzoo_validate(self, config, plan):
-            return [f"site rule: {config.model_type} needs plan" if plan is None else "unused"]
+        def ppzoo_validate(self, config, plan):  # a subset of the hook's arguments is enough
+            return [Problem("site-needs-plan", f"site rule: {config.model_type} needs a plan")] if plan is None else []
 
     ppzoo_plugin(Rule())
     config = LlamaConfig()
     config.is_encoder_decoder = True
-    with pytest.raises(registry.ValidationError) as raised:
+    with pytest.raises(ValidationError) as raised:
         registry.validate(config)
     assert raised.value.problems == [
-        "llama is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
-        "site rule: llama needs plan",
+        Problem("encoder-decoder", "llama is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs"),
+        Problem("site-needs-plan", "site rule: llama needs a plan"),
     ]
+    assert raised.value.codes == ["encoder-decoder", "site-needs-plan"]
     assert str(raised.value) == (
         "ppzoo cannot run this llama as configured:\n"
         "  - llama is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs\n"
-        "  - site rule: llama needs plan"
+        "  - site rule: llama needs a plan"
     )
+    assert registry.ValidationError is ValidationError and issubclass(ValidationError, ValueError)
+
+
+def test_one_problem_is_the_whole_message():
+    config = LlamaConfig()
+    config.is_encoder_decoder = True
+    with pytest.raises(ValueError) as raised:
+        registry.validate(config)
+    assert str(raised.value) == "llama is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs"
+
+
+class Recorder:
+    """Records what ``ppzoo_validate`` receives; refuses pp above ``limit`` with its own code."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.calls = []
+
+    @ppzoo.hookimpl
+    def ppzoo_validate(self, config, adapter, plan, settings):
+        self.calls.append((adapter.name, plan, settings))
+        if settings.pp is not None and settings.pp > self.limit:
+            return [Problem("site-pp-limit", f"this site runs pp <= {self.limit}, got pp={settings.pp}")]
+        return None
+
+
+def test_the_hook_receives_the_adapter_the_plan_and_the_settings(ppzoo_plugin):
+    rule = ppzoo_plugin(Recorder(limit=8))
+    result = ppzoo.plan(tiny_llama(), pp=2, schedule="interleaved1f1b", microbatches=4, tp=2, dp_shard=1)
+    (adapter, before, settings), (_, after, settings_after) = rule.calls
+    assert adapter == "llama" and before is None and after is result
+    assert settings == Settings(
+        pp=2,
+        schedule="Interleaved1F1B",
+        num_stages=4,
+        microbatches=4,
+        dp_shard=1,
+        tp=2,
+    )
+    assert settings_after == settings and settings.dp is None  # dp_replicate not given: not known
+    rule.calls.clear()
+    ppzoo.plan(tiny_llama(), pp=2)
+    assert [s for _, _, s in rule.calls][0] == Settings(pp=2, schedule="1F1B", num_stages=2)
+
+
+def test_a_plugin_rule_fires_through_the_hook_with_its_code_before_anything_is_built(ppzoo_plugin, monkeypatch):
+    ppzoo_plugin(Recorder(limit=2))
+    built = []
+    monkeypatch.setattr("ppzoo.planner.meta_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ValidationError) as raised:
+        ppzoo.plan(tiny_llama(), pp=4, microbatches=1)
+    assert raised.value.codes == ["microbatches-too-few", "site-pp-limit"]  # ppzoo's own rules first
+    assert raised.value.problems[1].message == "this site runs pp <= 2, got pp=4"
+    assert built == []
+
+
+def test_a_rule_returning_strings_is_refused_naming_its_plugin(ppzoo_plugin):
+    class OldRule:
+        @ppzoo.hookimpl
+        def ppzoo_validate(self, config, plan):
+            return ["a bare string"]
+
+    ppzoo_plugin(OldRule(), "old-rule")
+    with pytest.raises(registry.PluginError) as raised:
+        registry.validate(LlamaConfig())
+    assert str(raised.value) == (
+        "ppzoo plugin old-rule (registered at run time) returned 'a bare string' from ppzoo_validate; "
+        "return ppzoo.validation.Problem(code, message) objects — see docs/adapters.md"
+    )
+
+
+def test_problem_codes_are_kebab_case_and_every_builtin_code_is_in_the_table():
+    with pytest.raises(ValueError, match="problem code 'Bad_Code' is not kebab-case"):
+        Problem("Bad_Code", "message")
+    # NOTE: a code outside the table belongs to one adapter and starts with its name
+    for adapter in registry.adapters().values():
+        codes = {code for _, code in adapter.validation_cases()}
+        assert all(code in CODES or code.startswith(f"{adapter.name}-") for code in codes), (adapter.name, codes)
+
+
+def test_the_registry_is_a_pluggy_plugin_manager_with_the_rules_first():
+    pm = registry._get()
+    assert isinstance(pm, registry.PluginManager) and isinstance(pm, pluggy.PluginManager)
+    assert registry.BUILTIN_PLUGINS[0] == "ppzoo.rules" and pm.get_plugin("ppzoo.rules") is ppzoo.rules
+    # the core's rules are one more implementation of the hook, called first
+    impls = pm.hook.ppzoo_validate.get_hookimpls()
+    assert [i.plugin_name for i in impls] == ["ppzoo.rules"] and impls[0].tryfirst
+
+
+def test_an_unknown_capability_is_refused_when_the_class_is_defined():
+    with pytest.raises(ValueError) as raised:
+
+        class Typo(LlamaAdapter):
+            capabilities = frozenset({Capability.SLIDING_WINDOW, "tied_embedding"})
+
+    assert str(raised.value).startswith(
+        "Typo.capabilities names unknown capability 'tied_embedding'; the known capabilities are tied_embeddings, "
+    )
+    assert str(raised.value).endswith("(ppzoo.capabilities.Capability) — see docs/adapters.md")
+
+    class Spelled(LlamaAdapter):
+        capabilities = frozenset({"tied_embeddings"})  # a member's value is the member
+
+    assert Spelled.capabilities == {Capability.TIED_EMBEDDINGS}
+
+
+def test_an_unknown_capability_is_refused_when_the_adapter_is_registered():
+    fork = ForkAdapter()
+    fork.capabilities = frozenset({"moe", "teleportation"})
+    with pytest.raises(registry.PluginError) as raised:
+        with registry.plugin(registering(fork), "typo"):
+            pass
+    assert str(raised.value).startswith(
+        "ppzoo plugin typo (registered at run time): adapter 'llama-fork' names unknown capability 'teleportation'; "
+    )
+    assert "llama-fork" not in registry.adapters()
 
 
 def test_ppzoo_plugin_fixture_unregisters_after_a_failing_test(pytester):

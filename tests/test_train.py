@@ -43,6 +43,7 @@ def _tokenizer_dir(directory, words):
 
 
 # -- the run ------------------------------------------------------------------------------------
+@pytest.mark.distributed
 def test_train_pp2_smoke(tmp_path, capfd):
     model_dir = tmp_path / "model"
     code, out, err = run(capfd, *SMALL, "--pp", "2", "--log-every", "1", "--model-dir", model_dir)
@@ -55,13 +56,15 @@ def test_train_pp2_smoke(tmp_path, capfd):
     steps = re.findall(r"^step (\d)/4  loss (\S+)  ([\d,]+) tokens/s  (\d+)s left$", out, re.M)
     assert [int(s[0]) for s in steps] == [1, 2, 3, 4]
     losses = [float(s[1]) for s in steps]
-    assert all(math.isfinite(l) for l in losses)
+    assert all(math.isfinite(loss) for loss in losses)
     # random init spreads probability evenly over the 256 bytes: the first loss is close to ln 256
     assert abs(losses[0] - math.log(256)) < 0.3
     assert losses[-1] < losses[0]
     done = re.search(
         r"^done: 4 steps, loss (\S+) -> (\S+) \(mean of the first and last 2\), ([\d,]+) tokens/s, "
-        r"training \S+s, wall time \S+s$", out, re.M,
+        r"training \S+s, wall time \S+s$",
+        out,
+        re.M,
     )
     assert done, out
     assert float(done[1]) == pytest.approx(sum(losses[:2]) / 2, abs=1e-3)
@@ -69,6 +72,7 @@ def test_train_pp2_smoke(tmp_path, capfd):
     assert int(done[3].replace(",", "")) > 0
 
 
+@pytest.mark.distributed
 def test_worker_failure_is_reported(tmp_path, capfd):
     # config.json without weights passes every check in the launching process; loading fails in the
     # worker (one is enough to see the error come back, and starts faster than two)
@@ -200,11 +204,25 @@ def _uninterrupted(model_dir, out, monkeypatch, *, steps):
 
     tokens, _ = load_tokens(model_dir, resources.files("ppzoo") / "data" / DEFAULT_CORPUS, vocab_size=256)
     torch.save(tokens, out / "tokens.pt")
-    job = TrainJob(model=str(model_dir), tokens_path=str(out / "tokens.pt"), pp=1, schedule="1F1B", microbatches=2,
-                   steps=steps, lr=1e-2, seq_len=16, batch_size=4, seed=0, dtype="float32", device="cpu",
-                   log_every=1, save=str(out / "run"))
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+    job = TrainJob(
+        model=str(model_dir),
+        tokens_path=str(out / "tokens.pt"),
+        pp=1,
+        schedule="1F1B",
+        microbatches=2,
+        steps=steps,
+        lr=1e-2,
+        seq_len=16,
+        batch_size=4,
+        seed=0,
+        dtype="float32",
+        device="cpu",
+        log_every=1,
+        save=str(out / "run"),
+    )
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    ).items():
         monkeypatch.setenv(key, value)
     threads = torch.get_num_threads()
     try:
@@ -222,13 +240,15 @@ def _tensors(directory):
     return {k: v for name in set(index["weight_map"].values()) for k, v in load_file(directory / name).items()}
 
 
+@pytest.mark.distributed
 def test_resumed_run_continues_exactly(tmp_path, capfd, monkeypatch):
-    from ppzoo.state import saved_step
+    from ppzoo.checkpoint import saved_step
 
     model_dir, saved = tmp_path / "model", tmp_path / "saved"
     # two steps at pp=2, saved; then resumed at pp=1 up to step 4, saving into the same directory
-    code, first, err = run(capfd, *SMALL, "--steps", "2", "--pp", "2", "--log-every", "1",
-                           "--model-dir", model_dir, "--save", saved)
+    code, first, err = run(
+        capfd, *SMALL, "--steps", "2", "--pp", "2", "--log-every", "1", "--model-dir", model_dir, "--save", saved
+    )
     assert code == 0, err
     code, second, err = run(capfd, *SMALL, "--pp", "1", "--log-every", "1", "--resume", saved, "--save", saved)
     assert code == 0, err

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from ppzoo.architectures.llama import TINY, LlamaAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
+from ppzoo.validation import Problem
 
 #: Gemma's tiny shape: like Llama's, tied embeddings as the released models have them
 GEMMA_TINY = dict(TINY, tie_word_embeddings=True, head_dim=8)
@@ -27,7 +29,7 @@ class GemmaAdapter(LlamaAdapter):
     name = "gemma"
     model_types = ("gemma",)
     architectures = ("GemmaForCausalLM",)
-    capabilities = frozenset({"tied_embeddings", "embedding_scale"})
+    capabilities = frozenset({Capability.TIED_EMBEDDINGS, Capability.EMBEDDING_SCALE})
 
     def tiny_config(self):
         from transformers import GemmaConfig
@@ -39,7 +41,7 @@ class Gemma2Adapter(GemmaAdapter):
     name = "gemma2"
     model_types = ("gemma2",)
     architectures = ("Gemma2ForCausalLM",)
-    capabilities = GemmaAdapter.capabilities | {"sliding_window", "softcap"}
+    capabilities = GemmaAdapter.capabilities | {Capability.SLIDING_WINDOW, Capability.SOFTCAP}
 
     def logits(self, lm, hidden):
         logits = getattr(lm, self.head_name)(hidden)
@@ -66,7 +68,8 @@ class Gemma3TextAdapter(Gemma2Adapter):
     name = "gemma3_text"
     model_types = ("gemma3_text", "gemma3")
     architectures = ("Gemma3ForCausalLM",)
-    capabilities = Gemma2Adapter.capabilities | {"per_layer_type_rope"}
+    # NOTE: rope_scaling too: the full-attention layers' RoPE is linearly scaled, as in the released models
+    capabilities = Gemma2Adapter.capabilities | {Capability.PER_LAYER_TYPE_ROPE, Capability.ROPE_SCALING}
 
     def position_embeddings(self, inner, hidden, position_ids, needed):
         rotary = getattr(inner, self.rotary_name)
@@ -74,10 +77,10 @@ class Gemma3TextAdapter(Gemma2Adapter):
 
     def validate(self, config, plan=None):
         if config.model_type == "gemma3":
-            return [VLM_PROBLEM]
+            return [Problem("vision-language", VLM_PROBLEM)]
         problems = super().validate(config, plan)
         if getattr(config, "use_bidirectional_attention", False):
-            problems.append(BIDIRECTIONAL_PROBLEM)
+            problems.append(Problem("bidirectional-attention", BIDIRECTIONAL_PROBLEM))
         return problems
 
     def validation_cases(self):
@@ -85,7 +88,7 @@ class Gemma3TextAdapter(Gemma2Adapter):
 
         bidirectional = self.tiny_config()
         bidirectional.use_bidirectional_attention = True
-        return [(Gemma3Config(), VLM_PROBLEM), (bidirectional, BIDIRECTIONAL_PROBLEM)]
+        return [(Gemma3Config(), "vision-language"), (bidirectional, "bidirectional-attention")]
 
     def tiny_config(self):
         from transformers import Gemma3TextConfig

@@ -17,6 +17,7 @@ import inspect
 
 from ppzoo.adapter import Adapter
 from ppzoo.hookspecs import hookimpl
+from ppzoo.validation import Problem
 
 STANDARD_PP_PLAN = frozenset({"embed_tokens", "layers", "norm"})
 
@@ -61,21 +62,39 @@ class GenericAdapter(Adapter):
         for attr, step in FORWARD_EXTRAS.items():
             value = getattr(cfg, attr, None)
             if value not in (None, False, 0):
-                problems.append(f"{kind} has {attr}={value!r} ({step}), which the generic adapter does not apply; {_ADVICE}")
-        experts = {a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 0}
+                problems.append(
+                    Problem(
+                        "generic-forward-step",
+                        f"{kind} has {attr}={value!r} ({step}), which the generic adapter does not apply; {_ADVICE}",
+                    )
+                )
+        experts = {
+            a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 0
+        }
         if experts:
             shown = ", ".join(f"{a}={v}" for a, v in experts.items())
             problems.append(
-                f"{kind} is a mixture of experts ({shown}): expert checkpoint keys and the router aux loss "
-                f"need a dedicated adapter; {_ADVICE}"
+                Problem(
+                    "generic-moe",
+                    f"{kind} is a mixture of experts ({shown}): expert checkpoint keys and the router aux loss "
+                    f"need a dedicated adapter; {_ADVICE}",
+                )
             )
         rope = getattr(cfg, "rope_parameters", None)
         if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
-            problems.append(f"{kind} has per-layer-type RoPE (rope_parameters keyed by {sorted(rope)}); {_ADVICE}")
+            problems.append(
+                Problem(
+                    "generic-per-layer-type-rope",
+                    f"{kind} has per-layer-type RoPE (rope_parameters keyed by {sorted(rope)}); {_ADVICE}",
+                )
+            )
         if getattr(cfg, "sliding_window", None) and not getattr(cfg, "layer_types", None):
             problems.append(
-                f"{kind} sets sliding_window={cfg.sliding_window} without layer_types, so which layers slide "
-                f"is decided in its forward; {_ADVICE}"
+                Problem(
+                    "generic-sliding-window",
+                    f"{kind} sets sliding_window={cfg.sliding_window} without layer_types, so which layers slide "
+                    f"is decided in its forward; {_ADVICE}",
+                )
             )
         if not problems:
             problems.extend(self._layout_problems(config, kind))
@@ -85,38 +104,53 @@ class GenericAdapter(Adapter):
         scaled, windowed = self.tiny_config(), self.tiny_config()
         scaled.logit_scale = 0.5
         windowed.sliding_window = 4
-        kind = f"model_type {scaled.model_type!r}"
-        return [
-            (scaled, f"{kind} has logit_scale=0.5 (a logit scale in the CausalLM head), which the generic adapter does not apply; {_ADVICE}"),
-            (windowed, f"{kind} sets sliding_window=4 without layer_types, so which layers slide is decided in its forward; {_ADVICE}"),
-        ]
+        return [(scaled, "generic-forward-step"), (windowed, "generic-sliding-window")]
 
-    def _layout_problems(self, config, kind: str) -> list[str]:
+    def _layout_problems(self, config, kind: str) -> list[Problem]:
         from ppzoo.meta import meta_model
 
         try:
             model = meta_model(config)
         except Exception as exc:  # noqa: BLE001 - any build failure is reported, not raised
-            return [f"{kind} cannot be built from its config ({type(exc).__name__}: {exc})"]
+            return [Problem("generic-layout", f"{kind} cannot be built from its config ({type(exc).__name__}: {exc})")]
         layout = self.fqn_layout(config)
         wanted = layout.inputs + (layout.layers,) + layout.outputs + layout.shared
         missing = [fqn for fqn in wanted if _find(model, fqn) is None]
         if missing:
-            return [f"{kind} ({type(model).__name__}) has no module {', '.join(map(repr, missing))}; {_ADVICE}"]
+            return [
+                Problem(
+                    "generic-layout",
+                    f"{kind} ({type(model).__name__}) has no module {', '.join(map(repr, missing))}; {_ADVICE}",
+                )
+            ]
         held = layout.inputs + (layout.layers,) + layout.outputs
         depth = lambda name: 2 if name.startswith(f"{self.inner_name}.") else 1  # noqa: E731
         stray = sorted(
-            {".".join(n.split(".")[: depth(n)]) for n, _ in model.named_parameters() if not n.startswith(tuple(f"{m}." for m in held))}
+            {
+                ".".join(n.split(".")[: depth(n)])
+                for n, _ in model.named_parameters()
+                if not n.startswith(tuple(f"{m}." for m in held))
+            }
         )
         if stray:
             shown = ", ".join(map(repr, stray[:3])) + (" ..." if len(stray) > 3 else "")
-            return [f"{kind} has parameters outside embed_tokens/layers/norm/lm_head ({shown}); {_ADVICE}"]
+            return [
+                Problem(
+                    "generic-layout",
+                    f"{kind} has parameters outside embed_tokens/layers/norm/lm_head ({shown}); {_ADVICE}",
+                )
+            ]
         rotary = inspect.signature(type(_find(model, layout.shared[0])).forward).parameters
         layer = inspect.signature(type(_find(model, layout.layer(0))).forward).parameters
         if "layer_type" in rotary:
-            return [f"{kind} has per-layer-type RoPE (rotary_emb takes a layer_type); {_ADVICE}"]
+            return [
+                Problem(
+                    "generic-per-layer-type-rope",
+                    f"{kind} has per-layer-type RoPE (rotary_emb takes a layer_type); {_ADVICE}",
+                )
+            ]
         if "position_embeddings" not in layer:
-            return [f"{kind}'s decoder layers do not take position_embeddings; {_ADVICE}"]
+            return [Problem("generic-layout", f"{kind}'s decoder layers do not take position_embeddings; {_ADVICE}")]
         return []
 
 

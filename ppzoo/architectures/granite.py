@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from ppzoo.architectures.llama import TINY, LlamaAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
 
 
@@ -16,7 +17,7 @@ class GraniteAdapter(LlamaAdapter):
     name = "granite"
     model_types = ("granite",)
     architectures = ("GraniteForCausalLM",)
-    capabilities = frozenset({"embedding_multiplier", "logits_scaling"})
+    capabilities = frozenset({Capability.EMBEDDING_MULTIPLIER, Capability.LOGITS_SCALING})
 
     def embed(self, inner, input_ids):
         return getattr(inner, self.embed_name)(input_ids) * inner.config.embedding_multiplier

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from ppzoo.layout import FULL, SLIDING
 from ppzoo.architectures.llama import TINY, LlamaAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
+from ppzoo.layout import FULL, SLIDING
 
 
 class MistralAdapter(LlamaAdapter):
     name = "mistral"
     model_types = ("mistral",)
     architectures = ("MistralForCausalLM",)
-    capabilities = frozenset({"sliding_window"})
+    capabilities = frozenset({Capability.SLIDING_WINDOW})
 
     def layer_types(self, config):
         # NOTE: Mistral ignores config.layer_types: one window for all layers, or none.

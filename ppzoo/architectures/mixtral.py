@@ -10,17 +10,19 @@ from __future__ import annotations
 from ppzoo.architectures.llama import TINY
 from ppzoo.architectures.mistral import MistralAdapter
 from ppzoo.architectures.moe import MoEAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
 
-#: the MoE shape every tiny MoE config shares: few, small experts
-MOE_TINY = dict(TINY, intermediate_size=16, num_experts_per_tok=2)
+#: the MoE shape every tiny MoE config shares: few, small experts, and the router aux loss on with
+#: a weight that makes leaving it out fail the kit's loss and gradient comparisons
+MOE_TINY = dict(TINY, intermediate_size=16, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 
 
 class MixtralAdapter(MoEAdapter, MistralAdapter):
     name = "mixtral"
     model_types = ("mixtral",)
     architectures = ("MixtralForCausalLM",)
-    capabilities = MoEAdapter.capabilities | {"sliding_window"}
+    capabilities = MoEAdapter.capabilities | {Capability.SLIDING_WINDOW}
     expert_matrices = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
     checkpoint_renames = (("mlp", "block_sparse_moe"),)
 

@@ -36,14 +36,17 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ppzoo.adapter import KeyMap
 from ppzoo.architectures.llama import LlamaAdapter
+from ppzoo.capabilities import Capability
+from ppzoo.validation import Problem
 
 __all__ = ["ExpertKeyMap", "MoEAdapter"]
 
@@ -80,7 +83,9 @@ class ExpertKeyMap(KeyMap):
         if m is None or m["param"] not in self.fused:
             return None
         return [
-            f"{m['block']}.experts.{e}.{matrix}.weight" for matrix in self.fused[m["param"]] for e in range(self.num_experts)
+            f"{m['block']}.experts.{e}.{matrix}.weight"
+            for matrix in self.fused[m["param"]]
+            for e in range(self.num_experts)
         ]
 
     def sources(self, fqn, available):
@@ -107,13 +112,13 @@ class ExpertKeyMap(KeyMap):
             raise ValueError(f"{fqn!r} has {tensor.shape[0]} experts in dim 0, expected {self.num_experts}")
         matrices = tensor.chunk(len(keys) // self.num_experts, dim=1)
         values = [m[e] for m in matrices for e in range(self.num_experts)]
-        return {k: v.clone(memory_format=torch.contiguous_format) for k, v in zip(keys, values)}
+        return {k: v.clone(memory_format=torch.contiguous_format) for k, v in zip(keys, values, strict=True)}
 
 
 class MoEAdapter(LlamaAdapter):
     """A Llama-like layout whose layers' MLPs route tokens to fused experts."""
 
-    capabilities = frozenset({"moe", "router_aux_loss"})
+    capabilities = frozenset({Capability.MOE, Capability.ROUTER_AUX_LOSS})
     #: fused expert parameter → per-expert checkpoint matrices (see :class:`ExpertKeyMap`)
     expert_matrices: dict[str, tuple[str, ...]] = {}
     #: ``(module name, checkpoint name)`` of the MoE block where hub checkpoints differ
@@ -143,8 +148,11 @@ class MoEAdapter(LlamaAdapter):
         cfg = self.text_config(config)
         if not 1 <= int(cfg.num_experts_per_tok) <= self.num_experts(cfg):
             problems.append(
-                f"num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and the "
-                f"{self.num_experts(cfg)} experts per layer"
+                Problem(
+                    "experts-per-token",
+                    f"num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and the "
+                    f"{self.num_experts(cfg)} experts per layer",
+                )
             )
         return problems
 
@@ -152,7 +160,7 @@ class MoEAdapter(LlamaAdapter):
         config = self.tiny_config()
         experts = self.num_experts(config)
         config.num_experts_per_tok = experts + 1
-        return [(config, f"num_experts_per_tok={experts + 1} must be between 1 and the {experts} experts per layer")]
+        return [(config, "experts-per-token")]
 
     # -- router logits side channel and aux loss ------------------------------------------------
     def patch_causal_lm_forward(self, lm: nn.Module) -> None:
@@ -175,7 +183,7 @@ class MoEAdapter(LlamaAdapter):
         logits = tuple(t for stage in stages for t in stage.ppzoo_router_logits)
         if not logits:
             return torch.zeros((), device=_device(stages))
-        hf_loss = inspect.getmodule(type(stages[0])).load_balancing_loss_func
+        hf_loss = _modeling_attribute(stages[0], "load_balancing_loss_func")
         loss = hf_loss(logits, self.num_experts(cfg), int(cfg.num_experts_per_tok), attention_mask)
         share = len(logits) / len(self.moe_layers(cfg))
         return cfg.router_aux_loss_coef * (loss if share == 1 else loss * share)
@@ -184,6 +192,19 @@ class MoEAdapter(LlamaAdapter):
 def _recording_forward(lm: nn.Module, forward, *args, **kwargs):
     lm.ppzoo_router_logits = []
     return forward(*args, **kwargs)
+
+
+def _modeling_attribute(stage: nn.Module, name: str):
+    """``name`` from the transformers modeling module that defines the stage's model class.
+
+    NOTE: the class's MRO, not the class itself: FSDP2's ``fully_shard`` swaps in a class of its
+    own (defined in torch) that derives from the Hugging Face one.
+    """
+    for cls in type(stage).__mro__:
+        module = inspect.getmodule(cls)
+        if module is not None and hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"no {name} in the modeling module of {type(stage).__name__}")
 
 
 def _device(stages: Sequence[nn.Module]) -> torch.device:

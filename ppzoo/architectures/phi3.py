@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ppzoo.architectures.llama import TINY
 from ppzoo.architectures.mistral import MistralAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
 
 
@@ -17,7 +18,7 @@ class Phi3Adapter(MistralAdapter):
     name = "phi3"
     model_types = ("phi3",)
     architectures = ("Phi3ForCausalLM",)
-    capabilities = frozenset({"sliding_window", "rope_scaling"})
+    capabilities = frozenset({Capability.SLIDING_WINDOW, Capability.ROPE_SCALING})
 
     def tiny_config(self):
         from transformers import Phi3Config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ppzoo.architectures.llama import TINY, LlamaAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
 
 
@@ -12,7 +13,7 @@ class Qwen2Adapter(LlamaAdapter):
     name = "qwen2"
     model_types = ("qwen2",)
     architectures = ("Qwen2ForCausalLM",)
-    capabilities = frozenset({"sliding_window"})
+    capabilities = frozenset({Capability.SLIDING_WINDOW})
 
     def tiny_config(self):
         from transformers import Qwen2Config

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ppzoo.architectures.mistral import MistralAdapter
 from ppzoo.architectures.mixtral import MOE_TINY
 from ppzoo.architectures.moe import MoEAdapter
+from ppzoo.capabilities import Capability
 from ppzoo.hookspecs import hookimpl
 
 
@@ -19,7 +20,7 @@ class Qwen2MoeAdapter(MoEAdapter):
     name = "qwen2_moe"
     model_types = ("qwen2_moe",)
     architectures = ("Qwen2MoeForCausalLM",)
-    capabilities = MoEAdapter.capabilities | {"sliding_window", "shared_expert"}
+    capabilities = MoEAdapter.capabilities | {Capability.SLIDING_WINDOW, Capability.SHARED_EXPERT}
     expert_matrices = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
     def moe_layers(self, config):
@@ -50,7 +51,7 @@ class Qwen3MoeAdapter(Qwen2MoeAdapter, MistralAdapter):
     name = "qwen3_moe"
     model_types = ("qwen3_moe",)
     architectures = ("Qwen3MoeForCausalLM",)
-    capabilities = MoEAdapter.capabilities | {"sliding_window"}
+    capabilities = MoEAdapter.capabilities | {Capability.SLIDING_WINDOW}
 
     def tiny_config(self):
         from transformers import Qwen3MoeConfig

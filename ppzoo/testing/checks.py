@@ -12,21 +12,24 @@ import contextlib
 import copy
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ppzoo import registry
 from ppzoo.adapter import Adapter
-from ppzoo.layout import SLIDING
+from ppzoo.capabilities import Capability
+from ppzoo.checkpoint import Checkpoint
 from ppzoo.hookspecs import hookimpl
 from ppzoo.loss import causal_lm_loss
 from ppzoo.meta import meta_model
 from ppzoo.planner import Plan, plan
 from ppzoo.stage import build_stage, run_chain
+from ppzoo.testing.exercised import exercised
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
-from ppzoo.weights import Checkpoint
+from ppzoo.validation import Problem, Settings
 
 __all__ = [
     "SEQ_LEN",
@@ -106,7 +109,9 @@ def _tiny_checkpoint(adapter: Adapter, **kwargs: Any) -> Iterator[Path]:
 
 def _build_stages(adapter: Adapter, config: Any, the_plan: Plan, checkpoint_dir: os.PathLike, **kwargs: Any):
     return [
-        build_stage(config, adapter, the_plan, i, checkpoint=Checkpoint(checkpoint_dir), attn_implementation="eager", **kwargs)
+        build_stage(
+            config, adapter, the_plan, i, checkpoint=Checkpoint(checkpoint_dir), attn_implementation="eager", **kwargs
+        )
         for i in range(the_plan.num_stages)
     ]
 
@@ -116,36 +121,34 @@ def _owners(name: str, modules: tuple[str, ...]) -> list[str]:
 
 
 # -- tiny config -------------------------------------------------------------------------------
-def _exercised(adapter: Adapter, config: Any) -> dict[str, bool]:
-    """Whether the tiny config exercises each capability the kit knows how to recognise."""
-    cfg = adapter.text_config(config)
-    window = getattr(cfg, "sliding_window", None)
-    experts = max(int(getattr(cfg, a, None) or 0) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
-    return {
-        "tied_embeddings": bool(adapter.tied_weights(config)),
-        "sliding_window": SLIDING in adapter.layer_types(config) and window is not None and window < SEQ_LEN,
-        "moe": experts > 1,
-        "softcap": any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "attn_logit_softcapping")),
-    }
-
-
 def check_tiny_config(adapter: Adapter) -> None:
     """The tiny config is small, has at least 8 layers (the kit splits it into up to 8 stages), and
-    exercises every declared capability the kit recognises (and declares every one it exercises)."""
+    exercises every declared capability (and declares every one it exercises), so the checks each
+    capability names test it."""
     config = adapter.tiny_config()
     problems = []
     layers = adapter.fqn_layout(config).num_layers
     if layers < MIN_LAYERS:
-        problems.append(f"tiny_config() has {layers} layers; the kit splits it into up to 8 stages, give it >= {MIN_LAYERS}")
-    params = sum(p.numel() for p in meta_model(config).parameters())
+        problems.append(
+            f"tiny_config() has {layers} layers; the kit splits it into up to 8 stages, give it >= {MIN_LAYERS}"
+        )
+    model = meta_model(config)
+    params = sum(p.numel() for p in model.parameters())
     if params > MAX_TINY_PARAMS:
-        problems.append(f"tiny_config() has {params:,} parameters; keep it under {MAX_TINY_PARAMS:,} (hidden 32-64, vocab ~100)")
-    for capability, exercised in _exercised(adapter, config).items():
-        declared = capability in adapter.capabilities
-        if declared and not exercised:
-            problems.append(f"declares {capability!r} but tiny_config() does not exercise it, so no check would test it")
-        if exercised and not declared:
-            problems.append(f"tiny_config() exercises {capability!r}; add it to {type(adapter).__name__}.capabilities")
+        problems.append(
+            f"tiny_config() has {params:,} parameters; keep it under {MAX_TINY_PARAMS:,} (hidden 32-64, vocab ~100)"
+        )
+    declared = set(adapter.capabilities)
+    for capability, used in exercised(adapter, config, model, seq_len=SEQ_LEN).items():
+        if capability in declared and not used:
+            problems.append(
+                f"declares {capability.value!r} but tiny_config() does not exercise it, so no check would test it "
+                f"(it needs: {capability.description})"
+            )
+        if used and capability not in declared:
+            problems.append(
+                f"tiny_config() exercises {capability.value!r}; add it to {type(adapter).__name__}.capabilities"
+            )
     _fail_if(problems, f"adapter {adapter.name!r}: tiny config")
 
 
@@ -168,11 +171,15 @@ def check_layout(adapter: Adapter) -> None:
     for name, _ in model.named_parameters(remove_duplicate=False):
         owners = _owners(name, layout.modules)
         if len(owners) != 1:
-            problems.append(f"parameter {name!r} is in {len(owners)} layout modules {owners}; it must be in exactly one")
+            problems.append(
+                f"parameter {name!r} is in {len(owners)} layout modules {owners}; it must be in exactly one"
+            )
     for fqn in layout.shared:
         names = [n for n, _ in model.get_submodule(fqn).named_parameters()]
         if names:
-            problems.append(f"shared module {fqn!r} holds parameters {names}; every stage keeps a copy, so they would not be trained once")
+            problems.append(
+                f"shared module {fqn!r} holds parameters {names}; every stage keeps a copy, so they would not be trained once"
+            )
     params = dict(model.named_parameters(remove_duplicate=False))
     for copy_, source in adapter.tied_weights(config).items():
         for fqn, side, modules in ((copy_, "copy", layout.outputs), (source, "source", layout.inputs)):
@@ -210,7 +217,9 @@ def _plan_problems(the_plan: Plan, adapter: Adapter, config: Any, model: torch.n
     for s in the_plan.stages:
         want_rank = s.index % pp if the_plan.placement == "loop" else min(s.index, 2 * pp - 1 - s.index)
         if s.rank != want_rank:
-            problems.append(f"{label}: stage {s.index} is on rank {s.rank}, {the_plan.placement} placement puts it on {want_rank}")
+            problems.append(
+                f"{label}: stage {s.index} is on rank {s.rank}, {the_plan.placement} placement puts it on {want_rank}"
+            )
     per_rank = [len(the_plan.stages_for_rank(r)) for r in range(pp)]
     if per_rank != [n // pp] * pp:
         problems.append(f"{label}: stages per rank are {per_rank}, expected {n // pp} each")
@@ -252,10 +261,12 @@ def check_plan(adapter: Adapter) -> None:
 # -- per-stage reads ---------------------------------------------------------------------------
 def check_stage_reads(adapter: Adapter) -> None:
     """Each stage reads exactly its own tensors from a sharded checkpoint, each once, and opens
-    only the shards that hold them; together the stages read every tensor."""
+    only the shards that hold them; together the stages read every tensor (for ``moe``: per-expert
+    keys, converted into the fused parameters)."""
     config = adapter.tiny_config()
     tied = adapter.tied_weights(config)
     problems = []
+    renamed: set[str] = set()  # keys read that are no parameter's name: converted by the key map
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         everything = set(Checkpoint(directory).weight_map)
         for pp, schedule in ((2, "1F1B"), (4, "1F1B")):
@@ -276,7 +287,10 @@ def check_stage_reads(adapter: Adapter) -> None:
                     return _original(handle, key, where)
 
                 checkpoint._get_tensor, checkpoint._get_slice = recording, recording_part
-                build_stage(config, adapter, the_plan, stage.index, checkpoint=checkpoint, attn_implementation="eager")
+                built = build_stage(
+                    config, adapter, the_plan, stage.index, checkpoint=checkpoint, attn_implementation="eager"
+                )
+                renamed |= set(reads) - {name for name, _ in built.named_parameters(remove_duplicate=False)}
                 label = f"pp={pp} {schedule} stage {stage.index}"
                 own = {k for k in everything if _owners(k, stage.modules)}
                 # NOTE: a checkpoint saved with tied embeddings stores only the source; the stage
@@ -299,6 +313,12 @@ def check_stage_reads(adapter: Adapter) -> None:
             unread = sorted(everything - read_by_any)
             if unread:
                 problems.append(f"pp={pp} {schedule}: no stage read {unread}")
+        tied_keys = set(tied.values())
+        if Capability.MOE in adapter.capabilities and not renamed - tied_keys:
+            problems.append(
+                "declares 'moe' but every tensor read is named like its parameter: the per-expert checkpoint keys "
+                "were not converted by key_map(), so this check did not test it"
+            )
     _fail_if(problems, f"adapter {adapter.name!r}: per-stage reads")
 
 
@@ -320,8 +340,9 @@ def _chain_loss(adapter, config, stages, logits, labels, mask):
 
 
 def check_stage_chain(adapter: Adapter) -> None:
-    """Stages run one after another in one process give the Hugging Face model's logits, loss and
-    gradients (fp32, left-padded batch) for 1, 2, 3 and 4 stages, and for a split whose first stage
+    """Stages run one after another in one process give the Hugging Face model's logits, loss (with
+    the router aux loss, which must matter when declared) and gradients (fp32, left-padded batch)
+    for 1, 2, 3 and 4 stages, and for a split whose first stage
     holds only the input modules and whose last holds only the output modules (the planner makes
     such stages when the head is heavy)."""
     problems = []
@@ -337,7 +358,7 @@ def check_stage_chain(adapter: Adapter) -> None:
         tied = adapter.tied_weights(config)
         layout = adapter.fqn_layout(config)
         layers = [layout.layer(i) for i in range(layout.num_layers)]
-        ends = [list(layout.inputs), layers[: len(layers) // 2], layers[len(layers) // 2:], list(layout.outputs)]
+        ends = [list(layout.inputs), layers[: len(layers) // 2], layers[len(layers) // 2 :], list(layout.outputs)]
         splits = [(str(n), plan(directory, pp=n)) for n in (1, 2, 3, 4)]
         splits.append(("4 (inputs alone, outputs alone)", plan(directory, pp=4, stage_modules=ends)))
         for n, the_plan in splits:
@@ -346,7 +367,8 @@ def check_stage_chain(adapter: Adapter) -> None:
             if names != want_names:
                 problems.append(f"{n} stages hold {sorted(names ^ want_names)} differently from the reference")
             logits = run_chain(stages, ids, attention_mask=mask)
-            loss = _chain_loss(adapter, config, stages, logits, labels, mask)
+            aux = adapter.aux_loss(config, stages, attention_mask=mask)
+            loss = causal_lm_loss(logits, labels) + (0 if aux is None else aux)
             loss.backward()
             _sync_tied_grads(stages, tied)
             if not torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6):
@@ -355,11 +377,21 @@ def check_stage_chain(adapter: Adapter) -> None:
                 problems.append(f"{n} stages: loss {loss.item():.8f} != reference {out.loss.item():.8f}")
             named = [(k, p) for s in stages for k, p in s.named_parameters()]
             problems += [f"{n} stages: gradient of {m}" for m in grad_mismatches(named, reference)]
+            if n == "2" and Capability.ROUTER_AUX_LOSS in adapter.capabilities:
+                # NOTE: the reference's loss holds the router aux loss; it must matter to the comparison
+                if aux is None:
+                    problems.append("declares 'router_aux_loss' but aux_loss() is None for the tiny config")
+                elif torch.allclose((loss - aux).detach(), out.loss, rtol=1e-5, atol=0):
+                    problems.append(
+                        f"the router aux loss ({aux.item():.3e}) is too small for the loss comparison to see it"
+                    )
             if n == "2":
                 with torch.no_grad():
                     plain = run_chain(stages, ids)
                 if not torch.allclose(plain, unmasked, rtol=1e-5, atol=1e-6):
-                    problems.append(f"2 stages without attention_mask: logits differ by {(plain - unmasked).abs().max().item():.3e}")
+                    problems.append(
+                        f"2 stages without attention_mask: logits differ by {(plain - unmasked).abs().max().item():.3e}"
+                    )
     _fail_if(problems, f"adapter {adapter.name!r}: stage chain vs Hugging Face")
 
 
@@ -373,7 +405,9 @@ def check_tied_weights(adapter: Adapter) -> None:
         config = reference.config
         tied = adapter.tied_weights(config)
         if not tied:
-            raise AssertionError(f"adapter {adapter.name!r} declares 'tied_embeddings' but tied_weights(tiny_config()) is empty")
+            raise AssertionError(
+                f"adapter {adapter.name!r} declares 'tied_embeddings' but tied_weights(tiny_config()) is empty"
+            )
         for copy_, source in tied.items():
             if reference.get_parameter(copy_) is not reference.get_parameter(source):
                 problems.append(f"Hugging Face does not tie {copy_!r} to {source!r} for the tiny config")
@@ -395,7 +429,9 @@ def check_tied_weights(adapter: Adapter) -> None:
                 problems.append(f"two stages share {copy_!r} with {source!r}; the last stage needs its own copy")
                 continue
             if not torch.equal(a, want) or not torch.equal(b, want):
-                problems.append(f"{copy_!r} on the last stage or {source!r} on the first is not loaded equal to the checkpoint's")
+                problems.append(
+                    f"{copy_!r} on the last stage or {source!r} on the first is not loaded equal to the checkpoint's"
+                )
             if not torch.allclose(a.grad + b.grad, want.grad, rtol=1e-5, atol=1e-6):
                 problems.append(f"the gradients of {copy_!r} and {source!r} do not sum to the tied reference gradient")
     _fail_if(problems, f"adapter {adapter.name!r}: tied weights")
@@ -403,59 +439,73 @@ def check_tied_weights(adapter: Adapter) -> None:
 
 # -- validation -------------------------------------------------------------------------------------
 class _ExtraRule:
-    PROBLEM = "a plugin's rule (added by the conformance kit)"
+    """A plugin rule added by the kit: it must be reported together with the adapter's own."""
+
+    CODE = "ppzoo-testing-extra-rule"
 
     @hookimpl
-    def ppzoo_validate(self, config: Any, plan: Any) -> list[str]:
-        return [self.PROBLEM]
+    def ppzoo_validate(self, config: Any, adapter: Any, plan: Any, settings: Settings) -> list[Problem]:
+        return [Problem(self.CODE, "a plugin's rule (added by the conformance kit)")]
 
 
-def _problems_raised(adapter: Adapter, config: Any) -> list[str]:
+def _codes_raised(adapter: Adapter, config: Any) -> list[str]:
     try:
         registry.validate(config, adapter=adapter)
     except registry.ValidationError as exc:
-        if str(exc).count("\n  - ") != len(exc.problems):
-            return [f"<the message does not list every problem: {exc}>"]
-        return exc.problems
+        missing = [p.message for p in exc.problems if p.message not in str(exc)]
+        if missing:
+            return [f"<the message does not list {missing}: {exc}>"]
+        return exc.codes
     return []
 
 
 def check_validation(adapter: Adapter) -> None:
-    """The tiny config passes every rule; each rule the adapter claims (``validation_cases()``)
-    and the base class's encoder-decoder rule raise their exact problem, reported together with
-    every plugin's rules; a plan with more stages than layers is refused naming both numbers."""
+    """The tiny config passes every rule; each rule the adapter claims (``validation_cases()``:
+    a config and the code it must raise) and the base class's encoder-decoder rule raise their
+    code, reported together with every plugin's rules; a plan with more stages than layers is
+    refused with the code ``stages-exceed-layers``, naming both numbers."""
     config = adapter.tiny_config()
     problems = []
     with resolving_to(adapter):
         n_layers = adapter.fqn_layout(config).num_layers
-        the_plan = plan(config, pp=2, validate=False)
-        if adapter.validate(config, the_plan) or adapter.validate(config, None):
-            problems.append(f"the tiny config is rejected: {adapter.validate(config, the_plan)}")
+        for where, found in (
+            ("alone", registry.problems(config, adapter=adapter)),
+            ("under a plan", _plan_problems_or_error(config)),
+        ):
+            if found:
+                problems.append(f"the tiny config is rejected {where}: {[(p.code, p.message) for p in found]}")
         enc_dec = copy.deepcopy(config)
         enc_dec.is_encoder_decoder = True
-        cases = [(enc_dec, f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs")]
-        cases += list(adapter.validation_cases())
-        for bad, claimed in cases:
-            raised = _problems_raised(adapter, bad)
-            if claimed not in raised:
-                problems.append(f"rule {claimed!r} did not fire; validation raised {raised}")
+        cases = [(enc_dec, "encoder-decoder"), *adapter.validation_cases()]
+        for bad, code in cases:
+            raised = _codes_raised(adapter, bad)
+            if code not in raised:
+                problems.append(f"rule {code!r} did not fire; validation raised {raised}")
         with registry.plugin(_ExtraRule(), name="ppzoo.testing extra rule"):
-            for bad, claimed in cases:
-                raised = _problems_raised(adapter, bad)
-                if claimed not in raised or _ExtraRule.PROBLEM not in raised:
-                    problems.append(f"{claimed!r} is not reported together with plugin rules: {raised}")
+            for bad, code in cases:
+                raised = _codes_raised(adapter, bad)
+                if code not in raised or _ExtraRule.CODE not in raised:
+                    problems.append(f"{code!r} is not reported together with plugin rules: {raised}")
         too_many = n_layers + 1
-        want = (
-            f"{too_many} stages (pp={too_many} × 1 per rank) is more than the model's {n_layers} layers; "
-            "lower pp or stages per rank"
-        )
         try:
             plan(config, pp=too_many)
             problems.append(f"plan(pp={too_many}) for {n_layers} layers did not raise")
-        except ValueError as exc:
-            if str(exc) != want:
-                problems.append(f"plan(pp={too_many}) raised {str(exc)!r}, expected {want!r}")
+        except registry.ValidationError as exc:
+            named = [p for p in exc.problems if p.code == "stages-exceed-layers"]
+            if not named or not all(str(n) in named[0].message for n in (too_many, n_layers)):
+                problems.append(
+                    f"plan(pp={too_many}) for {n_layers} layers raised {exc.codes}, expected 'stages-exceed-layers' "
+                    f"naming {too_many} and {n_layers}: {exc}"
+                )
     _fail_if(problems, f"adapter {adapter.name!r}: validation")
+
+
+def _plan_problems_or_error(config: Any) -> list[Problem]:
+    try:
+        plan(config, pp=2)
+    except registry.ValidationError as exc:
+        return exc.problems
+    return []
 
 
 # -- buffers ------------------------------------------------------------------------------------------
@@ -480,9 +530,13 @@ def check_buffers_after_meta_init(adapter: Adapter) -> None:
                         if ref is None:
                             problems.append(f"{label} is not in the Hugging Face model")
                         elif buf.dtype != ref.dtype or buf.shape != ref.shape:
-                            problems.append(f"{label} is {buf.dtype} {tuple(buf.shape)}, reference {ref.dtype} {tuple(ref.shape)}")
+                            problems.append(
+                                f"{label} is {buf.dtype} {tuple(buf.shape)}, reference {ref.dtype} {tuple(ref.shape)}"
+                            )
                         elif not torch.equal(buf, ref):
-                            problems.append(f"{label} differs from the reference by {(buf.double() - ref.double()).abs().max().item():.3e}")
+                            problems.append(
+                                f"{label} differs from the reference by {(buf.double() - ref.double()).abs().max().item():.3e}"
+                            )
                 missing = sorted(set(want) - seen)
                 if missing:
                     problems.append(f"{str(dtype)[6:]} pp={pp}: no stage holds buffers {missing}")

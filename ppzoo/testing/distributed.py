@@ -12,7 +12,8 @@ import os
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -34,13 +35,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     import torch.distributed as dist
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
@@ -92,8 +96,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         if first_error is not None and time.monotonic() - first_error > 20:
             break  # a failing rank usually leaves its peers blocked: do not wait for them
         if time.monotonic() > deadline:
-            errors.update({r: f"rank {r} did not finish within {timeout_s:.0f}s" for r in range(world_size)
-                           if r not in results and r not in errors})
+            errors.update(
+                {
+                    r: f"rank {r} did not finish within {timeout_s:.0f}s"
+                    for r in range(world_size)
+                    if r not in results and r not in errors
+                }
+            )
             break
         time.sleep(0.05)
     for p in procs:
@@ -101,7 +110,5 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         if p.is_alive():
             p.kill()
     if errors:
-        raise DistributedFailure(
-            "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
-        )
+        raise DistributedFailure("\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items())))
     return [results[r] for r in range(world_size)]

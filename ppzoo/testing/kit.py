@@ -9,10 +9,11 @@ the caller says so. ``check_adapter`` and ``check_adapters`` run the cases and r
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 from ppzoo.adapter import Adapter
+from ppzoo.capabilities import Capability
 from ppzoo.testing import checks as _checks
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
@@ -31,7 +32,7 @@ class Check:
 
     name: str
     function: Callable[..., None]
-    requires: frozenset[str] = frozenset()
+    requires: frozenset[Capability] = frozenset()
 
     @property
     def description(self) -> str:
@@ -46,7 +47,7 @@ CHECKS: tuple[Check, ...] = (
     Check("stage_reads", _checks.check_stage_reads),
     Check("buffers", _checks.check_buffers_after_meta_init),
     Check("stage_chain", _checks.check_stage_chain),
-    Check("tied_weights", _checks.check_tied_weights, frozenset({"tied_embeddings"})),
+    Check("tied_weights", _checks.check_tied_weights, frozenset({Capability.TIED_EMBEDDINGS})),
     Check("distributed_step", check_distributed_step),
 )
 _BY_NAME = {check.name: check for check in CHECKS}
@@ -90,7 +91,7 @@ class CheckResult:
 
 
 def _skip_reason(adapter: Adapter, check: Check) -> str | None:
-    missing = sorted(check.requires - set(adapter.capabilities))
+    missing = sorted(c.value for c in check.requires if c not in adapter.capabilities)
     if missing:
         return f"adapter {adapter.name!r} does not declare {', '.join(map(repr, missing))} in its capabilities"
     if check.function is check_distributed_step:
@@ -143,7 +144,10 @@ def _outcome(case: Case, **kwargs) -> CheckResult:
         return CheckResult(name, check, "failed", error=error)
     if case.xfail:
         return CheckResult(
-            name, check, "failed", reason=case.xfail,
+            name,
+            check,
+            "failed",
+            reason=case.xfail,
             error=f"passed, but was expected to fail ({case.xfail}); remove it from expected_failures",
         )
     return CheckResult(name, check, "passed")
@@ -193,6 +197,10 @@ def check_adapters(
         step_problems = {a.name: [f"the process group could not run:\n{traceback.format_exc()}"] for a in stepped}
     results = []
     for case in all_cases:
-        extra = {"problems": step_problems[case.adapter.name]} if case.check.name == "distributed_step" and not case.skip else {}
+        extra = (
+            {"problems": step_problems[case.adapter.name]}
+            if case.check.name == "distributed_step" and not case.skip
+            else {}
+        )
         results.append(_outcome(case, **extra))
     return results

@@ -7,7 +7,8 @@ the same as a decorator. Importing this module does not register the plugin.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -80,8 +81,11 @@ def parametrize_with_checks(
     )
 
 
-def case_params(refs: list[Any], *, expected_failures: dict[str, str] | None = None, select: Sequence[str] | None = None) -> list:
-    """One ``pytest.param`` per adapter and check, id ``<adapter>-<check>``, marked skip or strict xfail."""
+def case_params(
+    refs: list[Any], *, expected_failures: dict[str, str] | None = None, select: Sequence[str] | None = None
+) -> list:
+    """One ``pytest.param`` per adapter and check, id ``<adapter>-<check>``, marked skip or strict xfail;
+    the distributed step is also marked ``distributed`` (it starts processes)."""
     expected = dict(expected_failures or {})
     params, used = [], set()
     for ref in refs:
@@ -100,6 +104,9 @@ def case_params(refs: list[Any], *, expected_failures: dict[str, str] | None = N
                 marks.append(pytest.mark.skip(reason=case.skip))
             if case.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+            if case.check.function is check_distributed_step:
+                # NOTE: it starts a process group; ``-m "not distributed"`` leaves it out
+                marks.append(pytest.mark.distributed)
             params.append(pytest.param(ConformanceCase(ref, case.check, skip=case.skip), id=case.id, marks=marks))
     unused = sorted(set(expected) - used)
     if unused:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -48,6 +48,9 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(*adapters, expected_failures=None, select=None): adapters (names or Adapter "
         "instances) the ppzoo conformance checks run on; expected_failures maps a check name or test "
         "id to a reason; select names the checks to run (default all)",
+    )
+    config.addinivalue_line(
+        "markers", "distributed: starts processes; the conformance kit's distributed_step cases carry it"
     )
 
 

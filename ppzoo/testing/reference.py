@@ -44,7 +44,7 @@ def _perturb_zero_init(model: torch.nn.Module, seed: int) -> None:
     # mix-up between two such tensors visible to an equality check.
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
@@ -53,9 +53,7 @@ def load_reference(directory: str | os.PathLike, *, attn_implementation: str = "
     """The unsplit Hugging Face model, loaded with ``from_pretrained`` in fp32."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, attn_implementation=attn_implementation
-    )
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
 def batch(vocab_size: int, *, batch_size: int = 4, seq_len: int = 12, seed: int = 0, left_pad: bool = True):
@@ -75,7 +73,12 @@ def batch(vocab_size: int, *, batch_size: int = 4, seq_len: int = 12, seed: int 
 
 
 def grad_mismatches(
-    named_params, reference: torch.nn.Module, *, rtol: float = 1e-5, atol: float = 1e-6, tied: dict[str, str] | None = None
+    named_params,
+    reference: torch.nn.Module,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    tied: dict[str, str] | None = None,
 ) -> list[str]:
     """Names whose gradient differs from the reference's (or is missing); empty when all match.
 

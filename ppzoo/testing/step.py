@@ -8,15 +8,18 @@ is charged with the traceback and the adapters not reached yet run again in a fr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ppzoo.adapter import Adapter
+from ppzoo.loss import causal_lm_loss
 from ppzoo.testing.checks import SEQ_LEN, resolving_to
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 
@@ -32,7 +35,8 @@ TIMEOUT_S = 900.0
 
 def check_distributed_step(adapter: Adapter, *, problems: Sequence[str] | None = None) -> None:
     """``ppzoo.pipeline(pp=2)`` under GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble and DualPipeV gives
-    the Hugging Face loss (on every rank), gradients (tied copies synchronised) and eval logits.
+    the Hugging Face loss (on every rank; a router aux loss per stage and microbatch, as
+    ``ppzoo.architectures.moe`` defines it), gradients (tied copies synchronised) and eval logits.
 
     Args:
         adapter: the adapter under test.
@@ -122,15 +126,21 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
     reference = load_reference(directory)
     ids, mask, labels = batch(reference.config.vocab_size, batch_size=MICROBATCHES, seq_len=SEQ_LEN)
     out = reference(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
     pipe = ppzoo.pipeline(
-        directory, pp=WORLD_SIZE, schedule=schedule, microbatches=MICROBATCHES, dtype=torch.float32,
-        device="cpu", attn_implementation="eager",
+        directory,
+        pp=WORLD_SIZE,
+        schedule=schedule,
+        microbatches=MICROBATCHES,
+        dtype=torch.float32,
+        device="cpu",
+        attn_implementation="eager",
     )
+    want = _reference_loss(reference, out, pipe.plan, ids, mask, labels)
+    want.backward()
     problems = []
     loss = pipe.step(ids, labels=labels, attention_mask=mask)
-    if not torch.allclose(loss, out.loss, rtol=1e-5, atol=0):
-        problems.append(f"{label}: loss {loss.item():.8f} != reference {out.loss.item():.8f}")
+    if not torch.allclose(loss, want, rtol=1e-5, atol=0):
+        problems.append(f"{label}: loss {loss.item():.8f} != reference {want.item():.8f}")
     named = list(pipe.named_parameters())
     problems += [f"{label}: gradient of {m}" for m in grad_mismatches(named, reference)]
     problems += _coverage_problems(pipe, named, reference, adapter, label)
@@ -143,6 +153,33 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
         problems.append(f"{label}: eval returned logits on a rank without the last stage")
     dist.barrier()
     return problems
+
+
+def _reference_loss(reference, out, plan, ids, mask, labels) -> torch.Tensor:
+    """The loss a pipeline step must return: Hugging Face's, its router aux loss (when the model
+    adds one) taken as ppzoo defines it for a pipeline (``ppzoo.architectures.moe``): each stage's
+    term over its own MoE layers, per microbatch, weighted by its share of the MoE layers and
+    averaged over the microbatches. Only the whole model on the whole batch can equal Hugging
+    Face's single term; the stage chain check compares that one."""
+    cfg = reference.config
+    if getattr(out, "aux_loss", None) is None:
+        return out.loss
+    loss = causal_lm_loss(out.logits, labels)
+    recorder = type(reference)._can_record_outputs["router_logits"]
+    layers = reference.get_submodule(plan.layout.layers)
+    routed = [i for i, layer in enumerate(layers) if any(isinstance(m, recorder.target_class) for m in layer.modules())]
+    balancing = inspect.getmodule(type(reference)).load_balancing_loss_func
+    experts = max(int(getattr(cfg, a, None) or 0) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+    rows = ids.shape[0] // MICROBATCHES
+    for mb in range(MICROBATCHES):
+        part = slice(mb * rows, (mb + 1) * rows)
+        router = reference(input_ids=ids[part], attention_mask=mask[part], output_router_logits=True).router_logits
+        for stage in plan.stages:
+            own = tuple(router[routed.index(i)] for i in stage.layers if i in routed)
+            if own:
+                term = balancing(own, experts, int(cfg.num_experts_per_tok), mask[part])
+                loss = loss + cfg.router_aux_loss_coef * term * (len(own) / len(routed)) / MICROBATCHES
+    return loss
 
 
 def _coverage_problems(pipe: Any, named, reference, adapter: Adapter, label: str) -> list[str]:

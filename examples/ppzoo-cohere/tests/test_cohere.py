@@ -4,14 +4,15 @@ import importlib.metadata
 
 import pytest
 import torch
+from ppzoo_cohere import CohereAdapter
 from transformers import AutoModelForCausalLM, CohereConfig
 
 import ppzoo
 from ppzoo import registry
+from ppzoo.capabilities import Capability
+from ppzoo.checkpoint import Checkpoint
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing.reference import batch, save_tiny_model
-from ppzoo.weights import Checkpoint
-from ppzoo_cohere import CohereAdapter
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,10 @@ def test_the_last_stage_applies_the_logit_scale_once(tmp_path):
     assert reference.config.logit_scale == 0.25
     ids, mask, _ = batch(reference.config.vocab_size)
     plan = ppzoo.plan(directory, pp=2)
-    stages = [build_stage(reference.config, adapter, plan, i, checkpoint=Checkpoint(directory), attn_implementation="eager") for i in range(2)]
+    stages = [
+        build_stage(reference.config, adapter, plan, i, checkpoint=Checkpoint(directory), attn_implementation="eager")
+        for i in range(2)
+    ]
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask).logits
         got = run_chain(stages, ids, attention_mask=mask)
@@ -51,8 +55,12 @@ def test_a_config_without_logit_scale_is_refused_before_anything_is_built():
     config.logit_scale = None
     with pytest.raises(registry.ValidationError) as raised:
         ppzoo.plan(config, pp=2)
+    assert raised.value.codes == ["cohere-logit-scale"]
     assert str(raised.value) == (
-        "ppzoo cannot run this cohere as configured:\n"
-        "  - logit_scale must be a number, got None; Cohere multiplies the logits by it "
+        "logit_scale must be a number, got None; Cohere multiplies the logits by it "
         "(released checkpoints use 0.0625 or 0.125)"
     )
+
+
+def test_the_capabilities_are_members_of_the_closed_list():
+    assert CohereAdapter.capabilities == {Capability.TIED_EMBEDDINGS, Capability.LOGIT_SCALE}

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numbers
 
 import ppzoo
+from ppzoo.capabilities import Capability
+from ppzoo.validation import Problem
 
 __all__ = ["CohereAdapter"]
 __version__ = "0.1.0"
@@ -28,7 +30,7 @@ class CohereAdapter(ppzoo.Adapter):
     name = "cohere"
     model_types = ("cohere",)
     architectures = ("CohereForCausalLM",)
-    capabilities = frozenset({"tied_embeddings", "logit_scale"})
+    capabilities = frozenset({Capability.TIED_EMBEDDINGS, Capability.LOGIT_SCALE})
 
     def logits(self, lm, hidden):
         return super().logits(lm, hidden) * lm.logit_scale
@@ -37,19 +39,20 @@ class CohereAdapter(ppzoo.Adapter):
         problems = super().validate(config, plan)
         scale = getattr(config, "logit_scale", None)
         if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            # NOTE: a plugin's own codes start with its name, so they never clash with ppzoo's
             problems.append(
-                f"logit_scale must be a number, got {scale!r}; Cohere multiplies the logits by it "
-                "(released checkpoints use 0.0625 or 0.125)"
+                Problem(
+                    "cohere-logit-scale",
+                    f"logit_scale must be a number, got {scale!r}; Cohere multiplies the logits by it "
+                    "(released checkpoints use 0.0625 or 0.125)",
+                )
             )
         return problems
 
     def validation_cases(self):
         config = self.tiny_config()
         config.logit_scale = None
-        return [
-            (config, "logit_scale must be a number, got None; Cohere multiplies the logits by it "
-             "(released checkpoints use 0.0625 or 0.125)"),
-        ]
+        return [(config, "cohere-logit-scale")]
 
     def tiny_config(self):
         from transformers import CohereConfig

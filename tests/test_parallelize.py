@@ -1,4 +1,4 @@
-"""Parallelism inside stages on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2."""
+"""Parallelism inside stages (``ppzoo.parallelize``) on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _dp_part(pipe, tensors):
     dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
     index = mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
     rows = GLOBAL_BATCH // dp
-    return [t[index * rows:(index + 1) * rows] for t in tensors]
+    return [t[index * rows : (index + 1) * rows] for t in tensors]
 
 
 LAYERS = [f"model.layers.{i}" for i in range(8)]
@@ -40,8 +40,16 @@ def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
     out.loss.backward()
     read = _count_reads()
     try:
-        pipe = ppzoo.pipeline(directory, pp=2, schedule=schedule, microbatches=MICROBATCHES, device="cpu",
-                              attn_implementation="eager", stage_modules=stage_modules, **degrees)
+        pipe = ppzoo.pipeline(
+            directory,
+            pp=2,
+            schedule=schedule,
+            microbatches=MICROBATCHES,
+            device="cpu",
+            attn_implementation="eager",
+            stage_modules=stage_modules,
+            **degrees,
+        )
     finally:
         read.restore()
     part = _dp_part(pipe, (ids, mask, labels))
@@ -70,8 +78,7 @@ def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
         problems.append(f"fetched {read.file_bytes} bytes from the checkpoint but holds {held} float32 elements")
     # one FSDP group per decoder layer, plus the stage root when it holds parameters of its own
     fsdp_groups = sum(
-        len(m.get_submodule("model.layers"))
-        + any(not n.startswith("model.layers.") for n, _ in m.named_parameters())
+        len(m.get_submodule("model.layers")) + any(not n.startswith("model.layers.") for n, _ in m.named_parameters())
         for m in pipe.stages
     )
     return {"problems": problems, "kinds": kinds, "reductions": len(calls), "fsdp_groups": fsdp_groups}
@@ -82,11 +89,11 @@ class _count_reads:
     reads straight into the parameters' storage fetch from the files."""
 
     def __init__(self):
-        import ppzoo.weights
-        from ppzoo.weights import Checkpoint
+        import ppzoo.checkpoint.reading
+        from ppzoo.checkpoint import Checkpoint
 
         self.elements = self.file_bytes = 0
-        self._originals = (Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.weights._pread_into)
+        self._originals = (Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.checkpoint.reading._pread_into)
         get_tensor, get_slice, pread_into = self._originals
 
         def counting_tensor(checkpoint, handle, key):
@@ -104,13 +111,13 @@ class _count_reads:
             return pread_into(fd, buffer, offset)
 
         Checkpoint._get_tensor, Checkpoint._get_slice = counting_tensor, counting_slice
-        ppzoo.weights._pread_into = counting_pread
+        ppzoo.checkpoint.reading._pread_into = counting_pread
 
     def restore(self):
-        import ppzoo.weights
-        from ppzoo.weights import Checkpoint
+        import ppzoo.checkpoint.reading
+        from ppzoo.checkpoint import Checkpoint
 
-        Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.weights._pread_into = self._originals
+        Checkpoint._get_tensor, Checkpoint._get_slice, ppzoo.checkpoint.reading._pread_into = self._originals
 
 
 def _errors(directory):
@@ -150,6 +157,7 @@ def group(tmp_path_factory):
     return run_distributed(_rank_main, 4, str(directory), timeout_s=600)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("label", list(DEGREES))
 def test_loss_and_grads_equal_unsplit_model(group, label, schedule):
@@ -160,6 +168,7 @@ def test_loss_and_grads_equal_unsplit_model(group, label, schedule):
     assert ("DTensor" in str(kinds)) == (label in ("dp_shard", "tp", "dp_replicate")), kinds
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("label", ["dp_shard", "tp"])
 def test_stages_without_layers_shard_and_equal_unsplit_model(group, label):
     """Interleaved1F1B over [embedding], 4 layers, 4 layers, [norm, head]: sharded or split by tp."""
@@ -168,6 +177,7 @@ def test_stages_without_layers_shard_and_equal_unsplit_model(group, label):
     assert "DTensor" in str(group[0][(label, "ends")]["kinds"])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_fsdp_reduces_gradients_once_per_step(group, schedule):
     """Deferred reduction: one reduce-scatter per FSDP group per step, not one per microbatch."""
@@ -176,6 +186,7 @@ def test_fsdp_reduces_gradients_once_per_step(group, schedule):
         assert got["reductions"] == got["fsdp_groups"], got
 
 
+@pytest.mark.distributed
 def test_bad_degrees_are_refused_before_communication(group):
     for per_rank in group:
         errors = per_rank["errors"]

@@ -17,10 +17,9 @@ from torch import nn
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.state import load_state, rank_module, save_state, saved_step
+from ppzoo.checkpoint import CheckpointError, load_state, rank_module, save_state, saved_step
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, save_tiny_model
-from ppzoo.weights import CheckpointError
 
 STEPS, SAVED_AT = 4, 2
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -62,8 +61,14 @@ def _differences(pipe, optimizer, snapshot):
 
 
 def _pipeline(directory, **split):
-    return ppzoo.pipeline(directory, pp=split.pop("pp", 2), microbatches=split.pop("microbatches", 4), device="cpu",
-                          attn_implementation="eager", **split)
+    return ppzoo.pipeline(
+        directory,
+        pp=split.pop("pp", 2),
+        microbatches=split.pop("microbatches", 4),
+        device="cpu",
+        attn_implementation="eager",
+        **split,
+    )
 
 
 def _adamw(pipe, lr=1e-2):
@@ -189,6 +194,7 @@ def group(tmp_path_factory):
     return run_distributed(_rank_main, 2, str(tied), str(untied), str(work), timeout_s=300), work
 
 
+@pytest.mark.distributed
 def test_uninterrupted_run_saves_without_changing_its_course(group):
     results, _ = group
     for rank, per_rank in enumerate(results):
@@ -197,6 +203,7 @@ def test_uninterrupted_run_saves_without_changing_its_course(group):
     assert len(set(losses)) == STEPS  # the run moves: equal losses would prove nothing
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("split", list(RESUMES))
 def test_resumed_run_continues_exactly(group, split):
     results, _ = group
@@ -204,12 +211,14 @@ def test_resumed_run_continues_exactly(group, split):
         assert per_rank[split]["problems"] == [], f"rank {rank}"
 
 
+@pytest.mark.distributed
 def test_resume_from_before_the_first_step(group):
     results, _ = group
     for rank, per_rank in enumerate(results):
         assert per_rank["step0"]["problems"] == [], f"rank {rank}"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["fsdp", "tp"])
 def test_sharded_stages_resume_unsharded(group, kind):
     results, _ = group
@@ -218,6 +227,7 @@ def test_sharded_stages_resume_unsharded(group, kind):
         assert "DTensor" in per_rank[kind]["kinds"]
 
 
+@pytest.mark.distributed
 def test_state_is_keyed_by_fqn_with_a_tied_head_once(group):
     _, work = group
     keys = set(dcp.FileSystemReader(work / "saved").read_metadata().state_dict_metadata)
@@ -229,6 +239,7 @@ def test_state_is_keyed_by_fqn_with_a_tied_head_once(group):
     assert len({k.split(".")[3] for k in layer_keys}) == 8  # every layer, from both ranks
 
 
+@pytest.mark.distributed
 def test_load_refuses_another_optimizer_or_model(group):
     results, work = group
     saved = str(work / "saved")
@@ -250,13 +261,13 @@ def test_load_refuses_another_optimizer_or_model(group):
 def test_load_refuses_a_directory_without_state(tmp_path):
     message = r"holds no training state \(no .metadata\); pass a directory written by save_state"
     with pytest.raises(CheckpointError, match=message):
-        load_state(None, tmp_path, None)
+        load_state([], tmp_path, None, adapter=None, config=None)
 
 
 @pytest.mark.parametrize("step", [-1, 1.0, True, None])
 def test_save_refuses_a_step_that_is_no_count(tmp_path, step):
     with pytest.raises(ValueError, match=f"step must be a non-negative int .*, got {step!r}"):
-        save_state(None, tmp_path, None, step=step)
+        save_state([], tmp_path, None, step=step, adapter=None, config=None)
 
 
 def test_rank_module_joins_stages_under_original_fqns():

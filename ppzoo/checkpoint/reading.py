@@ -1,9 +1,8 @@
-"""Safetensors checkpoints: the index, per-stage reads, key conversion and tied weights.
+"""Reading safetensors checkpoints: the index, the shard files, whole tensors and parts of them.
 
-A stage opens only the shard files that hold its own tensors and reads only those tensors, cast
-straight to the requested device and dtype. Nothing else of the checkpoint is touched. On CPU the
-bytes go from the file into the parameters' storage with ``pread``; a TP / FSDP shard reads only
-its own bytes.
+A reader opens only the shard files that hold the tensors asked for and reads only those tensors.
+On CPU the bytes go from the file into the target tensor's storage with ``pread``; a part of a
+tensor (a TP / FSDP shard) reads only its own bytes.
 """
 
 from __future__ import annotations
@@ -12,24 +11,21 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
-from ppzoo.adapter import Adapter
-from ppzoo.parallelize import local_slice
+from ppzoo.checkpoint.errors import CheckpointError
 
-__all__ = ["Checkpoint", "CheckpointError", "load_stage_weights", "resolve"]
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "Reader", "resolve"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing a tensor or a file, or holds a tensor of the wrong shape."""
+#: the size of the buffer through which a read that changes dtype passes
+_BLOCK_BYTES = 16 * 2**20
 
 
 def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
@@ -100,8 +96,9 @@ class Checkpoint:
             )
         return path
 
-    def open(self, device: torch.device | str = "cpu") -> "_Reader":
-        return _Reader(self, device)
+    def open(self, device: torch.device | str = "cpu") -> Reader:
+        """A :class:`Reader` of this checkpoint's tensors for ``device``; close it when done."""
+        return Reader(self, device)
 
     def _get_tensor(self, handle: Any, key: str) -> torch.Tensor:
         # NOTE: every whole-tensor read passes here, and every part read through _get_slice, in
@@ -111,9 +108,7 @@ class Checkpoint:
     def _get_slice(self, handle: Any, key: str, part: tuple[slice, ...]) -> torch.Tensor:
         return handle.get_slice(key)[part]
 
-    def _read_into_storage(
-        self, reader: "_Reader", key: str, out: torch.Tensor, part: tuple[slice, ...] | None
-    ) -> None:
+    def _read_into_storage(self, reader: Reader, key: str, out: torch.Tensor, part: tuple[slice, ...] | None) -> None:
         """Read tensor ``key``, or only its ``part``, into the contiguous CPU tensor ``out``.
 
         Exactly the bytes of ``part`` are read, with ``pread`` on the reader's descriptor for the
@@ -133,7 +128,7 @@ class Checkpoint:
         if dtype == out.dtype:
             target, done = memoryview(flat.view(torch.uint8).numpy()), 0
             for first, n in _runs(shape, part):
-                _pread_into(file.fd, target[done * size:(done + n) * size], base + first * size)
+                _pread_into(file.fd, target[done * size : (done + n) * size], base + first * size)
                 done += n
             return
         staged = reader.buffer(dtype)
@@ -142,19 +137,30 @@ class Checkpoint:
         for first, n in _runs(shape, part):
             while n:
                 k = min(n, len(staged) - filled)
-                _pread_into(file.fd, staged_bytes[filled * size:(filled + k) * size], base + first * size)
+                _pread_into(file.fd, staged_bytes[filled * size : (filled + k) * size], base + first * size)
                 filled, first, n = filled + k, first + k, n - k
                 if filled == len(staged):
-                    flat[done:done + filled].copy_(staged)
+                    flat[done : done + filled].copy_(staged)
                     done, filled = done + filled, 0
-        flat[done:done + filled].copy_(staged[:filled])
+        flat[done : done + filled].copy_(staged[:filled])
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -177,13 +183,16 @@ def _runs(shape: tuple[int, ...], part: tuple[slice, ...]) -> Iterator[tuple[int
     if not shape:
         yield 0, 1
         return
-    cut = max((d for d, (s, n) in enumerate(zip(part, shape)) if (s.start, s.stop) != (0, n)), default=0)
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    cut = max((d for d, (s, n) in enumerate(zip(part, shape, strict=True)) if (s.start, s.stop) != (0, n)), default=0)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     count = (part[cut].stop - part[cut].start) * strides[cut]
     if count == 0:
         return
     for index in itertools.product(*(range(s.start, s.stop) for s in part[:cut])):
-        yield sum(i * stride for i, stride in zip(index, strides)) + part[cut].start * strides[cut], count
+        yield (
+            sum(i * stride for i, stride in zip(index, strides[:cut], strict=True)) + part[cut].start * strides[cut],
+            count,
+        )
 
 
 def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
@@ -247,13 +256,13 @@ class _Into:
     so an in-place read still passes through ``Checkpoint._get_tensor`` / ``_get_slice``.
     """
 
-    def __init__(self, reader: "_Reader", out: torch.Tensor):
+    def __init__(self, reader: Reader, out: torch.Tensor):
         self.reader, self.out = reader, out
 
     def get_tensor(self, key: str) -> torch.Tensor:
         return self._read(key, None)
 
-    def get_slice(self, key: str) -> "_Into._Part":
+    def get_slice(self, key: str) -> _Into._Part:
         return _Into._Part(self, key)
 
     def _read(self, key: str, part: tuple[slice, ...] | None) -> torch.Tensor:
@@ -261,15 +270,15 @@ class _Into:
         return self.out
 
     class _Part:
-        def __init__(self, into: "_Into", key: str):
+        def __init__(self, into: _Into, key: str):
             self.into, self.key = into, key
 
         def __getitem__(self, part: tuple[slice, ...]) -> torch.Tensor:
             return self.into._read(self.key, part)
 
 
-class _Reader:
-    """Reads tensors from a checkpoint, opening each shard at most once."""
+class Reader:
+    """Reads tensors from a checkpoint (see :meth:`Checkpoint.open`), opening each shard at most once."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device | str):
         self.checkpoint = checkpoint
@@ -286,9 +295,19 @@ class _Reader:
     ) -> torch.Tensor:
         """The tensor ``key``, or only its ``part`` (a tuple of slices: a TP / FSDP shard).
 
-        With ``into`` (a contiguous CPU tensor of the result's shape), read straight into it and
-        return it.
+        With ``into`` (a tensor of the result's shape), the result lands in it, cast to its dtype,
+        and ``into`` is returned.
+
+        NOTE: into a contiguous CPU tensor the bytes are read straight into its storage (through
+        one small buffer when the dtype changes), so no temporary of its size exists beside it and
+        a stage's load peaks at its own bytes. Any other target (a strided view, GPU memory) is
+        read into a temporary and copied.
         """
+        if into is not None and not (into.device.type == "cpu" and into.is_contiguous()):
+            value = self.read(key, part)
+            with torch.no_grad():
+                into.copy_(value)
+            return into
         handle = self._handle(key) if into is None else _Into(self, into)
         if part is None:
             return self.checkpoint._get_tensor(handle, key)
@@ -328,93 +347,3 @@ class _Reader:
         for file in self.files.values():
             file.close()
         self.files.clear()
-
-
-def _persistent_state(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:
-    """(fqn, owner, attribute, tensor) for every parameter and persistent buffer, ties included."""
-    for prefix, owner in module.named_modules(remove_duplicate=False):
-        for name, param in owner._parameters.items():
-            if param is not None:
-                yield (f"{prefix}.{name}" if prefix else name), owner, name, param
-        for name, buf in owner._buffers.items():
-            if buf is not None and name not in owner._non_persistent_buffers_set:
-                yield (f"{prefix}.{name}" if prefix else name), owner, name, buf
-
-
-#: the size of the buffer through which a read that changes dtype passes
-_BLOCK_BYTES = 16 * 2**20
-
-
-def _read_into(reader: "_Reader", key: str, local: torch.Tensor, part: tuple[slice, ...] | None) -> None:
-    """Copy checkpoint tensor ``key`` (or its ``part``) into ``local``, casting to its dtype.
-
-    NOTE: a tensor or shard bound for CPU memory is read straight into the parameter's storage
-    (through one small buffer when the dtype changes), so no temporary of its size exists beside
-    it and a stage's load peaks at its own bytes. A shard (TP / FSDP) reads only its own bytes:
-    the rank never holds the whole tensor.
-    """
-    if local.device.type == "cpu" and local.is_contiguous():
-        reader.read(key, part, into=local)
-        return
-    value = reader.read(key, part)
-    with torch.no_grad():
-        local.copy_(value)
-
-
-def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Adapter, config: Any) -> list[str]:
-    """Fill every parameter and persistent buffer of a materialised stage from the checkpoint.
-
-    Only the tensors of this stage are read. A tied copy (``lm_head.weight`` tied to the
-    embedding) is read from its own key when the checkpoint has one, else from its source's key.
-
-    Returns:
-        The checkpoint keys read.
-
-    Raises:
-        CheckpointError: a tensor is missing or has the wrong shape; the message names key and file.
-    """
-    key_map = adapter.key_map(config)
-    tied = adapter.tied_weights(config)
-    device = next((t.device for _, _, _, t in _persistent_state(module)), torch.device("cpu"))
-    reader = checkpoint.open(device)
-    done: set[int] = set()
-    read: list[str] = []
-    try:
-        for fqn, _owner, _name, target in _persistent_state(module):
-            if id(target) in done:
-                continue  # one tensor under two names (tied on this stage): filled once
-            sources = key_map.sources(fqn, checkpoint.has)
-            if not all(checkpoint.has(k) for k in sources) and fqn in tied and checkpoint.has(tied[fqn]):
-                sources = key_map.sources(tied[fqn], checkpoint.has)
-            missing = [k for k in sources if not checkpoint.has(k)]
-            if missing:
-                raise CheckpointError(
-                    f"tensor {missing[0]!r} (needed for {fqn!r}) is not in {checkpoint.listing!r} in "
-                    f"{str(checkpoint.directory)!r}; is it a checkpoint of this architecture?"
-                )
-            part = local_slice(target)  # this rank's shard of a TP / FSDP parameter, or None
-            for key in sources:
-                expected = None if len(sources) > 1 else tuple(target.shape)
-                if expected is not None and reader.shape(key) != expected:
-                    raise CheckpointError(
-                        f"tensor {key!r} in {checkpoint.file_of(key).name!r} has shape {reader.shape(key)}, "
-                        f"but {fqn!r} expects {expected}; the config does not match the checkpoint"
-                    )
-            local = target.to_local() if part is not None else target
-            if len(sources) == 1:
-                _read_into(reader, sources[0], local, part)
-            else:
-                value = key_map.combine(fqn, [reader.read(key) for key in sources])
-                if part is not None:
-                    value = value[part]
-                if tuple(value.shape) != tuple(local.shape):
-                    raise CheckpointError(
-                        f"{fqn!r} built from {sources} has shape {tuple(value.shape)}, expected {tuple(local.shape)}"
-                    )
-                with torch.no_grad():
-                    local.copy_(value)  # casts to the stage's dtype
-            read.extend(sources)
-            done.add(id(target))
-    finally:
-        reader.close()
-    return read

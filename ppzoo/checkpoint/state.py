@@ -12,15 +12,16 @@ optimizer alike: under V placement it *is* the embedding parameter, and elsewher
 gradient all-reduce keeps identical to it, with identical optimizer state. On load, a copy is
 filled from the embedding's entries, so the state lines up under any split.
 
-The directory is written like :func:`ppzoo.save.save_pretrained` writes: into a sibling temporary
-directory, renamed into place once every rank has finished, so an earlier state there survives a
-save that fails midway.
+The directory is written atomically (:func:`ppzoo.checkpoint.write_atomically`): into a sibling
+temporary directory, renamed into place once every rank has finished, so an earlier state there
+survives a save that fails midway.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +30,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ppzoo.save import _agree, write_atomically
-from ppzoo.weights import CheckpointError
+from ppzoo.checkpoint.atomic import agree, write_atomically
+from ppzoo.checkpoint.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from ppzoo.runtime import Pipeline
+    from ppzoo.adapter import Adapter
 
 __all__ = ["load_state", "rank_module", "save_state", "saved_step"]
 
@@ -41,7 +42,7 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _OPTIMIZER_PREFIXES = ("state.", "param_groups.")
 
 
-def rank_module(stages: list[nn.Module]) -> nn.Module:
+def rank_module(stages: Sequence[nn.Module]) -> nn.Module:
     """One module tree holding ``stages`` under their original FQNs.
 
     A module that only one stage holds is shared as is; a path several stages hold (``model``,
@@ -67,20 +68,16 @@ def rank_module(stages: list[nn.Module]) -> nn.Module:
     return build("")
 
 
-def _tied(pipe: "Pipeline") -> dict[str, str]:
-    return pipe.adapter.tied_weights(pipe.config)
-
-
-def _renames(pipe: "Pipeline", keys: set[str]) -> dict[str, str]:
+def _renames(tied: Mapping[str, str], keys: set[str]) -> dict[str, str]:
     """Tied copies' keys among ``keys`` → the source's key they are stored under."""
     out: dict[str, str] = {}
-    for copy, source in _tied(pipe).items():
+    for copy, source in tied.items():
         if copy in keys:
             out[copy] = source
         for prefix in _OPTIMIZER_PREFIXES:
             for key in keys:
                 if key.startswith(f"{prefix}{copy}."):
-                    out[key] = f"{prefix}{source}.{key[len(prefix) + len(copy) + 1:]}"
+                    out[key] = f"{prefix}{source}.{key[len(prefix) + len(copy) + 1 :]}"
     return out
 
 
@@ -108,7 +105,7 @@ def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
         return get_state_dict(module, optimizer, options=_OPTIONS)
     finally:
         if grads is not None:
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
 
 
@@ -118,16 +115,26 @@ def _check_step(step: Any) -> int:
     return step
 
 
-def save_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.optim.Optimizer, *, step: int) -> Path:
+def save_state(
+    stages: Sequence[nn.Module],
+    directory: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    adapter: Adapter,
+    config: Any,
+) -> Path:
     """Save model, optimizer and step so that :func:`load_state` resumes the run exactly.
 
-    Collective: call it on every rank.
+    Collective: call it on every rank, each with its own stages.
 
     Args:
-        pipe: the pipeline being trained.
+        stages: this rank's stage modules (under their original FQNs).
         directory: where the state goes; an earlier state there is replaced.
-        optimizer: the optimizer over ``pipe.parameters()``.
+        optimizer: the optimizer over the stages' parameters.
         step: optimizer steps taken so far, returned by :func:`load_state`.
+        adapter: supplies ``tied_weights(config)``: tied copies, saved once under their source.
+        config: the model config the stages were built from.
 
     Returns:
         ``directory`` as an absolute path.
@@ -137,16 +144,17 @@ def save_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.
         CheckpointError: ``directory`` cannot take the state, or a rank failed while writing.
     """
     step = _check_step(step)
+    tied = adapter.tied_weights(config)
     # NOTE: get_state_dict gives a fresh optimizer state by stepping it with zero grads and lr 0;
     # that state must not leak into the run (Adam's bias correction counts steps), so it is dropped
     # again here and the checkpoint records that the optimizer had not stepped.
     stepped = bool(optimizer.state)
-    model_state, optimizer_state = _state_dicts(rank_module(pipe.stages), optimizer)
+    model_state, optimizer_state = _state_dicts(rank_module(stages), optimizer)
     if not stepped:
         optimizer.state.clear()
     state = {
-        "model": _stored(model_state, _renames(pipe, set(model_state))),
-        "optimizer": _stored(optimizer_state, _renames(pipe, set(optimizer_state))),
+        "model": _stored(model_state, _renames(tied, set(model_state))),
+        "optimizer": _stored(optimizer_state, _renames(tied, set(optimizer_state))),
         "ppzoo": {"step": step, "optimizer_stepped": stepped},
     }
 
@@ -191,16 +199,25 @@ def saved_step(directory: str | os.PathLike) -> int:
     return int(state["ppzoo"]["step"])
 
 
-def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
+def load_state(
+    stages: Sequence[nn.Module],
+    directory: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    *,
+    adapter: Adapter,
+    config: Any,
+) -> int:
     """Restore model, optimizer and step saved by :func:`save_state`, under any split.
 
-    Collective: call it on every rank. The optimizer's hyperparameters (``lr``, ``betas``, ...)
-    are restored too.
+    Collective: call it on every rank, each with its own stages. The optimizer's hyperparameters
+    (``lr``, ``betas``, ...) are restored too.
 
     Args:
-        pipe: the pipeline to restore (built from the same model, any schedule and split).
+        stages: this rank's stage modules, built from the same model (any schedule and split).
         directory: a directory written by :func:`save_state`.
-        optimizer: the optimizer over ``pipe.parameters()``, of the kind that was saved.
+        optimizer: the optimizer over the stages' parameters, of the kind that was saved.
+        adapter: supplies ``tied_weights(config)``: tied copies are filled from their source's entries.
+        config: the model config the stages were built from.
 
     Returns:
         The step given to :func:`save_state`.
@@ -209,9 +226,10 @@ def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.
         CheckpointError: ``directory`` holds no training state, or not one of this model and optimizer.
     """
     directory = _state_directory(directory)
-    module = rank_module(pipe.stages)
+    module = rank_module(stages)
     model_state, optimizer_state = _state_dicts(module, optimizer)
-    renames = {**_renames(pipe, set(model_state)), **_renames(pipe, set(optimizer_state))}
+    tied = adapter.tied_weights(config)
+    renames = {**_renames(tied, set(model_state)), **_renames(tied, set(optimizer_state))}
     state = {
         "model": _stored(model_state, renames),
         "optimizer": _stored(optimizer_state, renames),
@@ -222,7 +240,7 @@ def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.
         _check_keys(directory, state)
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it before the collective load
         problem = exc
-    _agree(problem, None, "load_state")
+    agree(problem, what="load_state")
     # NOTE: tensors are loaded in place; other values (step, hyperparameters) replace the entries.
     dcp.load(state, checkpoint_id=directory)
     for loaded, original in ((state["model"], model_state), (state["optimizer"], optimizer_state)):
@@ -232,4 +250,3 @@ def load_state(pipe: "Pipeline", directory: str | os.PathLike, optimizer: torch.
     if not state["ppzoo"]["optimizer_stepped"]:
         optimizer.state.clear()
     return int(state["ppzoo"]["step"])
-
