@@ -20,7 +20,7 @@ from ppzoo.aux_loss import AuxLoss
 from ppzoo.checkpoint import Checkpoint, resolve
 from ppzoo.config import load_config
 from ppzoo.dtypes import parse_dtype
-from ppzoo.loss import causal_lm_loss, count_label_tokens
+from ppzoo.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
 from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
 from ppzoo.planner import Plan
@@ -29,7 +29,7 @@ from ppzoo.schedule import build_schedule, check_batch, csv_stage_count, schedul
 from ppzoo.stage import build_stage
 from ppzoo.tied import TiedWeights
 
-__all__ = ["Pipeline", "PipelineStage", "pipeline"]
+__all__ = ["Pipeline", "PipelineStage", "check_tokens", "pipeline"]
 
 log = logging.getLogger("ppzoo")
 
@@ -37,6 +37,40 @@ log = logging.getLogger("ppzoo")
 _CONFIG_LOADING_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir")
 #: how many batch shapes keep their stages and schedules (each shape needs its own, see below)
 _SHAPE_CACHE = 4
+
+
+def check_tokens(tokens: torch.Tensor, name: str, *, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Refuse ``tokens`` that are not integer ids in ``[0, vocab_size)`` (or ``ignore_index``).
+
+    Args:
+        tokens: a ``(batch, sequence)`` tensor of token ids (``input_ids`` or ``labels``).
+        name: what ``tokens`` is, for the message.
+        vocab_size: the model's vocabulary size.
+        ignore_index: a value allowed besides the ids (``-100`` for labels).
+
+    Raises:
+        ValueError: ``tokens`` is not an integer tensor, or holds an id out of range; the message
+            names the first such value, its position (row, column) and the vocabulary size.
+    """
+    dtype = tokens.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be an integer tensor of token ids, got dtype {dtype}; "
+            f"tokenize to ids (torch.long) in [0, {vocab_size})"
+        )
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
+    if not bool(bad.any()):
+        return
+    where = tuple(int(i) for i in bad.nonzero()[0])
+    count = int(bad.sum())
+    allowed = f"ids 0..{vocab_size - 1}" + (f" or {ignore_index} (ignored)" if ignore_index is not None else "")
+    others = f" ({count - 1} more out of range)" if count > 1 else ""
+    raise ValueError(
+        f"{name}[{', '.join(map(str, where))}] is {int(tokens[where])}, outside the vocabulary of {vocab_size} "
+        f"tokens{others}; {name} must hold {allowed}: check that the tokenizer is the model's"
+    )
 
 
 class PipelineStage(pipelining.PipelineStage):
@@ -197,11 +231,19 @@ class Pipeline:
         # average the gradient of (this rank's token loss sum) / (global token count).
         return causal_lm_loss(logits, labels, self._num_tokens) * self._dp_size
 
+    @property
+    def _vocab_size(self) -> int:
+        return int(self.adapter.text_config(self.config).vocab_size)
+
     def _inputs(self, input_ids, attention_mask, position_ids) -> tuple[tuple, dict]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
         check_batch(batch_size=batch, microbatches=self.microbatches)
+        # NOTE: every rank of a pipeline gets the same batch, so every rank refuses it here, before
+        # any communication; an id out of range would otherwise fail on the first rank only (or
+        # read past the embedding on a GPU) while its peers wait in the schedule.
+        check_tokens(input_ids, "input_ids", vocab_size=self._vocab_size)
         kwargs = {}
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, seq):
@@ -233,6 +275,7 @@ class Pipeline:
         args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
         if tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        check_tokens(labels, "labels", vocab_size=self._vocab_size, ignore_index=IGNORE_INDEX)
         self._num_tokens = self._dp_sum(torch.tensor(count_label_tokens(labels), device=self.device)).item()
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
@@ -396,7 +439,8 @@ def pipeline(
     if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
         stages_per_rank = csv_stage_count(name) // pp
     loading = {k: from_pretrained_kwargs.pop(k) for k in _CONFIG_LOADING_KWARGS if k in from_pretrained_kwargs}
-    local = resolve(model, **{k: v for k, v in loading.items() if k != "trust_remote_code"})
+    hub_kwargs = {k: v for k, v in loading.items() if k != "trust_remote_code"}
+    local = resolve(model, **hub_kwargs)
     config = load_config(local, trust_remote_code=loading.get("trust_remote_code", False))
     for key, value in from_pretrained_kwargs.items():
         if not hasattr(config, key):
@@ -427,7 +471,8 @@ def pipeline(
     init_distributed(device)
     mesh = build_mesh(degrees, device)
     pp_rank = mesh["pp"].get_local_rank()
-    checkpoint = Checkpoint(local, repo_id=None if Path(os.fspath(model)).is_dir() else str(model))
+    on_hub = not Path(os.fspath(model)).expanduser().is_dir()
+    checkpoint = Checkpoint(local, repo_id=str(model) if on_hub else None, hub_kwargs=hub_kwargs if on_hub else None)
     stage_mesh = mesh["dp_replicate", "dp_shard", "cp", "tp"]
     parallelize: Callable[[nn.Module], None] | None = None
     if parallelize_fn is not None:

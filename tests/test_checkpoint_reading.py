@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 import ppzoo.checkpoint.reading
+import ppzoo.config
 from ppzoo.architectures.llama import TINY
 from ppzoo.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, CheckpointError
 
@@ -38,6 +39,150 @@ def test_index_without_a_weight_map(tmp_path):
         CheckpointError, match=re.escape("has no 'weight_map' object") + ".*" + re.escape("(found list)")
     ):
         Checkpoint(tmp_path)
+
+
+def _index(directory, weight_map):
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside/x.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""],
+    ids=["parent", "absolute", "subdirectory", "dotdot", "empty"],
+)
+def test_a_shard_name_outside_the_directory_is_refused(tmp_path, name):
+    directory = tmp_path / "model"
+    directory.mkdir()
+    _index(directory, {"a": "model-1.safetensors", "b": name})
+    message = (
+        f"shard {name!r} listed in {str(directory / INDEX_FILE)!r} is not a plain file name inside the directory; "
+        "an index lists shard files by their bare names; repair the index or the checkpoint directory"
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        Checkpoint(directory)
+
+
+def test_a_shard_linked_outside_the_directory_is_refused_before_any_read(tmp_path, monkeypatch):
+    outside = tmp_path / "outside.safetensors"
+    save_file({"a": torch.ones(2)}, outside)
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "model-1.safetensors").symlink_to(outside)
+    _index(directory, {"a": "model-1.safetensors"})
+    opened = []
+    monkeypatch.setattr(ppzoo.checkpoint.reading.os, "open", lambda *a, **k: opened.append(a) or 0)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"shard 'model-1.safetensors' listed in {str(directory / INDEX_FILE)!r} is a link to ")
+        + re.escape(f"{str(outside.resolve())!r}, outside the directory"),
+    ):
+        Checkpoint(directory)
+    assert opened == []
+
+
+def test_a_link_inside_the_directory_or_into_a_hub_cache_is_followed(tmp_path):
+    blobs = tmp_path / "models--org--m" / "blobs"
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    save_file({"a": torch.arange(3.0)}, blobs / "0123")
+    save_file({"b": torch.ones(2)}, snapshot / "real.safetensors")
+    (snapshot / "model-1.safetensors").symlink_to("../../blobs/0123")
+    (snapshot / "model-2.safetensors").symlink_to("real.safetensors")
+    _index(snapshot, {"a": "model-1.safetensors", "b": "model-2.safetensors"})
+    reader = Checkpoint(snapshot).open()
+    try:
+        assert torch.equal(reader.read("a", into=torch.empty(3)), torch.arange(3.0))
+        assert torch.equal(reader.read("b", into=torch.empty(2)), torch.ones(2))
+    finally:
+        reader.close()
+
+
+def test_an_index_that_is_not_json(tmp_path):
+    (tmp_path / INDEX_FILE).write_text('{"weight_map": ')
+    with pytest.raises(
+        CheckpointError,
+        match="^"
+        + re.escape(f"{str(tmp_path / INDEX_FILE)!r} is not valid JSON (")
+        + ".*"
+        + re.escape("); the index is damaged: download or save it again")
+        + "$",
+    ):
+        Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ((10**12).to_bytes(8, "little") + b"{}", "its header says 1000000000000 bytes, but only 2 follow"),
+        (b"\x01\x00", "it has 2 bytes, fewer than the 8 of a header length"),
+        ((5).to_bytes(8, "little") + b"{nope", "its header is not JSON ("),
+        ((2).to_bytes(8, "little") + b"[]", "its header is a JSON list, not an object"),
+    ],
+    ids=["length-past-the-end", "too-short", "not-json", "not-an-object"],
+)
+def test_a_damaged_shard_header_names_the_file(tmp_path, content, problem, monkeypatch):
+    (tmp_path / "model-1.safetensors").write_bytes(content)
+    _index(tmp_path, {"a": "model-1.safetensors"})
+    reads = []
+    pread = ppzoo.checkpoint.reading.os.pread
+    monkeypatch.setattr(ppzoo.checkpoint.reading.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    reader = Checkpoint(tmp_path).open()
+    try:
+        with pytest.raises(
+            CheckpointError,
+            match="^"
+            + re.escape(f"'model-1.safetensors' in {str(tmp_path)!r} is not a safetensors file: {problem}")
+            + ".*"
+            + re.escape("the file is damaged or truncated: download or save it again")
+            + "$",
+        ):
+            reader.read("a", into=torch.empty(1))
+    finally:
+        reader.close()
+    assert all(n <= len(content) for n in reads)
+
+
+def test_a_damaged_single_file_names_the_file(tmp_path):
+    (tmp_path / SINGLE_FILE).write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    message = f"{SINGLE_FILE!r} in {str(tmp_path)!r} is not a safetensors file: "
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + ".*download or save it again$"):
+        Checkpoint(tmp_path)
+
+
+def test_shards_are_downloaded_with_the_metadata_hub_arguments(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    shard = tmp_path / "cache" / "model-1.safetensors"
+    shard.parent.mkdir()
+    save_file({"a": torch.ones(2)}, shard)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    _index(snapshot, {"a": "model-1.safetensors"})
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return str(shard)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    hub = {"revision": "v1.2", "token": "secret", "cache_dir": str(tmp_path / "cache")}
+    checkpoint = Checkpoint(snapshot, repo_id="org/model", hub_kwargs=hub)
+    assert checkpoint.file_of("a") == shard
+    assert calls == [("org/model", "model-1.safetensors", hub)]
+
+
+@pytest.mark.parametrize("path", ["./nope", "/abs/nope", "nope/", "~/nope-ppzoo", "a/b/c"])
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(path, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("looked up on the hub"))
+    message = f"no directory {path!r}; pass a Hugging Face model directory or hub id"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(message) + "$"):
+        ppzoo.checkpoint.reading.resolve(path)
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(message) + "$"):
+        ppzoo.config.load_config(path)
 
 
 # -- reads straight into storage -------------------------------------------------------------------

@@ -6,7 +6,12 @@ so one failure does not leave the peer rank blocked.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import pickle
+import re
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ from torch import nn
 import ppzoo
 from ppzoo import registry
 from ppzoo.checkpoint import CheckpointError, load_state, rank_module, save_state, saved_step
+from ppzoo.checkpoint.state import STATE_FILE, _MetadataReader
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, save_tiny_model
 
@@ -233,7 +239,8 @@ def test_state_is_keyed_by_fqn_with_a_tied_head_once(group):
     keys = set(dcp.FileSystemReader(work / "saved").read_metadata().state_dict_metadata)
     assert f"model.{EMBED}" in keys and f"optimizer.state.{EMBED}.exp_avg" in keys
     assert not [k for k in keys if HEAD in k]
-    assert {"ppzoo.step", "ppzoo.optimizer_stepped"} <= keys
+    record = json.loads((work / "saved" / STATE_FILE).read_text())
+    assert record == {"format": 1, "step": SAVED_AT, "optimizer_stepped": True}
     assert saved_step(work / "saved") == SAVED_AT  # read without a process group
     layer_keys = {k for k in keys if k.startswith("model.model.layers.")}
     assert len({k.split(".")[3] for k in layer_keys}) == 8  # every layer, from both ranks
@@ -262,6 +269,73 @@ def test_load_refuses_a_directory_without_state(tmp_path):
     message = r"holds no training state \(no .metadata\); pass a directory written by save_state"
     with pytest.raises(CheckpointError, match=message):
         load_state([], tmp_path, None, adapter=None, config=None)
+
+
+def _record(directory, **record):
+    (directory / STATE_FILE).write_text(json.dumps({"format": 1, "step": 7, "optimizer_stepped": True, **record}))
+
+
+class _Payload:
+    """Unpickled, it would create the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_load_refuses_a_directory_that_ppzoo_did_not_write(tmp_path):
+    (tmp_path / ".metadata").write_bytes(b"")
+    message = f"{str(tmp_path)!r} has no {STATE_FILE}, so it was not written by ppzoo's save_state"
+    for call in (lambda: load_state([], tmp_path, None, adapter=None, config=None), lambda: saved_step(tmp_path)):
+        with pytest.raises(CheckpointError, match="^" + re.escape(message)):
+            call()
+
+
+@pytest.mark.parametrize("record", [{"step": -1}, {"step": "7"}, {"format": 2}, {"optimizer_stepped": 1}], ids=str)
+def test_a_damaged_state_record_is_refused(tmp_path, record):
+    (tmp_path / ".metadata").write_bytes(b"")
+    _record(tmp_path, **record)
+    with pytest.raises(CheckpointError, match=re.escape(f"{str(tmp_path / STATE_FILE)!r} holds ")):
+        saved_step(tmp_path)
+
+
+def test_no_code_runs_from_a_crafted_metadata_file(tmp_path):
+    marker = tmp_path / "marker"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _record(state)
+    assert saved_step(state) == 7  # the step comes from the JSON record, never from the pickle
+    message = (
+        f"{str(state / '.metadata')!r} names pathlib.Path.touch, which is not part of torch's checkpoint metadata; "
+        "refused, since unpickling it could run code: load only training states written by save_state"
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        _MetadataReader(state).read_metadata()
+    # NOTE: torch's loader wraps the reader's error in its own CheckpointException
+    with pytest.raises(torch.distributed.checkpoint.api.CheckpointException):
+        dcp.load({"model": {"w": torch.zeros(2)}}, storage_reader=_MetadataReader(state), no_dist=True)
+    assert not marker.exists()
+
+
+def test_metadata_torch_writes_passes_the_allow_list(tmp_path):
+    state = {
+        "model": {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)},
+        "optimizer": {"lr": 0.1, "betas": (0.9, 0.99), "amsgrad": False, "name": "adamw", "none": None},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
+        assert _MetadataReader(tmp_path).read_metadata().state_dict_metadata == (
+            dcp.FileSystemReader(tmp_path).read_metadata().state_dict_metadata
+        )
+        loaded = {"model": {"w": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}, "optimizer": {}}
+        loaded["optimizer"] = dict.fromkeys(state["optimizer"])
+        dcp.load(loaded, storage_reader=_MetadataReader(tmp_path), no_dist=True)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["optimizer"] == state["optimizer"]
 
 
 @pytest.mark.parametrize("step", [-1, 1.0, True, None])

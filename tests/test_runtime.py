@@ -11,6 +11,7 @@ so one failure does not leave the peer rank blocked.
 
 from __future__ import annotations
 
+import re
 import traceback
 
 import pytest
@@ -114,6 +115,27 @@ def _batch_error_case(directory):
     return {"message": message, "loss": loss.item()}
 
 
+def _token_error_case(directory):
+    """Out-of-vocabulary ids and labels are refused on every rank alike; the group stays usable."""
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="1F1B", microbatches=2, device="cpu")
+    ids, mask, labels = batch(96, batch_size=2)
+    bad_ids, bad_labels = ids.clone(), labels.clone()
+    bad_ids[1, 3] = 96
+    bad_labels[0, 2] = -5
+    messages = {}
+    for name, kwargs in {
+        "ids": dict(input_ids=bad_ids, labels=labels),
+        "labels": dict(input_ids=ids, labels=bad_labels),
+        "float": dict(input_ids=ids.float(), labels=labels),
+    }.items():
+        try:
+            pipe.step(kwargs.pop("input_ids"), attention_mask=mask, **kwargs)
+        except ValueError as exc:
+            messages[name] = str(exc)
+    loss = pipe.step(ids, labels=labels, attention_mask=mask)
+    return {"messages": messages, "loss": loss.item()}
+
+
 def _warm_up_case(directory):
     """Under V placement no connection warm-up message goes from a rank to itself (gloo cannot);
     the same pipeline's ``info``."""
@@ -137,7 +159,7 @@ def _rank_main(rank, world_size, directory, csv_path):
     cases = [(s, _schedule_case, (directory, s)) for s in SCHEDULES + [csv_path]]
     cases += [(f"{s}-ends", _schedule_case, (directory, s, split)) for s, split in ENDS.items()]
     cases += [("seq-len", _sequence_length_case, (directory,)), ("batch-error", _batch_error_case, (directory,))]
-    cases += [("warm-up", _warm_up_case, (directory,))]
+    cases += [("warm-up", _warm_up_case, (directory,)), ("token-error", _token_error_case, (directory,))]
     for name, fn, args in cases:
         try:
             results[name] = fn(*args)
@@ -208,6 +230,48 @@ def test_indivisible_batch_is_refused_before_communication(group_results):
             "batch of 6 rows cannot be split into 4 equal microbatches; use a batch size divisible by 4"
         )
         assert got["loss"] > 0
+
+
+@pytest.mark.distributed
+def test_tokens_out_of_the_vocabulary_are_refused_on_every_rank(group_results):
+    results = group_results[0]
+    for per_rank in results:
+        got = per_rank["token-error"]
+        assert got["messages"] == {
+            "ids": "input_ids[1, 3] is 96, outside the vocabulary of 96 tokens; input_ids must hold ids 0..95: "
+            "check that the tokenizer is the model's",
+            "labels": "labels[0, 2] is -5, outside the vocabulary of 96 tokens; labels must hold ids 0..95 or -100 "
+            "(ignored): check that the tokenizer is the model's",
+            "float": "input_ids must be an integer tensor of token ids, got dtype torch.float32; tokenize to ids "
+            "(torch.long) in [0, 96)",
+        }, got
+        assert got["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "tokens, kwargs, message",
+    [
+        (
+            torch.tensor([[0, 5], [9, 10]]),
+            {},
+            "t[1, 1] is 10, outside the vocabulary of 10 tokens; t must hold ids 0..9",
+        ),
+        (
+            torch.tensor([[-1, 5], [9, 12]]),
+            {},
+            "t[0, 0] is -1, outside the vocabulary of 10 tokens (1 more out of range)",
+        ),
+        (torch.tensor([[-100, -101]]), {"ignore_index": -100}, "t[0, 1] is -101, outside the vocabulary of 10 tokens"),
+        (torch.tensor([[True]]), {}, "t must be an integer tensor of token ids, got dtype torch.bool"),
+    ],
+    ids=["too-large", "negative", "not-the-ignore-index", "bool"],
+)
+def test_check_tokens_names_the_value_the_position_and_the_vocabulary(tokens, kwargs, message):
+    from ppzoo.runtime import check_tokens
+
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        check_tokens(tokens, "t", vocab_size=10, **kwargs)
+    check_tokens(torch.tensor([[0, 9, -100]]), "t", vocab_size=10, ignore_index=-100)
 
 
 @pytest.mark.distributed

@@ -11,14 +11,15 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ppzoo.checkpoint.errors import CheckpointError
+from ppzoo.config import check_local_path
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "Reader", "resolve"]
 
@@ -33,12 +34,18 @@ def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
 
     For a hub id only ``config.json``, the index and small side files are fetched here; shard files
     are fetched on demand by :class:`Checkpoint`, so a rank downloads only the shards it reads.
+
+    Raises:
+        FileNotFoundError: ``model_id`` is a path (absolute, ``./``, ``~``, a trailing ``/``) that
+            does not exist; it is not looked up on the hub.
+        CheckpointError: ``model_id`` is a file, not a directory.
     """
     path = Path(os.fspath(model_id)).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{str(path)!r} is a file; pass the checkpoint directory that holds it")
+    check_local_path(os.fspath(model_id))
     from huggingface_hub import snapshot_download
 
     return Path(
@@ -49,16 +56,40 @@ def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
 class Checkpoint:
     """The safetensors files of one model directory (``model.safetensors`` or an index + shards)."""
 
-    def __init__(self, directory: str | os.PathLike, *, repo_id: str | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        repo_id: str | None = None,
+        hub_kwargs: Mapping[str, Any] | None = None,
+    ):
+        """Read the index (or the single file's header) of ``directory``; no tensor is read.
+
+        Args:
+            directory: the local model directory (for a hub id: its snapshot from :func:`resolve`).
+            repo_id: the hub id shards missing from ``directory`` are downloaded from, if any.
+            hub_kwargs: ``revision``, ``token``, ``cache_dir`` for those downloads, as given to
+                :func:`resolve`, so shards come from the same revision as the metadata.
+
+        Raises:
+            CheckpointError: no safetensors checkpoint in ``directory``, a damaged index, or a
+                shard name that is not a plain file name inside ``directory``.
+        """
         self.directory = Path(directory)
         self.repo_id = repo_id
+        self.hub_kwargs: dict[str, Any] = dict(hub_kwargs or {})
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
         if index.is_file():
             #: the file that lists the checkpoint's tensors, named in errors
             self.listing = INDEX_FILE
-            with open(index) as f:
-                listing = json.load(f)
+            try:
+                with open(index, encoding="utf-8") as f:
+                    listing = json.load(f)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(
+                    f"{str(index)!r} is not valid JSON ({exc}); the index is damaged: download or save it again"
+                ) from None
             if not isinstance(listing, dict) or not isinstance(listing.get("weight_map"), dict):
                 seen = f"keys {sorted(listing)}" if isinstance(listing, dict) else type(listing).__name__
                 raise CheckpointError(
@@ -66,9 +97,15 @@ class Checkpoint:
                     f"(found {seen}); the index is damaged or not a safetensors index"
                 )
             self.weight_map: dict[str, str] = dict(listing["weight_map"])
+            checked: set[str] = set()
+            for name in self.weight_map.values():
+                if not isinstance(name, str) or name not in checked:
+                    self._check_shard_name(name)
+                    checked.add(name)
         elif single.is_file():
             self.listing = SINGLE_FILE
-            with safe_open(single, framework="pt") as f:
+            self._check_shard_name(SINGLE_FILE)
+            with _safe_open(single, framework="pt") as f:
                 self.weight_map = {key: SINGLE_FILE for key in f.keys()}
         else:
             raise CheckpointError(
@@ -76,6 +113,27 @@ class Checkpoint:
                 "ppzoo loads safetensors checkpoints (save with save_pretrained(safe_serialization=True))"
             )
         self.files_opened: list[str] = []
+
+    def _check_shard_name(self, name: Any) -> None:
+        """Refuse a shard ``name`` that is not a plain file name inside the directory, links resolved.
+
+        NOTE: an index is data from wherever the checkpoint came from; without this, a weight_map
+        entry ``../x``, ``/etc/x`` or a symlink out of the directory would make ppzoo read any file.
+        A hub snapshot's files are links into the cache's ``blobs`` beside ``snapshots``, allowed.
+        """
+        where = f"shard {name!r} listed in {str(self.directory / self.listing)!r}"
+        fix = "an index lists shard files by their bare names; repair the index or the checkpoint directory"
+        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{where} is not a plain file name inside the directory; {fix}")
+        path = self.directory / name
+        if not path.is_symlink():
+            return
+        target = path.resolve()
+        inside = [self.directory.resolve()]
+        if self.directory.parent.name == "snapshots":
+            inside.append((self.directory.parent.parent / "blobs").resolve())
+        if target.parent not in inside:
+            raise CheckpointError(f"{where} is a link to {str(target)!r}, outside the directory; {fix}")
 
     def has(self, key: str) -> bool:
         return key in self.weight_map
@@ -90,7 +148,7 @@ class Checkpoint:
             if self.repo_id is not None:
                 from huggingface_hub import hf_hub_download
 
-                return Path(hf_hub_download(self.repo_id, name))
+                return Path(hf_hub_download(self.repo_id, name, **self.hub_kwargs))
             raise CheckpointError(
                 f"shard {name!r} (holding {key!r}) is listed in {INDEX_FILE} but missing from {str(self.directory)!r}"
             )
@@ -213,10 +271,21 @@ def _open(path: Path, device: str) -> Any:
     """
     if torch.device(device).type == "cpu":
         try:
-            return safe_open(path, framework="pt", device=device, backend="pread")
+            return _safe_open(path, framework="pt", device=device, backend="pread")
         except TypeError:  # safetensors without a choice of backend
             pass
-    return safe_open(path, framework="pt", device=device)
+    return _safe_open(path, framework="pt", device=device)
+
+
+def _safe_open(path: Path, **kwargs: Any) -> Any:
+    """``safe_open``, with a damaged file's error naming the file."""
+    try:
+        return safe_open(path, **kwargs)
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path.name!r} in {str(path.parent)!r} is not a safetensors file: {exc}; "
+            "the file is damaged or truncated: download or save it again"
+        ) from None
 
 
 class _ShardFile:
@@ -226,14 +295,24 @@ class _ShardFile:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         try:
+            where = f"{path.name!r} in {str(path.parent)!r} is not a safetensors file"
+            fix = "the file is damaged or truncated: download or save it again"
+            size = os.fstat(self.fd).st_size
+            if size < 8:
+                raise CheckpointError(f"{where}: it has {size} bytes, fewer than the 8 of a header length; {fix}")
             length = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+            # NOTE: checked against the size before reading, so a damaged length never becomes a
+            # read (and an allocation) of up to 2**64 bytes.
+            if length > size - 8:
+                raise CheckpointError(f"{where}: its header says {length} bytes, but only {size - 8} follow; {fix}")
             raw = os.pread(self.fd, length, 8)
-            if len(raw) != length:
-                raise CheckpointError(
-                    f"{path.name!r} in {str(path.parent)!r} is not a safetensors file: its header says "
-                    f"{length} bytes, {len(raw)} follow"
-                )
-            self.header: dict[str, Any] = json.loads(raw)
+            try:
+                header = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{where}: its header is not JSON ({exc}); {fix}") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{where}: its header is a JSON {type(header).__name__}, not an object; {fix}")
+            self.header: dict[str, Any] = header
         except BaseException:
             os.close(self.fd)
             raise

@@ -12,6 +12,14 @@ optimizer alike: under V placement it *is* the embedding parameter, and elsewher
 gradient all-reduce keeps identical to it, with identical optimizer state. On load, a copy is
 filled from the embedding's entries, so the state lines up under any split.
 
+**What a state directory is trusted for.** Loading one runs no code from it. ``save_state`` writes
+``ppzoo_state.json`` (step, whether the optimizer had stepped, format version) beside torch's files;
+:func:`saved_step` reads only that JSON, and :func:`load_state` refuses a directory without it. The
+one pickle torch's format holds, ``.metadata``, is unpickled with an allow-list of torch's
+checkpoint metadata classes and builtin containers (:class:`_MetadataReader`); tensors and other
+values are read by torch with ``weights_only=True``. The values in it are still trusted: a state
+directory sets the model's weights and the optimizer's hyperparameters.
+
 The directory is written atomically (:func:`ppzoo.checkpoint.write_atomically`): into a sibling
 temporary directory, renamed into place once every rank has finished, so an earlier state there
 survives a save that fails midway.
@@ -19,8 +27,10 @@ survives a save that fails midway.
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import warnings
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ppzoo.checkpoint.atomic import agree, write_atomically
@@ -36,7 +48,11 @@ from ppzoo.checkpoint.errors import CheckpointError
 if TYPE_CHECKING:
     from ppzoo.adapter import Adapter
 
-__all__ = ["load_state", "rank_module", "save_state", "saved_step"]
+__all__ = ["STATE_FILE", "load_state", "rank_module", "save_state", "saved_step"]
+
+#: the JSON record of a state ppzoo wrote: step, optimizer_stepped, format
+STATE_FILE = "ppzoo_state.json"
+_FORMAT = 1
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _OPTIMIZER_PREFIXES = ("state.", "param_groups.")
@@ -155,17 +171,95 @@ def save_state(
     state = {
         "model": _stored(model_state, _renames(tied, set(model_state))),
         "optimizer": _stored(optimizer_state, _renames(tied, set(optimizer_state))),
-        "ppzoo": {"step": step, "optimizer_stepped": stepped},
     }
 
     def write(tmp: Path) -> None:
         dcp.save(state, checkpoint_id=tmp)
 
-    return write_atomically(directory, write, what="save_state")
+    def finish(tmp: Path, results: list[Any]) -> None:
+        record = {"format": _FORMAT, "step": step, "optimizer_stepped": stepped}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    return write_atomically(directory, write, finish=finish, what="save_state")
+
+
+#: torch's checkpoint metadata classes, by module: all a ``.metadata`` pickle may name besides builtins
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        name
+        for name, value in vars(dcp_metadata).items()
+        if isinstance(value, type) and value.__module__ == dcp_metadata.__name__
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"} | {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict", "defaultdict"},
+    "builtins": {
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "slice",
+        "complex",
+        "bytearray",
+        "int",
+        "float",
+        "str",
+        "bool",
+        "bytes",
+    },
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that loads only :data:`_METADATA_CLASSES`; anything else is refused, not called."""
+
+    def __init__(self, file: Any, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{str(self.path)!r} names {module}.{name}, which is not part of torch's checkpoint metadata; "
+            "refused, since unpickling it could run code: load only training states written by save_state"
+        )
+
+
+class _MetadataReader(FileSystemReader):
+    """torch's ``FileSystemReader`` with ``.metadata`` unpickled through :class:`_MetadataUnpickler`.
+
+    NOTE: mirrors ``FileSystemReader.read_metadata`` of torch 2.x, which calls ``pickle.load`` on
+    the file; everything else (tensor data, read with ``weights_only=True``) is torch's own.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        with self.fs.create_stream(path, "rb") as file:
+            raw = file.read()
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(raw), path).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any damage to the pickle is reported with its file
+            raise CheckpointError(
+                f"{str(path)!r} is not readable checkpoint metadata ({exc!r}); save the state again"
+            ) from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise CheckpointError(
+                f"{str(path)!r} holds a {type(metadata).__name__}, not checkpoint metadata; save the state again"
+            )
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
-    saved = set(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+    saved = set(_MetadataReader(directory).read_metadata().state_dict_metadata)
     for part, entries in state.items():
         missing = sorted(f"{part}.{k}" for k in entries if f"{part}.{k}" not in saved)
         if missing:
@@ -176,27 +270,45 @@ def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
             )
 
 
-def _state_directory(directory: str | os.PathLike) -> Path:
+def _state_directory(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``directory`` as an absolute path, and its :data:`STATE_FILE` record, checked."""
     directory = Path(directory).expanduser().absolute()
     if not (directory / ".metadata").is_file():
         raise CheckpointError(
             f"{str(directory)!r} holds no training state (no .metadata); pass a directory written by save_state"
         )
-    return directory
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{str(directory)!r} has no {STATE_FILE}, so it was not written by ppzoo's save_state (or by a ppzoo "
+            "from before that record); ppzoo loads only training states it wrote, since torch's .metadata is a "
+            "pickle: save the state again with Pipeline.save_state"
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); save the state again") from None
+    expected = f"an object with format {_FORMAT}, a non-negative int step and a bool optimizer_stepped"
+    step = record.get("step") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != _FORMAT
+        or isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or not isinstance(record.get("optimizer_stepped"), bool)
+    ):
+        raise CheckpointError(f"{str(path)!r} holds {record!r}, expected {expected}; save the state again")
+    return directory, record
 
 
 def saved_step(directory: str | os.PathLike) -> int:
-    """The step a training state was saved at, read by this process alone (no process group needed).
+    """The step a training state was saved at, read from its :data:`STATE_FILE` alone (no pickle, no process group).
 
     Raises:
-        CheckpointError: ``directory`` holds no training state.
+        CheckpointError: ``directory`` holds no training state written by :func:`save_state`.
     """
-    state = {"ppzoo": {"step": -1}}
-    with warnings.catch_warnings():
-        # NOTE: without a process group torch warns that it loads in one process, which is the intent.
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=_state_directory(directory), no_dist=True)
-    return int(state["ppzoo"]["step"])
+    return int(_state_directory(directory)[1]["step"])
 
 
 def load_state(
@@ -225,7 +337,7 @@ def load_state(
     Raises:
         CheckpointError: ``directory`` holds no training state, or not one of this model and optimizer.
     """
-    directory = _state_directory(directory)
+    directory, record = _state_directory(directory)
     module = rank_module(stages)
     model_state, optimizer_state = _state_dicts(module, optimizer)
     tied = adapter.tied_weights(config)
@@ -233,7 +345,6 @@ def load_state(
     state = {
         "model": _stored(model_state, renames),
         "optimizer": _stored(optimizer_state, renames),
-        "ppzoo": {"step": 0, "optimizer_stepped": True},
     }
     problem: Exception | None = None
     try:
@@ -242,11 +353,11 @@ def load_state(
         problem = exc
     agree(problem, what="load_state")
     # NOTE: tensors are loaded in place; other values (step, hyperparameters) replace the entries.
-    dcp.load(state, checkpoint_id=directory)
+    dcp.load(state, storage_reader=_MetadataReader(directory))
     for loaded, original in ((state["model"], model_state), (state["optimizer"], optimizer_state)):
         for key in original:
             original[key] = loaded[renames.get(key, key)]
     set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=_OPTIONS)
-    if not state["ppzoo"]["optimizer_stepped"]:
+    if not record["optimizer_stepped"]:
         optimizer.state.clear()
-    return int(state["ppzoo"]["step"])
+    return int(record["step"])
