@@ -111,6 +111,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from ppzoo.testing import census
+    from ppzoo.testing.tiny_configs import decoder_model_types
+
+    if args.list:
+        print("\n".join(decoder_model_types()))
+        return 0
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    types_ = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+
+    def progress(done: int, total: int, result: census.ZooResult) -> None:
+        adapter = f" ({result.adapter})" if result.adapter else ""
+        print(
+            f"[{done:>{len(str(total))}}/{total}] {result.model_type}: {result.result}{adapter} in {result.seconds:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    results = census.zoo(types_, isolate=not args.in_process, jobs=args.jobs, timeout_s=args.timeout, progress=progress)
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results], "totals": census.totals(results)}, indent=2))
+    else:
+        print(census.render(results, markdown=args.markdown))
+    return 1 if any(r.result in ("wrong", "error") for r in results) else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ppzoo import train
 
@@ -150,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="append", default=[], metavar="CHECK", help="run only this check (repeatable)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "zoo", help="check every decoder model type of the installed transformers: exact, refused, wrong or error"
+    )
+    p.add_argument("--types", default=None, metavar="A,B,C", help="check only these model types (comma-separated)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--json", action="store_true", help="print the results and totals as JSON")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="model types checked at once, each in a worker process (default 1)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds before a model type counts as an error (default 600)"
+    )
+    p.add_argument(
+        "--in-process", action="store_true", help="check in this process, without worker processes (no isolation)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="print the decoder model types of the installed transformers and exit"
+    )
+    p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("train", help="train with pipeline parallelism: one worker process per rank")
     from ppzoo.train import add_arguments as add_train_arguments

@@ -63,6 +63,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = ESSENTIAL_PLUGINS + (
     "ppzoo.architectures.mixtral",
     "ppzoo.architectures.qwen_moe",
     "ppzoo.architectures.generic",
+    "ppzoo.architectures.native",
 )
 
 

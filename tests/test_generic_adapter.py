@@ -161,8 +161,15 @@ REFUSED = {
 }
 
 
+@pytest.fixture
+def without_native(monkeypatch):
+    """The registry without the native fallback, which takes (and runs exactly) what generic refuses."""
+    monkeypatch.setenv("PPZOO_BLOCK_PLUGINS", "native")
+    registry.reset()
+
+
 @pytest.mark.parametrize("case_id", list(REFUSED))
-def test_forward_extras_are_refused_by_name(case_id):
+def test_forward_extras_are_refused_by_name(case_id, without_native):
     model_type, overrides, problems = REFUSED[case_id]
     config = AutoConfig.for_model(model_type, **overrides)
     assert registry.adapter_for(config).name == "generic"
@@ -171,7 +178,7 @@ def test_forward_extras_are_refused_by_name(case_id):
     assert exc.value.problems == problems
 
 
-def test_plan_refuses_before_building():
+def test_plan_refuses_before_building(without_native):
     config = AutoConfig.for_model("vaultgemma", num_hidden_layers=4)
     with pytest.raises(ValidationError, match=r"final_logit_softcapping=30\.0 \(final-logit soft-capping"):
         ppzoo.plan(config, pp=2)

@@ -9,6 +9,7 @@ Plain functions, usable from any test runner::
 With pytest, enable the opt-in plugin ``ppzoo.testing.pytest_plugin`` (see its docstring).
 """
 
+from ppzoo.testing.census import ZooResult, zoo
 from ppzoo.testing.checks import (
     check_buffers_after_meta_init,
     check_layout,
@@ -28,6 +29,7 @@ __all__ = [
     "Case",
     "Check",
     "CheckResult",
+    "ZooResult",
     "check_adapter",
     "check_adapters",
     "check_buffers_after_meta_init",
@@ -42,4 +44,5 @@ __all__ = [
     "cases",
     "distributed_step_problems",
     "resolving_to",
+    "zoo",
 ]

@@ -1,0 +1,256 @@
+"""The native fallback: any decoder-only causal LM, run by steering Hugging Face's own forward.
+
+Dedicated adapters re-implement the forward around the layers (embed, masks, RoPE, norm, head);
+this adapter does not. Every stage is the whole CausalLM with the other stages' modules replaced
+by parameter-free stand-ins, and Hugging Face's forward runs on it: entered with the incoming
+hidden states at the stage's first layer, left right after its last (:mod:`.stage`). Masks, RoPE,
+ALiBi, multipliers, soft-caps and ``layer_types`` stay the model's own code, so they stay exact.
+
+The layout (input modules, the layer list, output modules) is read from the module tree and one
+forward on the meta device (:mod:`.layout`, :mod:`.trace`), which also shows what cannot cross a
+stage boundary. Such configs are refused before any weight is read, with the reason: per-layer
+inputs computed from the token ids, state one layer hands to another, blocks shared by several
+layers, mixture-of-experts (expert key fusion and the router loss come later), quantized weights.
+
+It is tried after every other adapter, so the model types they serve keep them. Dropout runs as
+the model defines it; the zoo (``ppzoo zoo``) compares with dropout off.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import sys
+import tokenize
+from typing import Any
+
+from ppzoo.adapter import Adapter, KeyMap
+from ppzoo.architectures.native import buffers as _buffers
+from ppzoo.architectures.native import keys as _keys
+from ppzoo.architectures.native import layout as _layout
+from ppzoo.architectures.native import stage as _stage
+from ppzoo.hookspecs import hookimpl
+from ppzoo.validation import Problem
+
+__all__ = ["NativeAdapter"]
+
+#: config attributes that count experts (a mixture of experts when one is above 1)
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+#: config sizes ppzoo's planner and cost model read
+PLANNED_SIZES = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "num_hidden_layers", "sliding_window")
+
+
+class NativeAdapter(Adapter):
+    name = "native"
+    fallback = True
+    capabilities = frozenset({"tied_embeddings"})
+    #: the stage patches only the CausalLM's forward; the root stands for the inner model
+    inner_name = ""
+
+    def tiny_config(self):
+        """GPT-2 (no adapter of its own): learned positions, tied head, fused QKV as ``Conv1D``."""
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=96,
+            n_embd=32,
+            n_layer=8,
+            n_head=4,
+            n_inner=64,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+
+    def matches(self, config: Any) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return False
+        # NOTE: encoder families (BERT, RoBERTa, ...) attend causally only with is_decoder=True;
+        # GPT-NeoX's config carries is_decoder=False too, but its code never reads it.
+        return getattr(config, "is_decoder", None) is not False or not _reads_is_decoder(type(config))
+
+    # -- what the layout discovery found ---------------------------------------------------------
+    def _found(self, config: Any) -> _layout.NativeLayout:
+        found = _layout.discover(config)
+        if isinstance(found, list):
+            raise ValueError(
+                f"the native adapter cannot split model_type {getattr(config, 'model_type', None)!r}: "
+                + "; ".join(p.message for p in found)
+            )
+        return found
+
+    def fqn_layout(self, config: Any):
+        return self._found(config).layout
+
+    def tied_weights(self, config: Any) -> dict[str, str]:
+        return dict(self._found(config).tied)
+
+    def key_map(self, config: Any) -> KeyMap:
+        found = self._found(config)
+        return _keys.CheckpointKeys(found.renames, found.local_ties) if found.renames or found.local_ties else KeyMap()
+
+    def tp_plan(self, config: Any) -> dict[str, str]:
+        plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}
+        base = self._found(config).base
+        return {f"{base}.{pattern}" if base else pattern: style for pattern, style in plan.items()}
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, config: Any, plan: Any = None) -> list[Problem]:
+        # NOTE: of the base class's rules only the encoder-decoder one applies: the model's own
+        # forward builds masks for every layer type (and reads num_hidden_layers only if it has it)
+        problems = []
+        if getattr(config, "is_encoder_decoder", False):
+            problems.append(
+                Problem(
+                    "encoder-decoder",
+                    f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
+                )
+            )
+        cfg = self.text_config(config)
+        kind = f"model_type {getattr(config, 'model_type', None)!r}"
+        experts = {
+            a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 1
+        }
+        if experts:
+            shown = ", ".join(f"{a}={v}" for a, v in experts.items())
+            problems.append(
+                Problem(
+                    "native-moe",
+                    f"{kind} is a mixture of experts ({shown}); the native adapter does not yet fuse expert checkpoint keys or add the router aux loss",
+                )
+            )
+        for attr in PLANNED_SIZES:
+            try:
+                getattr(cfg, attr, None)
+            except Exception as exc:  # noqa: BLE001 - e.g. a size that varies per layer
+                problems.append(
+                    Problem(
+                        "native-config-size",
+                        f"{kind}: ppzoo's planner reads config.{attr}, which the config refuses ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                    )
+                )
+        quantized = getattr(config, "quantization_config", None) or getattr(cfg, "quantization_config", None)
+        if quantized:
+            method = (
+                quantized.get("quant_method")
+                if isinstance(quantized, dict)
+                else getattr(quantized, "quant_method", quantized)
+            )
+            problems.append(
+                Problem(
+                    "native-quantized",
+                    f"{kind} ships quantized weights (quant_method={method!r}); dequantize the checkpoint first",
+                )
+            )
+        if not problems:
+            found = _layout.discover(config)
+            if isinstance(found, list):
+                problems += found
+        return problems
+
+    def validation_cases(self):
+        quantized = self.tiny_config()
+        quantized.quantization_config = {"quant_method": "fp8"}
+        return [(quantized, "native-quantized")]
+
+    # -- the stage -------------------------------------------------------------------------------
+    def init_buffers(self, model, module) -> None:
+        """Copy ``module``'s non-persistent buffers from what the model's constructor computes.
+
+        NOTE: ``_init_weights`` does not re-create every such buffer (Falcon-H1's ``mup_vector``).
+        """
+        import torch
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        reference = _buffers.reference_buffers(model.config, dtype)
+        fqn = next(name for name, m in model.named_modules() if m is module)
+        missing = False
+        for name in module._non_persistent_buffers_set:
+            target = module._buffers.get(name)
+            source = reference.get(f"{fqn}.{name}" if fqn else name)
+            if target is None:
+                continue
+            if source is None or source.shape != target.shape:
+                missing = True
+                continue
+            with torch.no_grad():
+                target.copy_(source)
+        if missing:
+            super().init_buffers(model, module)
+
+    def prune_to_stage(self, model, layout, stage, *, config) -> None:
+        _stage.prune(model, self._found(config), stage.modules, stage.layers)
+
+    def patch_inner_forward(self, inner) -> None:
+        """Nothing: Hugging Face's inner forward runs as it is (see :meth:`patch_causal_lm_forward`)."""
+
+    def patch_causal_lm_forward(self, lm) -> None:
+        _stage.patch_forward(lm)
+
+
+@functools.cache
+def _reads_is_decoder(config_class: type) -> bool:
+    """Whether the modeling code of ``config_class``'s CausalLM reads ``is_decoder`` (not in docstrings)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        source = inspect.getsource(sys.modules[AutoModelForCausalLM._model_mapping[config_class].__module__])
+    except (KeyError, OSError, TypeError, ValueError):
+        return True
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return any(tok.type == tokenize.NAME and tok.string == "is_decoder" for tok in tokens)
+
+
+#: the instance this plugin registers (and claims configs for)
+_ADAPTER = NativeAdapter()
+#: claim decisions by config and registry contents (the claim asks the other fallbacks' rules)
+_CLAIMS: dict[tuple, bool] = {}
+
+
+@hookimpl
+def ppzoo_register_adapters(register):
+    register(_ADAPTER)
+
+
+@hookimpl
+def ppzoo_adapter_for(config):
+    """Claim a config that an earlier fallback (the generic adapter) matches but cannot run.
+
+    Dedicated adapters keep their model types, and an earlier fallback keeps every config it
+    accepts; the native adapter takes a config such a fallback refuses, or could not load (its
+    checkpoint keys differ from the parameter names), when the native adapter accepts it.
+    """
+    from ppzoo import registry
+
+    if not _ADAPTER.matches(config):
+        return None
+    registered = list(registry.adapters().values())
+    if _ADAPTER not in registered:
+        return None
+    try:
+        key = (config.to_json_string(use_diff=False), tuple(map(id, registered)))
+    except Exception:  # noqa: BLE001 - an unserialisable config is decided each time
+        return _ADAPTER if _claims(config, registered) else None
+    if key not in _CLAIMS:
+        if len(_CLAIMS) >= 64:
+            _CLAIMS.pop(next(iter(_CLAIMS)))
+        _CLAIMS[key] = _claims(config, registered)
+    return _ADAPTER if _CLAIMS[key] else None
+
+
+def _claims(config: Any, registered: list[Adapter]) -> bool:
+    model_type, archs = getattr(config, "model_type", None), getattr(config, "architectures", None) or ()
+    others = [a for a in registered if a is not _ADAPTER]
+    if any(model_type in a.model_types or any(x in a.architectures for x in archs) for a in others):
+        return False
+    earlier = [a for a in registered[: registered.index(_ADAPTER)] if a.fallback and a.matches(config)]
+    if not earlier or _ADAPTER.validate(config):
+        return False  # NOTE: the registry's own order decides; a refusal stays the earlier fallback's
+    renamed = bool(_ADAPTER._found(config).renames)
+    return not any(not a.validate(config) and not (renamed and type(a.key_map(config)) is KeyMap) for a in earlier)

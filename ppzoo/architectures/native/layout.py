@@ -1,0 +1,365 @@
+"""The native adapter's layout, found from the module tree and one watched meta-device forward.
+
+:func:`discover` builds the CausalLM on the meta device, finds the decoder-layer list (the one
+``ModuleList`` of ``num_hidden_layers`` modules), takes every module outside it that holds
+parameters or persistent buffers as a *unit*, runs the forward once (:mod:`.trace`) and sorts the
+units into inputs (run before the first layer) and outputs (run after the last). It refuses, with
+the reason, whatever would not split exactly at a layer boundary: a unit that runs between layers
+or on both sides, a layer argument that only the first stage could compute, state one layer hands
+to another, a head that reads the embeddings again, parameters shared between modules, checkpoint
+tensors that transformers merges or splits at load.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import textwrap
+import tokenize
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppzoo.architectures.native.keys import checkpoint_renames, tied_parameters
+from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, layer_tag, unit_tag, watch
+from ppzoo.layout import Layout
+from ppzoo.validation import Problem
+
+__all__ = ["NativeLayout", "StandIn", "discover"]
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """How a stand-in for an input unit shapes its output from its first tensor argument.
+
+    ``dims`` gives each output dimension as ``("arg", j)`` (the argument's dimension ``j``: batch,
+    sequence) or ``("size", n)`` (a fixed size: hidden, or a broadcast 1); ``dtype`` is
+    ``"argument"`` or ``"parameters"`` (the stage's dtype).
+    """
+
+    dims: tuple[tuple[str, int], ...]
+    dtype: str = "argument"
+
+    def shape(self, arg: torch.Tensor) -> tuple[int, ...]:
+        return tuple(arg.shape[n] if source == "arg" else n for source, n in self.dims)
+
+
+@dataclass(frozen=True)
+class NativeLayout:
+    """Where a model's pieces live and how its layers are called, as the native adapter needs it.
+
+    Attributes:
+        layout: inputs, the layer list, outputs (every parameter in exactly one of them).
+        base: FQN of the base model (``transformer``, ``model``), the prefix of its TP plan.
+        hidden_name: the layers' hidden-state parameter.
+        layer_output: what a layer returns: ``("tensor", 0)``, or ``("tuple", n)`` / ``("list", n)``
+            with the hidden states first.
+        standins: per input unit, how its stand-in shapes its output.
+        tied: ``{copy: source}`` tied parameters, the copy in an output, the source in an input.
+        local_ties: ``{copy: source}`` tied parameters on one stage (both in inputs, or both in
+            outputs: a head's bias tied to another of its biases).
+        renames: ``{fqn: checkpoint key}`` where transformers saves a parameter under another name.
+    """
+
+    layout: Layout
+    base: str
+    hidden_name: str
+    layer_output: tuple[str, int]
+    standins: dict[str, StandIn]
+    tied: dict[str, str]
+    local_ties: dict[str, str]
+    renames: dict[str, str]
+
+
+#: discovered layouts by config (its class and JSON): the planner, the loader and every stage ask
+_CACHE: dict[str, NativeLayout | list[Problem]] = {}
+_CACHE_SIZE = 64
+
+
+def discover(config: Any) -> NativeLayout | list[Problem]:
+    """The layout of ``config``'s CausalLM, or the problems that keep it from splitting exactly."""
+    try:
+        key = type(config).__name__ + config.to_json_string(use_diff=False)
+    except Exception:  # noqa: BLE001 - an unserialisable config is traced each time
+        return _discover(config)
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _discover(config)
+    return _CACHE[key]
+
+
+def _discover(config: Any) -> NativeLayout | list[Problem]:
+    from ppzoo.meta import meta_model
+
+    kind = f"model_type {getattr(config, 'model_type', None)!r}"
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"  # NOTE: the plainest mask path; the layout is the same
+    try:
+        model = meta_model(config, attn_implementation="eager")
+    except Exception as exc:  # noqa: BLE001 - any build failure is reported, not raised
+        return [
+            Problem("native-build", f"{kind} cannot be built from its config ({type(exc).__name__}: {_short(exc)})")
+        ]
+    model.eval()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    built = getattr(model.config, "model_type", None)
+    if built != config.model_type and built not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [
+            Problem(
+                "native-round-trip",
+                f"{kind}: {type(model).__name__} keeps its config as model_type {built!r}, which transformers' AutoModelForCausalLM cannot load back from a checkpoint",
+            )
+        ]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and n and len(m) == n]
+    if len(lists) != 1:
+        found = f"several ({', '.join(lists)})" if lists else "none"
+        return [
+            Problem(
+                "native-layers",
+                f"{kind}: the decoder layers must be the one ModuleList of num_hidden_layers={n} modules; found {found}",
+            )
+        ]
+    container = lists[0]
+    experts = next((name for name, _ in model.named_parameters() if ".experts." in f".{name}."), None)
+    if experts is not None:
+        return [
+            Problem(
+                "native-moe",
+                f"{kind} is a mixture of experts ({experts!r}); the native adapter does not yet fuse expert checkpoint keys or add the router aux loss",
+            )
+        ]
+    units, problems = _units(model, container, kind)
+    problems += _loss_problems(model, kind)
+    problems += _shared_parameters(model, kind)
+    if problems:
+        return problems
+    layers = model.get_submodule(container)
+    try:
+        seen = watch(model, layers, {fqn: model.get_submodule(fqn) for fqn in units})
+    except Exception as exc:  # noqa: BLE001
+        return [
+            Problem(
+                "native-trace",
+                f"{kind}'s forward does not run on the meta device, so its layout cannot be read ({type(exc).__name__}: {_short(exc)})",
+            )
+        ]
+    layer_calls = [i for i, name in enumerate(seen.order) if name.startswith("layer ")]
+    if [seen.order[i] for i in layer_calls] != [f"layer {i}" for i in range(n)]:
+        calls = [seen.order[i] for i in layer_calls]
+        return [
+            Problem(
+                "native-layer-order",
+                f"{kind}'s forward does not call its {n} decoder layers once each, in order (it called {calls[:8]})",
+            )
+        ]
+    start, end = layer_calls[0], layer_calls[-1]
+    inputs, outputs = [], []
+    for fqn in units:
+        calls = [i for i, name in enumerate(seen.order) if name == fqn]
+        if not calls:
+            problems.append(
+                Problem(
+                    "native-unused-module", f"{kind}: module {fqn!r} holds parameters but the forward never calls it"
+                )
+            )
+        elif all(i < start for i in calls):
+            inputs.append((calls[0], fqn))
+        elif all(i > end for i in calls):
+            outputs.append((calls[0], fqn))
+        else:
+            problems.append(
+                Problem(
+                    "native-between-layers",
+                    f"{kind}: module {fqn!r} runs between or on both sides of the decoder layers, so no stage boundary can leave it out",
+                )
+            )
+    inputs_, outputs_ = [f for _, f in sorted(inputs)], [f for _, f in sorted(outputs)]
+    problems += _flow_problems(seen, inputs_, outputs_, n, kind)
+    standins = {}
+    for fqn in inputs_:
+        made = _standin(seen.unit_shapes.get(fqn))
+        if made is None:
+            problems.append(
+                Problem(
+                    "native-input-module",
+                    f"{kind}: input module {fqn!r} maps {seen.unit_shapes.get(fqn)} (argument, result); ppzoo cannot stand in for it on later stages",
+                )
+            )
+        standins[fqn] = made
+    formats = set(seen.layer_output.values())
+    if len(formats) != 1 or not isinstance(next(iter(formats)), tuple):
+        problems.append(
+            Problem(
+                "native-layer-output",
+                f"{kind}'s decoder layers return {sorted(map(str, formats))}; ppzoo needs a tensor, or a tuple or list with the hidden states first",
+            )
+        )
+    tied, local_ties, tie_problems = tied_parameters(model, inputs_, outputs_, kind)
+    renames, key_problems = checkpoint_renames(model, kind)
+    problems += tie_problems + key_problems
+    if problems:
+        return problems
+    base = next((name for name, m in model.named_modules() if m is model.base_model), "")
+    layout = Layout(inputs=tuple(inputs_), layers=container, num_layers=n, outputs=tuple(outputs_))
+    return NativeLayout(layout, base, seen.hidden_name, formats.pop(), standins, tied, local_ties, renames)
+
+
+def _units(model: nn.Module, container: str, kind: str) -> tuple[list[str], list[Problem]]:
+    """Modules outside the layer list that hold parameters or persistent buffers, in tree order."""
+    units, problems = [], []
+    ancestors = {container.rsplit(".", i)[0] for i in range(1, container.count(".") + 1)} | {""}
+
+    def holds(module: nn.Module) -> bool:
+        persistent = any(
+            n not in m._non_persistent_buffers_set
+            for m in module.modules()
+            for n, b in m._buffers.items()
+            if b is not None
+        )
+        return persistent or any(True for _ in module.parameters())
+
+    for fqn in sorted(ancestors, key=len):
+        module = model.get_submodule(fqn)
+        direct = [n for n, p in module._parameters.items() if p is not None]
+        direct += [
+            n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set
+        ]
+        if direct:
+            where = f"{fqn}." if fqn else ""
+            problems.append(
+                Problem(
+                    "native-direct-parameter",
+                    f"{kind}: {type(module).__name__} holds {where}{direct[0]} itself, outside any input or output module",
+                )
+            )
+        for name, child in module._modules.items():
+            path = f"{fqn}.{name}" if fqn else name
+            if child is not None and path != container and path not in ancestors and holds(child):
+                units.extend(_called(child, path, holds))
+    return units, problems
+
+
+def _called(module: nn.Module, path: str, holds) -> list[str]:
+    """``path``, or for a list or dict of modules (which a forward never calls) its members."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [path]
+    return [
+        fqn
+        for name, child in module._modules.items()
+        if child is not None and holds(child)
+        for fqn in _called(child, f"{path}.{name}", holds)
+    ]
+
+
+def _loss_problems(model: nn.Module, kind: str) -> list[Problem]:
+    """ppzoo trains with transformers' causal-LM loss; a CausalLM that computes another one is refused."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return []
+    names = {
+        tok.string
+        for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
+        if tok.type == tokenize.NAME
+    }
+    if "loss_function" in names:
+        return []
+    return [
+        Problem(
+            "native-loss",
+            f"{kind}: {type(model).__name__}.forward computes a loss of its own, not transformers' causal-LM loss (next-token cross-entropy) that ppzoo trains with",
+        )
+    ]
+
+
+def _shared_parameters(model: nn.Module, kind: str) -> list[Problem]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    shared = [group for group in names.values() if len(group) > 1]
+    if not shared:
+        return []
+    return [
+        Problem(
+            "native-shared-parameters",
+            f"{kind} uses one parameter in several places ({', '.join(shared[0][:3])}): a block shared by several layers cannot be split over stages",
+        )
+    ]
+
+
+def _flow_problems(seen, inputs: list[str], outputs: list[str], n: int, kind: str) -> list[Problem]:
+    """What crosses a layer boundary besides the hidden states (reported for the first layer it
+    reaches), and what reaches the logits besides the last layer's output."""
+    first_only = {IDS} | {unit_tag(f) for f in inputs}
+    problems = []
+    for i in range(n):
+        allowed = first_only if i == 0 else {layer_tag(i - 1)}
+        stray = sorted(seen.hidden_tags.get(i, frozenset()) - allowed)
+        if stray:
+            problems.append(
+                Problem(
+                    "native-layer-input",
+                    f"{kind}: the hidden states decoder layer {i} receives also come from {_origins(stray)}, "
+                    "and only the previous layer's output crosses a stage boundary",
+                )
+            )
+        for arg, tags in seen.other_tags.get(i, {}).items():
+            problems.append(
+                Problem(
+                    "native-layer-input",
+                    f"{kind}: decoder layer {i}'s argument {arg!r} is computed from {_origins(sorted(tags))}; "
+                    "only the hidden states cross a stage boundary",
+                )
+            )
+        if problems:
+            break
+    stray = sorted(seen.logits_tags - {layer_tag(n - 1)} - {unit_tag(f) for f in outputs})
+    if stray:
+        problems.append(
+            Problem(
+                "native-head-input",
+                f"{kind}: the logits are computed from {_origins(stray)} besides the last layer's output; "
+                "only the hidden states reach the last stage",
+            )
+        )
+    return problems
+
+
+def _origins(tags: list[str]) -> str:
+    def one(tag: str) -> str:
+        if tag == IDS:
+            return "the token ids"
+        what, _, name = tag.partition(":")
+        return f"layer {name}" if what == "layer" else f"module {name!r}"
+
+    return ", ".join(one(t) for t in tags)
+
+
+def _standin(shapes: Any) -> StandIn | None:
+    """The stand-in rule for a unit seen mapping ``(argument, output)``, or None when there is none.
+
+    NOTE: the trace's batch (2) and sequence (5) sizes tell which output dimensions follow the
+    argument; every other output dimension is a fixed size.
+    """
+    if not shapes or shapes[0] is None or not isinstance(shapes[1], tuple):
+        return None
+    (arg_shape, arg_dtype), (out_shape, out_dtype) = shapes
+    dims = []
+    for size in out_shape:
+        sources = [j for j, n in enumerate(arg_shape) if n == size and n in (TRACE_BATCH, TRACE_SEQ)]
+        dims.append(("arg", sources[0]) if len(sources) == 1 else ("size", size))
+    if not any(source == "arg" for source, _ in dims):
+        return None
+    return StandIn(tuple(dims), "argument" if out_dtype == arg_dtype else "parameters")
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")

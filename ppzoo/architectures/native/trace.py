@@ -1,0 +1,224 @@
+"""One forward of the whole model on the meta device, watched: what runs when, and what flows where.
+
+The native adapter runs Hugging Face's own forward on every stage, so whether a split is exact
+depends on what that forward does around its decoder layers. :func:`watch` runs the CausalLM once
+on the meta device (no memory, no weights) and records
+
+- the order in which the parameter-holding modules outside the layers ("units") and the layers run;
+- what each layer returns (a tensor, or a tuple with the hidden states first);
+- how each input unit's output shape follows from its first tensor argument (for its stand-in);
+- where every tensor a layer receives, and the logits, come from. A dispatch mode tags tensors
+  with their origin (the token ids, a unit, a layer) and propagates tags through every operation,
+  so a layer argument computed from the token ids (per-layer inputs), a value one layer hands to
+  a later one (shared state), or logits that read the embeddings again are seen, not guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["IDS", "Observed", "layer_tag", "unit_tag", "watch"]
+
+#: the tag of the token ids and of everything computed from them
+IDS = "ids"
+#: the traced batch: sizes no model dimension has, so that shapes tell batch and sequence apart
+TRACE_BATCH, TRACE_SEQ = 2, 5
+
+
+def unit_tag(fqn: str) -> str:
+    return f"unit:{fqn}"
+
+
+def layer_tag(index: int) -> str:
+    return f"layer:{index}"
+
+
+@dataclass
+class Observed:
+    """What one watched forward showed.
+
+    Attributes:
+        order: the watched modules (units and layers, by FQN) in the order they were called.
+        hidden_name: the name of the layers' hidden-state parameter (the first of ``forward``).
+        layer_output: per layer, ``("tensor", 0)``, ``("tuple", n)`` or ``("list", n)`` (the
+            hidden states first), or the name of another type.
+        hidden_tags: per layer, the origins of its hidden-state argument.
+        other_tags: per layer, the origins of each other tensor argument (tagged ones only).
+        unit_shapes: per unit, at its first call, ``(first tensor argument, output)``, each a
+            ``(shape, dtype)`` pair; the argument is None when there was none, the output the
+            name of its type when it is not a tensor.
+        logits_tags: the origins of the logits.
+    """
+
+    order: list[str] = field(default_factory=list)
+    hidden_name: str = "hidden_states"
+    layer_output: dict[int, Any] = field(default_factory=dict)
+    hidden_tags: dict[int, frozenset[str]] = field(default_factory=dict)
+    other_tags: dict[int, dict[str, frozenset[str]]] = field(default_factory=dict)
+    unit_shapes: dict[str, Any] = field(default_factory=dict)
+    logits_tags: frozenset[str] = frozenset()
+
+
+class _Flow(TorchDispatchMode):
+    """Tags tensors with their origins and propagates the tags through every operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def of(self, tree: Any) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                found |= self.tags.get(leaf, frozenset())
+        return found
+
+    def set(self, tree: Any, tags: frozenset[str]) -> None:
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.tags[leaf] = tags
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tags = self.of((args, kwargs))
+        if tags:
+            # NOTE: an in-place op returns its (already tagged) input: the tags are merged.
+            for leaf in tree_flatten(out)[0]:
+                if isinstance(leaf, torch.Tensor):
+                    self.tags[leaf] = self.tags.get(leaf, frozenset()) | tags
+        return out
+
+
+@contextlib.contextmanager
+def _as_if_tracing() -> Iterator[None]:
+    """Make transformers' mask code skip its data-dependent shortcuts, as it does under tracing.
+
+    NOTE: checks like "is every position attended?" read tensor values, which the meta device has
+    not; the traced path builds the same masks without asking.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "is_tracing", None)
+    if original is None:
+        yield
+        return
+    masking_utils.is_tracing = lambda tensor=None: True
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = original
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+
+
+def _positional_names(layer: nn.Module) -> list[str]:
+    """The names of ``layer.forward``'s positional parameters, in order (``self`` left out)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(type(layer).forward).parameters.values()
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
+
+
+def watch(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    units: dict[str, nn.Module],
+    *,
+    batch: int = TRACE_BATCH,
+    seq: int = TRACE_SEQ,
+) -> Observed:
+    """Run ``model`` once on the meta device with hooks on ``units`` and ``layers``; see :class:`Observed`.
+
+    Raises:
+        Exception: whatever the forward raises on the meta device; the caller reports it.
+    """
+    positional = _positional_names(layers[0])
+    seen = Observed(hidden_name=positional[0] if positional else "hidden_states")
+    flow = _Flow()
+    index_of = {id(layer): i for i, layer in enumerate(layers)}
+    handles = []
+
+    first_args: dict[str, Any] = {}
+
+    def unit_pre(fqn):
+        def hook(module, args, kwargs):
+            seen.order.append(fqn)
+            arg = _first_tensor(args, kwargs)
+            first_args.setdefault(fqn, None if arg is None else (tuple(arg.shape), arg.dtype))
+
+        return hook
+
+    def unit_post(fqn):
+        def hook(module, args, kwargs, out):
+            flow.set(out, flow.of(out) | {unit_tag(fqn)})
+            if fqn not in seen.unit_shapes:
+                result = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
+                seen.unit_shapes[fqn] = (first_args[fqn], result)
+
+        return hook
+
+    def layer_pre(module, args, kwargs):
+        i = index_of[id(module)]
+        seen.order.append(f"layer {i}")
+        bound = dict(kwargs)
+        if args:
+            bound[seen.hidden_name] = args[0]
+            for j, value in enumerate(args[1:], 1):
+                bound[positional[j] if j < len(positional) else f"positional argument {j}"] = value
+        seen.hidden_tags[i] = flow.of(bound.pop(seen.hidden_name, None))
+        seen.other_tags[i] = {name: tags for name, value in bound.items() if (tags := flow.of(value))}
+
+    def layer_post(module, args, kwargs, out):
+        i = index_of[id(module)]
+        if isinstance(out, torch.Tensor):
+            seen.layer_output[i] = ("tensor", 0)
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            seen.layer_output[i] = (type(out).__name__, len(out))
+        else:
+            seen.layer_output[i] = type(out).__name__
+        # NOTE: what a layer returns comes from that layer only (its inputs were checked above)
+        flow.set(out, frozenset({layer_tag(i)}))
+
+    try:
+        for fqn, unit in units.items():
+            for p in unit.parameters():
+                flow.tags[p] = frozenset({unit_tag(fqn)})
+            handles.append(unit.register_forward_pre_hook(unit_pre(fqn), with_kwargs=True))
+            handles.append(unit.register_forward_hook(unit_post(fqn), with_kwargs=True))
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                flow.tags[p] = frozenset({layer_tag(i)})
+            handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
+            handles.append(layer.register_forward_hook(layer_post, with_kwargs=True))
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        flow.tags[ids] = frozenset({IDS})
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device="meta"),
+        }
+        params = inspect.signature(type(model).forward).parameters
+        if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs["use_cache"] = False
+        with torch.no_grad(), _as_if_tracing(), flow:
+            out = model(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        seen.logits_tags = flow.of(logits)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -1,0 +1,294 @@
+"""Tiny configs for every decoder model type in the installed transformers, built from defaults.
+
+:func:`tiny_config` takes the config class's defaults and shrinks them the way transformers' own
+testers do (hidden 32, 4 heads, vocab 100, 4 layers), turns dropout off (the zoo compares the
+stage chain with the unsplit model, both without dropout), keeps special token ids inside the
+vocabulary, and applies :data:`FIXES`: per-type settings without which the shrunk (or even the
+default) config does not build or run in transformers itself, each with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["DROP", "FIXES", "SHRINK", "UNSHRUNK", "decoder_model_types", "encoder_decoder_model_types", "tiny_config"]
+
+#: shrunk sizes, applied to every config field (or alias) of these names that the class has
+SHRINK: dict[str, Any] = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 64,
+    "n_inner": 64,
+    "ffn_dim": 64,
+    "d_ff": 64,
+    "dff": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+
+#: a FIXES value that removes a SHRINK setting instead of overriding it
+DROP = object()
+
+_DECODER = ({"is_decoder": True}, "the encoder family's CausalLM attends causally only with is_decoder=True")
+_MLA = {
+    "num_key_value_heads": 4,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+}
+_MAMBA = {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16}
+
+#: per model type: (settings, why the shrunk defaults need them)
+FIXES: dict[str, tuple[dict[str, Any], str]] = {
+    **{
+        t: _DECODER
+        for t in (
+            "bert",
+            "bert-generation",
+            "camembert",
+            "data2vec-text",
+            "electra",
+            "ernie",
+            "megatron-bert",
+            "rembert",
+            "roberta",
+            "roberta-prelayernorm",
+            "roc_bert",
+            "roformer",
+            "trocr",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+        )
+    },
+    **{
+        t: (
+            dict(_MLA),
+            "multi-head latent attention: the default LoRA ranks and rotary/value head sizes do not fit a tiny head",
+        )
+        for t in (
+            "axk1",
+            "axk2",
+            "deepseek_v2",
+            "deepseek_v3",
+            "deepseek_v32",
+            "youtu",
+            "minicpm3",
+            "glm4_moe_lite",
+            "sarvam_mla",
+        )
+    },
+    "big_bird": (
+        {"is_decoder": True, "attention_type": "original_full"},
+        "a causal LM only with is_decoder=True; block-sparse attention needs sequences of over 700 tokens, and "
+        "on shorter ones the forward switches every layer to full attention, the other stages' layers too",
+    ),
+    "cohere_compass_text": (
+        {
+            "rope_parameters": {
+                t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")
+            }
+        },
+        "its default leaves the RoPE settings per layer type unset",
+    ),
+    "xmod": (
+        {"is_decoder": True, "default_language": "en_XX"},
+        "a causal LM only with is_decoder=True; its adapters need a language",
+    ),
+    "codegen": ({"rotary_dim": 4}, "the default rotary_dim=64 is wider than a tiny head (8)"),
+    "gptj": ({"rotary_dim": 4}, "the default rotary_dim=64 is wider than a tiny head (8)"),
+    "gpt_neo": ({"attention_types": [[["global", "local"], 2]]}, "attention_types must list num_layers layers"),
+    "dots3_note_text": (
+        {**_MLA, "head_dim": 16, "per_layer_config": None},
+        "latent attention sizes as for MLA (head_dim = nope + rope), and its default per-layer settings name layers 25-41",
+    ),
+    "bamba": (
+        {**_MAMBA, "attn_layer_indices": [1, 3]},
+        "mamba heads must divide mamba_expand * hidden_size, and without an attention layer its mask code fails",
+    ),
+    "granitemoehybrid": (
+        {**_MAMBA, "layer_types": ["mamba", "attention", "mamba", "attention"]},
+        "mamba heads must divide mamba_expand * hidden_size, and without an attention layer its mask code fails",
+    ),
+    "mamba2": (
+        {"num_heads": 8, "head_dim": 8, "n_groups": 1, "state_size": 16, "chunk_size": 16},
+        "hidden_size * expand must equal num_heads * head_dim",
+    ),
+    "xlnet": ({"d_head": 8}, "d_head must equal d_model // n_head"),
+    "zamba2": (
+        {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]},
+        "the default layer pattern lists 54 layers",
+    ),
+    "zamba": (
+        {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]},
+        "transformers ties the shared block only when two layers use it",
+    ),
+    "falcon_h1": (
+        {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16},
+        "the default mamba sizes (d_ssm 1024, 128 heads) make the CPU scan take minutes",
+    ),
+    "gemma4_assistant": (
+        {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+        "its default text config has per-layer inputs, which the assistant forbids",
+    ),
+    "reformer": (
+        {"is_decoder": True, "axial_pos_embds_dim": [16, 16], "axial_pos_shape": [8, 8]},
+        "a causal LM only with is_decoder=True; its axial position embeddings must sum to hidden_size",
+    ),
+    "gemma3n_text": (
+        {
+            "num_kv_shared_layers": 2,
+            "vocab_size_per_layer_input": 100,
+            "hidden_size_per_layer_input": 8,
+            "laurel_rank": 8,
+        },
+        "the default shares the key/value cache of 15 layers (more than 4) and has a per-layer vocabulary of 262144",
+    ),
+    "dots1": (
+        {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+        "the default leaves the expert counts unset",
+    ),
+    "dbrx": (
+        {
+            "attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+        },
+        "its default attention config lacks rope_theta and clip_qkv",
+    ),
+    "xlstm": (
+        {"hidden_size": 64, "num_heads": 4, "qk_dim_factor": 1.0},
+        "its state is sized as if the query/key width (rounded up to 64) were the value width",
+    ),
+    "rwkv": (
+        {"rescale_every": 0, "use_cache": False},
+        "in eval mode it rescales its weights in place every rescale_every "
+        "layers (the reference runs in eval mode, the stages in train mode), and with use_cache it updates its state "
+        "in place, which breaks the reference's backward",
+    ),
+    **{
+        t: ({"head_dim": DROP}, "head_dim is a per-layer attribute of its config")
+        for t in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+    },
+    **{
+        t: (
+            {"output_router_logits": True},
+            "its adapter declares the router aux loss, which the kit checks only when the config returns router logits",
+        )
+        for t in ("mixtral", "qwen2_moe", "qwen3_moe")
+    },
+}
+
+
+#: model types built at their default sizes (dropout off), with why they cannot be shrunk; the
+#: zoo only reads their layout on the meta device unless an adapter accepts them
+UNSHRUNK: dict[str, str] = {
+    "dots3_note": "its vision and audio adapters must match the text width, and its per-layer settings name layers 25-41",
+}
+
+#: special token ids inside the tiny vocabulary, for defaults outside it
+_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _fields(cls: type) -> set[str]:
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return names | set(getattr(cls, "attribute_map", {}))
+
+
+def _shrunk(cls: type, extra: dict[str, Any]) -> Any:
+    fields = _fields(cls)
+    kwargs = {k: v for k, v in SHRINK.items() if k in fields}
+    for alias, real in getattr(cls, "attribute_map", {}).items():
+        if alias in kwargs and real in kwargs:
+            del kwargs[real]  # NOTE: one value per field: the alias (hidden_size) wins over n_embd
+    extra = dict(extra)
+    for name, sub in (getattr(cls, "sub_configs", None) or {}).items():
+        if name in fields and sub.__name__ != "AutoConfig":
+            # NOTE: a FIXES entry for a sub-config is a dict of its own settings
+            kwargs[name] = _shrunk(sub, extra.pop(name) if isinstance(extra.get(name), dict) else {})
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for name, inside in _TOKEN_IDS.items():
+        if isinstance(defaults.get(name), int) and "vocab_size" in kwargs and defaults[name] >= kwargs["vocab_size"]:
+            kwargs[name] = inside
+    for name, value in extra.items():
+        if value is DROP:
+            kwargs.pop(name, None)
+        else:
+            kwargs[name] = value
+    config = cls(**kwargs)
+    _quiet(config, cls)
+    return config
+
+
+def _quiet(config: Any, cls: type) -> None:
+    """Dropout and layer drop off; special token ids inside the vocabulary."""
+    vocab = getattr(config, "vocab_size", None)
+    for name in _fields(cls):
+        try:
+            value = getattr(config, name, None)
+        except Exception:  # noqa: BLE001 - e.g. a per-layer attribute that refuses a global read
+            continue
+        if isinstance(value, float) and not isinstance(value, bool) and ("drop" in name):
+            setattr(config, name, 0.0)
+        if name in ("pad_token_id", "bos_token_id", "eos_token_id") and isinstance(vocab, int):
+            if isinstance(value, int) and value >= vocab:
+                setattr(config, name, _TOKEN_IDS[name])
+            elif isinstance(value, list):
+                setattr(config, name, [v if v < vocab else 2 for v in value])
+
+
+def tiny_config(model_type: str) -> Any:
+    """A tiny config of ``model_type``: the class defaults, shrunk, dropout off, :data:`FIXES` applied
+    (or, for :data:`UNSHRUNK` types, the defaults with dropout off).
+
+    Raises:
+        KeyError: ``model_type`` is not a config type of the installed transformers.
+        Exception: whatever the config class raises for the shrunk settings.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    if model_type in UNSHRUNK:
+        config = cls()
+        _quiet(config, cls)
+        return config
+    extra, _ = FIXES.get(model_type, ({}, ""))
+    return _shrunk(cls, dict(extra))
+
+
+def _causal_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _encoder_decoder(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    cls = CONFIG_MAPPING[model_type]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # NOTE: defaults warn about token ids outside their vocabularies
+    try:
+        return bool(getattr(cls(), "is_encoder_decoder", False))
+    except Exception:  # noqa: BLE001 - a default that does not build (its class default decides)
+        fields = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        return fields.get("is_encoder_decoder") is True
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def decoder_model_types() -> list[str]:
+    """The installed transformers' causal-LM model types, less the encoder-decoder ones."""
+    return [t for t in _causal_types() if not _encoder_decoder(t)]
+
+
+def encoder_decoder_model_types() -> list[str]:
+    """The causal-LM model types whose configs are encoder-decoder (their decoders alone)."""
+    return [t for t in _causal_types() if _encoder_decoder(t)]

@@ -1,0 +1,154 @@
+"""The zoo: the native adapter (Hugging Face's own forward, steered per stage) and the census of
+model types (``ppzoo.testing.zoo``, ``ppzoo zoo``).
+
+The full census runs every decoder model type of the installed transformers (``ppzoo zoo``, see
+docs/zoo.md); here a fixed sample checks that what must be exact is, and what must be refused is,
+with the reason.
+"""
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.checkpoint import Checkpoint
+from ppzoo.cli import main
+from ppzoo.registry import ValidationError
+from ppzoo.stage import build_stage
+from ppzoo.testing import census, zoo
+from ppzoo.testing.reference import save_tiny_model
+from ppzoo.testing.tiny_configs import FIXES, decoder_model_types, encoder_decoder_model_types, tiny_config
+
+#: model type -> the adapter that must run it exactly
+EXACT = {
+    "gpt2": "native",  # learned positions, Conv1D, tied head
+    "opt": "native",  # positions offset by 2, computed from the attention mask
+    "gpt_neox": "native",  # parallel residual, partial rotary, head saved as embed_out
+    "bloom": "native",  # ALiBi, embedding layer norm, blocks that return tuples
+    "falcon": "native",
+    "phi": "native",
+    "vaultgemma": "native",  # refused by the generic adapter (soft-capped logits), claimed by the native one
+    "starcoder2": "generic",
+    "llama": "llama",
+}
+#: model type -> the code of the problem it must be refused with
+REFUSED = {
+    "dory": "native-layer-order",  # runs its layers twice
+    "olmoe": "native-moe",
+    "trocr": "native-loss",  # its loss does not shift the labels
+}
+
+
+def test_the_sample_is_exact_or_refused_as_expected():
+    results = {r.model_type: r for r in zoo([*EXACT, *REFUSED], isolate=False)}
+    assert {t: (r.adapter, r.result) for t, r in results.items() if t in EXACT} == {
+        t: (a, "exact") for t, a in EXACT.items()
+    }
+    for model_type, code in REFUSED.items():
+        assert results[model_type].result == "refused", results[model_type]
+        assert results[model_type].detail.startswith(f"{code}: "), results[model_type].detail
+
+
+def test_the_census_covers_every_decoder_type():
+    types_ = decoder_model_types()
+    assert len(types_) == len(set(types_)) > 100
+    assert not set(types_) & set(encoder_decoder_model_types())
+    assert {"gpt2", "llama", "bloom"} <= set(types_) and "bart" not in types_
+    assert set(FIXES) <= set(types_) | set(encoder_decoder_model_types())
+    for settings, reason in FIXES.values():
+        assert settings and reason
+
+
+def test_unknown_model_types_are_named():
+    with pytest.raises(ValueError, match=r"model types \['nonesuch'\] are not decoder causal-LM types"):
+        zoo(["nonesuch"], isolate=False)
+
+
+# -- the native adapter ------------------------------------------------------------------------
+def test_a_native_stage_holds_only_its_own_parameters(tmp_path):
+    adapter = census.zoo_adapter("gpt2")
+    config = adapter.tiny_config()
+    save_tiny_model(adapter, tmp_path, config=config)
+    plan = ppzoo.plan(tmp_path, pp=3)
+    stages = [
+        build_stage(config, registry.adapter_for(config), plan, i, checkpoint=Checkpoint(tmp_path)) for i in range(3)
+    ]
+    for spec, stage in zip(plan.stages, stages):
+        names = {n for n, _ in stage.named_parameters(remove_duplicate=False)}
+        assert names == {n for n in names if any(n.startswith(m + ".") for m in spec.modules)}
+        assert len(stage.transformer.h) == config.n_layer  # the full list: stand-ins for the others
+        assert sorted(stage.transformer.h.keys(), key=int) == [str(i) for i in spec.layers]
+    all_names = [n for s in stages for n, _ in s.named_parameters(remove_duplicate=False)]
+    assert len(all_names) == len(set(all_names))
+
+
+def test_refusals_come_before_any_weight_is_read():
+    config = tiny_config("olmoe")  # no checkpoint anywhere: the plan alone refuses
+    with pytest.raises(ValidationError) as raised:
+        ppzoo.plan(config, pp=2)
+    assert "native-moe" in raised.value.codes
+
+
+def test_the_native_adapter_takes_what_the_generic_one_refuses(monkeypatch):
+    config = AutoConfig.for_model("vaultgemma", num_hidden_layers=4)  # soft-capped logits
+    assert registry.adapter_for(config).name == "native"
+    assert registry.adapter_for(AutoConfig.for_model("helium")).name == "generic"
+    assert registry.adapter_for(AutoConfig.for_model("llama")).name == "llama"
+    monkeypatch.setenv("PPZOO_BLOCK_PLUGINS", "native")
+    registry.reset()
+    assert registry.adapter_for(config).name == "generic"
+    with pytest.raises(ValidationError, match="final_logit_softcapping"):
+        registry.validate(config)
+
+
+def test_encoders_are_not_taken_unless_they_decode():
+    with pytest.raises(registry.UnknownArchitectureError):
+        registry.adapter_for(AutoConfig.for_model("bert"))
+    assert registry.adapter_for(AutoConfig.for_model("bert", is_decoder=True)).name == "native"
+    assert registry.adapter_for(AutoConfig.for_model("gpt_neox")).name == "native"  # is_decoder=False, never read
+
+
+# -- the command line ----------------------------------------------------------------------------
+def test_zoo_command_prints_json_and_exits_zero(capsys):
+    code = main(["zoo", "--types", "gpt2,dory", "--in-process", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    report = json.loads(out)
+    assert [(r["model_type"], r["result"]) for r in report["results"]] == [("gpt2", "exact"), ("dory", "refused")]
+    assert report["totals"] == {"exact": 1, "refused": 1, "wrong": 0, "error": 0}
+    assert "[1/2] gpt2: exact (native)" in err and "[2/2] dory: refused (native)" in err
+
+
+def test_zoo_command_exits_one_on_a_wrong_or_crashed_type(capsys, monkeypatch):
+    broken = census.ZooResult("gpt2", "native", "error", "RuntimeError: boom")
+    monkeypatch.setattr(census, "check_model_type", lambda model_type: broken)
+    assert main(["zoo", "--types", "gpt2", "--in-process", "--markdown"]) == 1
+    out = capsys.readouterr().out
+    assert "| gpt2 | native | error | RuntimeError: boom |" in out
+    assert out.rstrip().endswith("1 model types: 0 exact, 0 refused, 0 wrong, 1 error")
+
+
+def test_zoo_command_lists_the_types(capsys):
+    assert main(["zoo", "--list"]) == 0
+    assert capsys.readouterr().out.split() == decoder_model_types()
+
+
+# -- processes -----------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_a_type_that_runs_too_long_costs_only_itself():
+    results = zoo(["gpt2", "dory"], jobs=1, timeout_s=0.5)
+    assert [(r.model_type, r.result) for r in results] == [("gpt2", "error"), ("dory", "error")]
+    assert results[0].detail == "timed out after 0.5s"
+    results = zoo(["gpt2", "dory"], jobs=2)
+    assert [(r.model_type, r.result) for r in results] == [("gpt2", "exact"), ("dory", "refused")]
+
+
+@pytest.mark.distributed
+def test_newly_covered_types_train_through_the_pipeline():
+    from ppzoo.testing.step import distributed_step_problems
+
+    adapters = [census.zoo_adapter(t) for t in ("opt", "bloom")]
+    problems = distributed_step_problems(adapters)  # every placement kind: GPipe ... DualPipeV
+    assert problems == {a.name: [] for a in adapters}
