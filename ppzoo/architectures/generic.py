@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 
 from ppzoo.adapter import Adapter
+from ppzoo.architectures.moe import expert_counts
 from ppzoo.hookspecs import hookimpl
 from ppzoo.validation import Problem
 
@@ -33,8 +34,6 @@ FORWARD_EXTRAS = {
     "use_bidirectional_attention": "bidirectional attention",
     "output_router_logits": "a router aux loss added in the CausalLM forward",
 }
-#: config attributes that count experts
-EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 class GenericAdapter(Adapter):
@@ -68,9 +67,7 @@ class GenericAdapter(Adapter):
                         f"{kind} has {attr}={value!r} ({step}), which the generic adapter does not apply; {_ADVICE}",
                     )
                 )
-        experts = {
-            a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 0
-        }
+        experts = expert_counts(cfg)
         if experts:
             shown = ", ".join(f"{a}={v}" for a, v in experts.items())
             problems.append(

@@ -48,7 +48,17 @@ from ppzoo.architectures.llama import LlamaAdapter
 from ppzoo.capabilities import Capability
 from ppzoo.validation import Problem
 
-__all__ = ["ExpertKeyMap", "MoEAdapter"]
+__all__ = ["EXPERT_COUNTS", "ExpertKeyMap", "MoEAdapter", "expert_counts"]
+
+#: config attributes that count a mixture of experts' experts, across families
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_counts(cfg: Any) -> dict[str, int]:
+    """The expert-count attributes ``cfg`` sets to a positive integer, by name."""
+    counts = {a: getattr(cfg, a, None) for a in EXPERT_COUNTS}
+    return {a: v for a, v in counts.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+
 
 _EXPERTS = re.compile(r"^(?P<block>.+)\.experts\.(?P<param>\w+)$")
 _LAYER_BLOCK = re.compile(r"^(?P<layer>.+\.layers\.\d+)\.(?P<block>\w+)\.(?P<rest>.+)$")

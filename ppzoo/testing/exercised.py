@@ -15,13 +15,13 @@ from typing import Any
 from torch import nn
 
 from ppzoo.adapter import Adapter
+from ppzoo.architectures.moe import expert_counts
 from ppzoo.capabilities import Capability
 from ppzoo.layout import SLIDING
 
 __all__ = ["RECOGNISERS", "exercised"]
 
 #: config attributes that count routed experts
-_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _not_one(value: Any) -> bool:
@@ -39,7 +39,7 @@ def _rope_sets(cfg: Any) -> dict[str, dict]:
 
 
 def _experts(cfg: Any) -> int:
-    return max(int(getattr(cfg, a, None) or 0) for a in _EXPERT_COUNTS)
+    return max(expert_counts(cfg).values(), default=0)
 
 
 def _tied_embeddings(adapter: Adapter, config: Any, model: nn.Module, seq_len: int) -> bool:

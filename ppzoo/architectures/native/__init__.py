@@ -26,6 +26,7 @@ import tokenize
 from typing import Any
 
 from ppzoo.adapter import Adapter, KeyMap
+from ppzoo.architectures.moe import expert_counts
 from ppzoo.architectures.native import buffers as _buffers
 from ppzoo.architectures.native import keys as _keys
 from ppzoo.architectures.native import layout as _layout
@@ -35,8 +36,6 @@ from ppzoo.validation import Problem
 
 __all__ = ["NativeAdapter"]
 
-#: config attributes that count experts (a mixture of experts when one is above 1)
-EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 #: config sizes ppzoo's planner and cost model read
 PLANNED_SIZES = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "num_hidden_layers", "sliding_window")
 
@@ -114,9 +113,7 @@ class NativeAdapter(Adapter):
             )
         cfg = self.text_config(config)
         kind = f"model_type {getattr(config, 'model_type', None)!r}"
-        experts = {
-            a: getattr(cfg, a) for a in EXPERT_COUNTS if isinstance(getattr(cfg, a, None), int) and getattr(cfg, a) > 1
-        }
+        experts = {a: n for a, n in expert_counts(cfg).items() if n > 1}
         if experts:
             shown = ", ".join(f"{a}={v}" for a, v in experts.items())
             problems.append(
