@@ -23,7 +23,7 @@ from ppzoo.capabilities import Capability, parse_capabilities
 from ppzoo.layout import FULL, SLIDING, Layout
 from ppzoo.validation import Problem
 
-__all__ = ["Adapter", "KeyMap"]
+__all__ = ["Adapter", "KeyMap", "encoder_decoder_problems"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,18 @@ class KeyMap:
     def split(self, fqn: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Checkpoint tensors for the parameter ``fqn`` (the inverse of :meth:`combine`)."""
         return {fqn: tensor}
+
+
+def encoder_decoder_problems(config: Any) -> list[Problem]:
+    """The problem an encoder-decoder config poses to any adapter (ppzoo pipelines decoders only)."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return []
+    return [
+        Problem(
+            "encoder-decoder",
+            f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
+        )
+    ]
 
 
 class Adapter:
@@ -143,14 +155,7 @@ class Adapter:
         :class:`~ppzoo.validation.Problem` per reason, with a stable code: the base class's codes
         are in :data:`ppzoo.validation.CODES`; an adapter's own start with its name.
         """
-        problems = []
-        if getattr(config, "is_encoder_decoder", False):
-            problems.append(
-                Problem(
-                    "encoder-decoder",
-                    f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
-                )
-            )
+        problems = encoder_decoder_problems(config)
         cfg = self.text_config(config)
         known = {FULL, SLIDING}
         unknown = sorted(set(self.layer_types(config)) - known)

@@ -25,7 +25,7 @@ import sys
 import tokenize
 from typing import Any
 
-from ppzoo.adapter import Adapter, KeyMap
+from ppzoo.adapter import Adapter, KeyMap, encoder_decoder_problems
 from ppzoo.architectures.moe import expert_counts
 from ppzoo.architectures.native import buffers as _buffers
 from ppzoo.architectures.native import keys as _keys
@@ -103,14 +103,7 @@ class NativeAdapter(Adapter):
     def validate(self, config: Any, plan: Any = None) -> list[Problem]:
         # NOTE: of the base class's rules only the encoder-decoder one applies: the model's own
         # forward builds masks for every layer type (and reads num_hidden_layers only if it has it)
-        problems = []
-        if getattr(config, "is_encoder_decoder", False):
-            problems.append(
-                Problem(
-                    "encoder-decoder",
-                    f"{config.model_type} is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
-                )
-            )
+        problems = encoder_decoder_problems(config)
         cfg = self.text_config(config)
         kind = f"model_type {getattr(config, 'model_type', None)!r}"
         experts = {a: n for a, n in expert_counts(cfg).items() if n > 1}
