@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ppzoo.capabilities import Capability, parse_capabilities
-from ppzoo.layout import FULL, SLIDING, Layout
+from ppzoo.layout import FULL, SLIDING, LayerShape, Layout, measure_layer
 from ppzoo.validation import Problem
 
 __all__ = ["Adapter", "KeyMap", "encoder_decoder_problems"]
@@ -28,11 +28,15 @@ __all__ = ["Adapter", "KeyMap", "encoder_decoder_problems"]
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Checkpoint key ⇄ module FQN conversion.
+    """Checkpoint key ⇄ module FQN conversion that transformers' own rules do not describe.
 
-    The default is the identity. ``rules`` maps a parameter FQN pattern (``{}`` stands for the
-    layer index, ``{e}`` for an expert index) to the checkpoint keys it is built from; adapters
-    with fused parameters override :meth:`sources`, :meth:`combine` and :meth:`split`.
+    The default is the identity, and then ppzoo loads and saves through transformers' conversion
+    rules (renamed keys, per-expert tensors fused into one parameter, the base model's prefix: see
+    :mod:`ppzoo.checkpoint.conversion`). A key map is asked first: where :meth:`sources` answers
+    anything but ``[fqn]``, its keys (checkpoint keys, or parameters transformers' rules convert
+    to) are read and :meth:`combine` builds the parameter; where :meth:`split` answers other keys
+    than ``fqn``, those are written. ``rules`` maps a parameter FQN pattern (``{}`` stands for the
+    layer index, ``{e}`` for an expert index) to the checkpoint keys it is built from.
     """
 
     rules: dict[str, str] = field(default_factory=dict)
@@ -77,6 +81,9 @@ class Adapter:
     capabilities: frozenset[Capability] = frozenset()
     #: a fallback adapter is tried last, for any config its :meth:`matches` accepts
     fallback: bool = False
+    #: conformance checks known to fail, ``{check name: reason}``: ``ppzoo check``, ``check_adapter``
+    #: and the pytest plugin report them as expected failures (strict: a pass is a failure)
+    expected_failures: Mapping[str, str] = types.MappingProxyType({})
 
     # Attribute names; the defaults are Llama's.
     inner_name = "model"
@@ -109,7 +116,8 @@ class Adapter:
             layers=f"{p}.{self.layers_name}",
             num_layers=int(self.text_config(config).num_hidden_layers),
             outputs=(f"{p}.{self.norm_name}", self.head_name),
-            shared=(f"{p}.{self.rotary_name}",),
+            # NOTE: rotary_name = None: the model has no rotary embedding (learned or ALiBi positions)
+            shared=(f"{p}.{self.rotary_name}",) if self.rotary_name is not None else (),
         )
 
     def layer_types(self, config: Any) -> list[str]:
@@ -133,6 +141,12 @@ class Adapter:
 
     def key_map(self, config: Any) -> KeyMap:
         return KeyMap()
+
+    def layer_shape(self, config: Any, layer: nn.Module) -> LayerShape:
+        """The widths of ``layer`` (a meta-device decoder layer) that ``ppzoo plan``'s cost and
+        memory estimates use; the default measures its parameters (:func:`ppzoo.layout.measure_layer`)."""
+        cfg = self.text_config(config)
+        return measure_layer(layer, hidden=int(cfg.hidden_size), heads=int(getattr(cfg, "num_attention_heads", 0) or 0))
 
     def active_matrix_params(self, config: Any, layer: nn.Module, matrix_params: int) -> int:
         """Matrix weights one token multiplies in ``layer`` (MoE adapters count only routed experts)."""
@@ -194,7 +208,16 @@ class Adapter:
         raise NotImplementedError(f"adapter {self.name!r} has no tiny_config()")
 
     # -- stage forward pieces ------------------------------------------------------------------
-    def embed(self, inner: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, inner: nn.Module, input_ids: torch.Tensor, *, position_ids=None, attention_mask=None
+    ) -> torch.Tensor:
+        """The first stage's hidden states from ``input_ids``.
+
+        ``position_ids`` and ``attention_mask`` are what the step was given (None when the caller
+        passed none), for learned absolute positions (GPT-2 adds ``wpe(position_ids)``; OPT
+        derives positions from the mask). An override with the older signature
+        ``embed(self, inner, input_ids)`` is still called, without them.
+        """
         return getattr(inner, self.embed_name)(input_ids)
 
     def masks(self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str]) -> dict:
@@ -206,6 +229,8 @@ class Adapter:
         return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
 
     def position_embeddings(self, inner: nn.Module, hidden: torch.Tensor, position_ids, needed: set[str]) -> dict:
+        if self.rotary_name is None:
+            return dict.fromkeys(needed)  # NOTE: no rotary embedding: layers get position_embeddings=None
         rope = getattr(inner, self.rotary_name)(hidden, position_ids=position_ids)
         return {t: rope for t in needed}
 

@@ -4,6 +4,10 @@ Only hidden states cross stage boundaries, so each stage adds its own term: a fo
 stage module asks the adapter for ``aux_loss`` over this stage's layers for this microbatch,
 divides it by the microbatch count, and ties it to the stage output with an identity whose
 backward also sends a gradient of one into the term. The detached terms are summed for reporting.
+
+For mixtures of experts the term is the family's own router aux loss over the router logits the
+stage recorded during this forward, weighted by the stage's share of the model's routers
+(``ppzoo.architectures.moe``), for dedicated adapters and the native one alike.
 """
 
 from __future__ import annotations

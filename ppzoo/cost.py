@@ -22,13 +22,13 @@ def module_costs(
     """Estimated forward FLOPs per token of each module (backward scales them all alike).
 
     Matrix multiplies cost 2 FLOPs per weight; attention adds 4·heads·head_dim per attended key
-    (a causal query sees seq/2 keys on average, a sliding one at most the window); the head adds
-    the softmax of the loss. An embedding is a lookup: a row read and written per token.
+    (a causal query sees seq/2 keys on average, a sliding one at most the window), with
+    ``heads·head_dim`` the query width the adapter's :meth:`~ppzoo.Adapter.layer_shape` measures
+    (none for a layer without attention); the head adds the softmax of the loss. An embedding is
+    a lookup: a row read and written per token.
     """
     cfg = adapter.text_config(config)
     hidden = int(cfg.hidden_size)
-    heads = int(getattr(cfg, "num_attention_heads", 1))
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
     window = getattr(cfg, "sliding_window", None) or seq_len
     kinds = adapter.layer_types(config)
     costs: dict[str, float] = {}
@@ -43,5 +43,6 @@ def module_costs(
         else:
             index = int(fqn.rsplit(".", 1)[1])
             keys = min(window, seq_len / 2) if kinds[index] == SLIDING else seq_len / 2
-            costs[fqn] = 2.0 * adapter.active_matrix_params(cfg, module, matrix) + 4.0 * heads * head_dim * keys
+            q_width = adapter.layer_shape(config, module).q_width
+            costs[fqn] = 2.0 * adapter.active_matrix_params(cfg, module, matrix) + 4.0 * q_width * keys
     return costs

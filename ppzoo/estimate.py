@@ -6,15 +6,19 @@ every stage of a :class:`~ppzoo.planner.Plan`. They are estimates to size a run,
 Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
 Models", 2022), who count ``s·b·h·(34 + 5·a·s/h)`` bytes per GPT layer in fp16. For a Llama-style
 layer (pre-norm, gated MLP, grouped-query attention, no dropout) the tensors autograd keeps per
-token are: both norms' inputs and outputs (4h), q, k and v (h + 2·h_kv), the attention output
-(h), the MLP's gate, up, activated gate and product (4·I), each counted once at the activation
+token are: both norms' inputs and outputs (4h), q, k and v (h_q + 2·h_kv), the attention output
+(h_q), the MLP's gate, up, activated gate and product (4·I), each counted once at the activation
 dtype's width ``e``, plus the attention probabilities (``a·s`` per token) unless a fused kernel
 (flash / memory-efficient SDPA) replaces them by a per-head log-sum-exp in fp32::
 
-    layer bytes = s·b·( e·(6h + 2·h_kv + 4·I) + (e·a·s  or  4·a if fused) )
+    layer bytes = s·b·( e·(4h + 2·h_q + 2·h_kv + 4·I) + (e·a·s  or  4·a if fused) )
 
-For a GPT layer (I = 4h, h_kv = h) this gives 24·h + a·s elements per token: Korthikanti's
-16·h + a·s without dropout, plus the gated MLP's two extra I-wide tensors (8·h). The embedding adds
+A non-gated MLP (GPT-2, OPT, BLOOM, Falcon) keeps its up projection and its activation: ``2·I``
+instead of ``4·I``. For a GPT layer (I = 4h, h_q = h_kv = h) that gives 16·h + a·s elements per
+token: Korthikanti's count without dropout; a gated MLP of the same width adds two I-wide
+tensors (8·h). The widths come from each layer's own parameters, measured on the meta device
+(:meth:`ppzoo.Adapter.layer_shape`), so fused or split projections, multi-query, grouped-query
+and multi-head attention need no config names. The embedding adds
 nothing (its output is the first layer's saved input); every stage but the last holds its output
 (``e·h``), which the runtime keeps for the backward, a stage of only the embedding too; the last
 adds the final norm (``2·e·h``), the logits (``e·V``) and the loss's fp32 log-probabilities
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ppzoo.layout import LayerShape
 
 __all__ = [
     "StageEstimate",
@@ -85,6 +91,8 @@ def layer_activation_bytes(
     microbatch_size: int = 1,
     element_bytes: int = 2,
     fused_attention: bool = False,
+    q_hidden: int | None = None,
+    gated: bool = True,
 ) -> int:
     """Bytes one decoder layer keeps for its backward, per microbatch (formula in the module doc).
 
@@ -97,8 +105,12 @@ def layer_activation_bytes(
         microbatch_size: sequences per microbatch ``b``.
         element_bytes: activation element width ``e`` (2 for bf16/fp16, 4 for fp32).
         fused_attention: a fused kernel keeps a log-sum-exp per head, not the ``s×s`` probabilities.
+        q_hidden: query width ``h_q`` (heads × head dim); default ``hidden``; 0 without attention.
+        gated: the MLP multiplies a gate by an up projection (``4·I`` kept), else ``2·I``.
     """
-    per_token = element_bytes * (6 * hidden + 2 * kv_hidden + 4 * intermediate)
+    q_hidden = hidden if q_hidden is None else q_hidden
+    mlp = (4 if gated else 2) * intermediate
+    per_token = element_bytes * (4 * hidden + 2 * q_hidden + 2 * kv_hidden + mlp)
     per_token += 4 * heads if fused_attention else element_bytes * heads * seq_len
     return seq_len * microbatch_size * per_token
 
@@ -146,13 +158,30 @@ class StageEstimate:
     training_state_bytes: int
 
 
-def _mlp_width(cfg: Any) -> int:
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    if experts:
-        top_k = int(getattr(cfg, "num_experts_per_tok", 1))
-        width = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
-        return top_k * width + int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
-    return int(cfg.intermediate_size)
+def _moe_width(cfg: Any) -> int | None:
+    """The MLP width one token passes through in a MoE layer (top-k experts plus any shared
+    expert), from the config: fused 3-D expert parameters do not show which experts a token uses."""
+    from ppzoo.architectures.moe import expert_counts
+
+    if not expert_counts(cfg):
+        return None
+    top_k = int(getattr(cfg, "num_experts_per_tok", None) or 1)
+    width = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None)
+    if width is None:
+        return None
+    return top_k * int(width) + int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+
+
+def _layer_bytes(shape: LayerShape, moe_width: int | None, **kwargs: Any) -> int:
+    return layer_activation_bytes(
+        hidden=shape.hidden,
+        q_hidden=shape.q_width,
+        kv_hidden=shape.kv_width,
+        intermediate=moe_width if moe_width is not None else shape.mlp_width,
+        gated=True if moe_width is not None else shape.gated,
+        heads=shape.heads,
+        **kwargs,
+    )
 
 
 def estimate_plan(
@@ -181,30 +210,34 @@ def estimate_plan(
     """
     from ppzoo import registry
     from ppzoo.dtypes import parse_dtype
+    from ppzoo.meta import meta_model
 
-    cfg = registry.adapter_for(config).text_config(config)
-    hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    adapter = registry.adapter_for(config)
+    cfg = adapter.text_config(config)
+    hidden = int(cfg.hidden_size)
     element = parse_dtype(plan.dtype).itemsize
     microbatches = plan.num_stages if microbatches is None else microbatches
-    per_layer = layer_activation_bytes(
-        hidden=hidden,
-        kv_hidden=kv_heads * head_dim,
-        intermediate=_mlp_width(cfg),
-        heads=heads,
-        seq_len=seq_len,
-        microbatch_size=microbatch_size,
-        element_bytes=element,
-        fused_attention=fused_attention,
+    model = meta_model(config)
+    moe_width = _moe_width(cfg)
+    common = dict(
+        seq_len=seq_len, microbatch_size=microbatch_size, element_bytes=element, fused_attention=fused_attention
     )
+    # NOTE: layers of one model may differ (attention-free or dense-then-MoE layers); equal shapes
+    # are computed once.
+    by_shape: dict[LayerShape, int] = {}
+    per_layer = []
+    for index in range(plan.layout.num_layers):
+        shape = adapter.layer_shape(config, model.get_submodule(plan.layout.layer(index)))
+        if shape not in by_shape:
+            by_shape[shape] = _layer_bytes(shape, moe_width, **common)
+        per_layer.append(by_shape[shape])
     stages = [
         StageEstimate(
             index=s.index,
             rank=s.rank,
             activation_bytes_per_microbatch=stage_activation_bytes(
-                layer_bytes=per_layer,
-                layers=len(s.layers),
+                layer_bytes=sum(per_layer[i] for i in s.layers),
+                layers=1,
                 first=s.index == 0,
                 last=s.index == plan.num_stages - 1,
                 hidden=hidden,

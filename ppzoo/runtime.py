@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +19,24 @@ from torch import nn
 from torch.distributed import pipelining
 
 from ppzoo import registry
+from ppzoo.agreement import batch_groups, check_same, exchange, schedule_failure, tensor_digest
 from ppzoo.aux_loss import AuxLoss
 from ppzoo.checkpoint import Checkpoint, resolve
 from ppzoo.config import load_config
 from ppzoo.dtypes import parse_dtype
 from ppzoo.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens
-from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed
-from ppzoo.parallelize import TP_GRAD_ALLREDUCE, ParallelizeFn, parallelize_stage
+from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed, parse_timeout
+from ppzoo.parallelize import (
+    FSDP_MIXED_PRECISION,
+    TP_GRAD_ALLREDUCE,
+    ParallelizeFn,
+    parse_activation_checkpointing,
+    stage_parallelizer,
+)
 from ppzoo.planner import Plan
 from ppzoo.planner import plan as make_plan
+from ppzoo.precision import activation_dtype as boundary_dtype
+from ppzoo.precision import apply_autocast, parse_mixed_precision
 from ppzoo.schedule import build_schedule, check_batch, csv_stage_count, schedule_kind
 from ppzoo.stage import build_stage
 from ppzoo.tied import TiedWeights
@@ -108,6 +120,7 @@ class Pipeline:
         device: torch.device,
         microbatches: int,
         dtype: torch.dtype,
+        activation_dtype: torch.dtype | None = None,
     ):
         self.config = config
         self.adapter = adapter
@@ -116,6 +129,8 @@ class Pipeline:
         self.device = device
         self.microbatches = microbatches
         self.dtype = dtype
+        #: the dtype of hidden states and logits between stages (the compute dtype under mixed precision)
+        self.activation_dtype = activation_dtype or dtype
         self._modules = modules  # stage index -> module, in stage order
         self._pp_group = mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
@@ -197,11 +212,18 @@ class Pipeline:
             inputs = (
                 torch.empty(microbatch_size, seq_len, dtype=torch.long, **meta)
                 if spec.index == 0
-                else torch.empty(microbatch_size, seq_len, hidden, dtype=self.dtype, requires_grad=train, **meta)
+                else torch.empty(
+                    microbatch_size, seq_len, hidden, dtype=self.activation_dtype, requires_grad=train, **meta
+                )
             )
             last = spec.index == self.plan.num_stages - 1
             outputs = torch.empty(
-                microbatch_size, seq_len, vocab if last else hidden, dtype=self.dtype, requires_grad=train, **meta
+                microbatch_size,
+                seq_len,
+                vocab if last else hidden,
+                dtype=self.activation_dtype,
+                requires_grad=train,
+                **meta,
             )
             stages.append(
                 PipelineStage(
@@ -255,6 +277,89 @@ class Pipeline:
         args = (input_ids.to(self.device),) if self.holds_first else ()
         return args, kwargs
 
+    #: compare a hash of every rank's batch in each step / eval (see ``pipeline(check_batch=...)``)
+    check_batch: bool = False
+
+    def _agreed_inputs(self, what: str, input_ids, labels, attention_mask, position_ids) -> tuple[tuple, dict]:
+        """This rank's checked inputs, once every rank has checked its own and they agree.
+
+        NOTE: a rank whose batch is refused still joins the exchange with its error, so its peers
+        raise too instead of waiting in the schedule for it; ranks of one pipeline that pass
+        different shapes (or, with ``check_batch``, different contents) are refused on every rank.
+        """
+        error: Exception | None = None
+        facts: list[int] = []
+        try:
+            args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+            if labels is not None:
+                if tuple(labels.shape) != tuple(input_ids.shape):
+                    raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+                check_tokens(labels, "labels", vocab_size=self._vocab_size, ignore_index=IGNORE_INDEX)
+            facts = [*input_ids.shape, labels is not None, attention_mask is not None, position_ids is not None]
+            if self.check_batch:
+                facts.append(tensor_digest(input_ids, labels, attention_mask, position_ids))
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
+            error = exc
+        facts_seen = exchange(what, error, facts)
+
+        def describe(v: list[int]) -> str:
+            given = [n for n, f in zip(("labels", "attention_mask", "position_ids"), v[2:5], strict=True) if f]
+            parts = [f"input_ids {(v[0], v[1])}", *given]
+            return ", ".join(parts + ([f"content hash {v[5]:016x}"] if self.check_batch else []))
+
+        check_same(facts_seen, batch_groups(self.mesh), what=what, describe=describe)
+        self._check_length(input_ids.shape[1])
+        return args, kwargs
+
+    #: whether this pipeline has warned of sequences longer than the model's positions
+    _warned_length: bool = False
+
+    def _check_length(self, seq_len: int) -> None:
+        limit = getattr(self.adapter.text_config(self.config), "max_position_embeddings", None)
+        if self._warned_length or not isinstance(limit, int) or seq_len <= limit:
+            return
+        self._warned_length = True
+        warnings.warn(
+            f"sequences of {seq_len} tokens are longer than the model's max_position_embeddings={limit}: the "
+            "positions past it were never trained (and learned position embeddings have no entry for them); "
+            f"cut or split the sequences to {limit} tokens at most. Warned once per pipeline",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    @contextlib.contextmanager
+    def _earlier_grads_set_aside(self) -> Iterator[None]:
+        """Run a schedule on this step's gradients alone; earlier steps' go back in afterwards.
+
+        Gradient accumulation must survive two things: the sums ppzoo adds after the schedule
+        (tied copies over their two ranks, tp-replicated gradients over tp) would count earlier
+        steps' gradients again, and torch clears the gradients of FSDP-sharded stages when a new
+        schedule (a new batch shape, or the first ``eval``) infers its metadata.
+        """
+        earlier: dict[nn.Parameter, torch.Tensor] = {}
+        for param in self.parameters():
+            if param.grad is not None:
+                earlier[param] = param.grad
+                param.grad = None
+        try:
+            yield
+        finally:
+            for param, grad in earlier.items():
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad += grad  # NOTE: a + b == b + a exactly: as if accumulated in place
+
+    def _run(self, what: str, runtime: Any, *args: Any, **kwargs: Any) -> Any:
+        """``runtime.step``; a failure inside it names the rank where it began (see :func:`ppzoo.agreement.schedule_failure`)."""
+        try:
+            return runtime.step(*args, **kwargs)
+        except Exception as exc:
+            error = schedule_failure(exc, what)
+            if error is exc:
+                raise
+            raise error from exc
+
     def step(
         self,
         input_ids: torch.Tensor,
@@ -271,11 +376,14 @@ class Pipeline:
 
         Returns:
             The global batch loss (a detached scalar), the same on every rank.
+
+        Raises:
+            ValueError: this rank's batch is refused (ids, labels, shapes), or the ranks of one
+                pipeline passed different batch shapes (or, with ``check_batch``, contents).
+            ppzoo.agreement.RankError: another rank failed (naming it and its error), or the
+                ranks are not all in ``step``; see docs/reliability.md.
         """
-        args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
-        if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
-        check_tokens(labels, "labels", vocab_size=self._vocab_size, ignore_index=IGNORE_INDEX)
+        args, kwargs = self._agreed_inputs("step", input_ids, labels, attention_mask, position_ids)
         self._num_tokens = self._dp_sum(torch.tensor(count_label_tokens(labels), device=self.device)).item()
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
@@ -286,15 +394,18 @@ class Pipeline:
         self._aux_loss.reset()
         # NOTE: return_outputs=False: training needs only the losses; keeping and concatenating
         # every microbatch's logits would cost vocab-sized memory and time on the last rank.
-        runtime.step(
-            *args,
-            target=labels.to(self.device) if self.holds_last else None,
-            losses=losses,
-            return_outputs=False,
-            **kwargs,
-        )
-        self._tied.sync_grads()
-        self._sync_tp_replicated_grads()
+        with self._earlier_grads_set_aside():
+            self._run(
+                "step",
+                runtime,
+                *args,
+                target=labels.to(self.device) if self.holds_last else None,
+                losses=losses,
+                return_outputs=False,
+                **kwargs,
+            )
+            self._tied.sync_grads()
+            self._sync_tp_replicated_grads()
         if self.holds_last:
             loss = torch.stack([part.detach().float() for part in losses]).sum() / self._dp_size
         else:
@@ -324,6 +435,31 @@ class Pipeline:
                     grad = grad.to_local() if hasattr(grad, "to_local") else grad
                     dist.all_reduce(grad, group=self.mesh["tp"].get_group())
 
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of the whole model by their global norm (collective: every rank calls it).
+
+        The norm is over every parameter of the model, across pipeline ranks, FSDP2 shards and
+        tensor-parallel slices, each tied pair once: what ``torch.nn.utils.clip_grad_norm_`` gives
+        on the unsplit model, and the gradients are scaled as it scales them. Call it after
+        :meth:`step`, before the optimizer's step. See :mod:`ppzoo.grad_norm`.
+
+        Returns:
+            The total norm before clipping (a float32 scalar), the same on every rank.
+        """
+        from ppzoo.grad_norm import clip_grad_norm_
+
+        return clip_grad_norm_(
+            self.named_parameters(),
+            max_norm,
+            mesh=self.mesh,
+            norm_type=norm_type,
+            skip=self._tied.tied,
+            error_if_nonfinite=error_if_nonfinite,
+            device=self.device,
+        )
+
     @torch.no_grad()
     def eval(
         self,
@@ -336,12 +472,16 @@ class Pipeline:
 
         Returns:
             The logits ``(batch, sequence, vocab)`` on the rank holding the last stage; None elsewhere.
+
+        Raises:
+            ValueError, ppzoo.agreement.RankError: as :meth:`step`.
         """
-        args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+        args, kwargs = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids)
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=False)
         for module in self._modules.values():
             module.eval()
-        out = runtime.step(*args, **kwargs)
+        with self._earlier_grads_set_aside():
+            out = self._run("eval", runtime, *args, **kwargs)
         return out if self.holds_last else None
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -397,6 +537,11 @@ def pipeline(
     tp: int = 1,
     parallelize_fn: ParallelizeFn | None = None,
     attn_implementation: str | None = None,
+    timeout: float | datetime.timedelta | None = None,
+    check_batch: bool = False,
+    mixed_precision: str | torch.dtype | None = None,
+    activation_checkpointing: str | int | None = None,
+    compile: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> Pipeline:
     """Build this rank's pipeline stages of ``model`` and the schedule that runs them.
@@ -420,6 +565,22 @@ def pipeline(
             FSDP2 (:func:`ppzoo.parallelize.parallelize_stage`); ``stage_mesh`` is the stage's
             ``(dp_replicate, dp_shard, cp, tp)`` sub-mesh. The module is still on the meta device.
         attn_implementation: as in ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...).
+        timeout: how long a rank waits for the others (seconds or a ``timedelta``) before it
+            fails: the process-group timeout, given to the group ppzoo initialises (default 600 s)
+            or set on the one that exists, and on the mesh's groups. A rank whose stage fails
+            inside the schedule leaves its peers waiting this long at most.
+        check_batch: compare a hash of every rank's batch (ids, labels, mask, positions) in each
+            ``step`` / ``eval``, and refuse a step whose ranks passed different batches (shapes
+            are always compared). Also settable later as ``Pipeline.check_batch``.
+        mixed_precision: ``"bf16"``: float32 parameters and optimizer state (``dtype`` must stay
+            float32), bfloat16 compute, float32 gradient reduction and loss; hidden states and
+            logits cross stages (and ``eval`` returns logits) in bfloat16. None (default): compute
+            in ``dtype``. float16 is refused (it needs loss scaling). See :mod:`ppzoo.precision`.
+        activation_checkpointing: recompute decoder layers' activations in backward instead of
+            keeping them: ``"full"`` (every layer), ``"selective"`` (every second layer), an
+            integer k (every k-th layer by its index in the whole model), or None (default).
+        compile: ``torch.compile`` each decoder layer (after activation checkpointing, before
+            FSDP2, as torchtitan does). The first step of each batch shape compiles.
         **from_pretrained_kwargs: other ``from_pretrained`` keywords: ``trust_remote_code``,
             ``revision``, ``token``, ``cache_dir``, or config attributes to override.
 
@@ -434,6 +595,11 @@ def pipeline(
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype)
+    timeout = parse_timeout(timeout)
+    compute_dtype = parse_mixed_precision(mixed_precision, dtype=dtype)
+    checkpoint_every = parse_activation_checkpointing(activation_checkpointing)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
     degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
     name, kind = schedule_kind(schedule)
     if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
@@ -468,17 +634,22 @@ def pipeline(
     microbatches = the_plan.num_stages if microbatches is None else microbatches
     adapter = registry.adapter_for(config)
 
-    init_distributed(device)
-    mesh = build_mesh(degrees, device)
+    init_distributed(device, timeout=timeout)
+    mesh = build_mesh(degrees, device, timeout=timeout)
     pp_rank = mesh["pp"].get_local_rank()
     on_hub = not Path(os.fspath(model)).expanduser().is_dir()
     checkpoint = Checkpoint(local, repo_id=str(model) if on_hub else None, hub_kwargs=hub_kwargs if on_hub else None)
+    checkpoint.check_layer_count(the_plan.layout.layers, the_plan.layout.num_layers)
     stage_mesh = mesh["dp_replicate", "dp_shard", "cp", "tp"]
-    parallelize: Callable[[nn.Module], None] | None = None
-    if parallelize_fn is not None:
-        parallelize = lambda module: parallelize_fn(module, stage_mesh)  # noqa: E731
-    elif degrees.world_size > pp:
-        parallelize = lambda module: parallelize_stage(module, stage_mesh, adapter=adapter, config=config)  # noqa: E731
+    parallelize = stage_parallelizer(
+        stage_mesh,
+        adapter=adapter,
+        config=config,
+        parallelize_fn=parallelize_fn,
+        mixed_precision=compute_dtype,
+        activation_checkpointing=checkpoint_every,
+        compile=compile,
+    )
     modules: dict[int, nn.Module] = {}
     for spec in the_plan.stages_for_rank(pp_rank):
         started = time.perf_counter()
@@ -501,6 +672,8 @@ def pipeline(
             f"{spec.params:,}",
             time.perf_counter() - started,
         )
+        if compute_dtype is not None and not getattr(modules[spec.index], FSDP_MIXED_PRECISION, False):
+            apply_autocast(modules[spec.index], compute_dtype, param_dtype=dtype)
     pipe = Pipeline(
         config=config,
         adapter=adapter,
@@ -510,6 +683,8 @@ def pipeline(
         device=device,
         microbatches=microbatches,
         dtype=dtype,
+        activation_dtype=boundary_dtype(dtype=dtype, compute=compute_dtype),
     )
     pipe.source = local
+    pipe.check_batch = bool(check_batch)
     return pipe

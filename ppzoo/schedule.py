@@ -170,7 +170,9 @@ def _forward_only(stages: Sequence[Any], *, microbatches: int, placement: str) -
     from torch.distributed.pipelining.schedules import (
         FORWARD,
         RECV_F,
+        RESHARD,
         SEND_F,
+        UNSHARD,
         _Action,
         _PipelineScheduleRuntime,
         generate_stage_to_rank_mapping,
@@ -185,14 +187,18 @@ def _forward_only(stages: Sequence[Any], *, microbatches: int, placement: str) -
     # NOTE: torch validates compute-only orders as training orders (it demands backwards), so the
     # order is written with its communication directly.
     order: dict[int, list] = {rank: [] for rank in range(stages[0].group_size)}
+    # NOTE: an FSDP-sharded stage is gathered for its forwards and freed after them, as torch's
+    # lowering of training orders does; for an unsharded stage UNSHARD and RESHARD do nothing.
     for index in range(num_stages):
         rank = mapping[index]
+        order[rank].append(_Action(index, UNSHARD, None))
         for mb in range(microbatches):
             if index > 0 and mapping[index - 1] != rank:
                 order[rank].append(_Action(index, RECV_F, mb))
             order[rank].append(_Action(index, FORWARD, mb))
             if index < num_stages - 1 and mapping[index + 1] != rank:
                 order[rank].append(_Action(index, SEND_F, mb))
+        order[rank].append(_Action(index, RESHARD, None))
     runtime.pipeline_order = order
     runtime.pipeline_order_with_comms = order
     return runtime

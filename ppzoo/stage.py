@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ppzoo.checkpoint import Checkpoint, load_stage_weights
+from ppzoo.dropout import key_dropout
 from ppzoo.layout import Layout
 from ppzoo.meta import meta_model
 from ppzoo.planner import Plan, StagePlan
@@ -91,6 +92,7 @@ def build_stage(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     parallelize: Callable[[nn.Module], None] | None = None,
+    dropout_seed: int | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """One ready stage: built on meta, pruned, parallelized, materialised on ``device``, loaded, patched.
@@ -105,6 +107,8 @@ def build_stage(
         dtype: parameter dtype.
         parallelize: applies TP / FSDP to the stage while it is still on the meta device, so
             each rank then reads only its own slices of every tensor.
+        dropout_seed: the base seed of the stage's dropout streams (:mod:`ppzoo.dropout`); default
+            ``torch.initial_seed()`` as each forward starts (seed every rank alike).
         **model_kwargs: passed to ``from_config`` (``attn_implementation``, ...).
 
     Returns:
@@ -130,6 +134,8 @@ def build_stage(
     load_stage_weights(model, checkpoint, adapter=adapter, config=config)
     adapter.patch_inner_forward(model.get_submodule(adapter.inner_name))
     adapter.patch_causal_lm_forward(model)
+    # NOTE: dropout masks keyed by (seed, layer, microbatch), whatever rank runs the layer
+    key_dropout(model, plan.layout, stage.layers, seed=dropout_seed)
     model.ppzoo_stage = stage
     return model
 
@@ -150,9 +156,22 @@ def _mask_params(fn: Callable) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
-def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids) -> Any:
-    """Call a transformers mask function with the argument names the installed version uses."""
+def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids, **extra: Any) -> Any:
+    """Call a transformers mask function with the argument names the installed version uses.
+
+    ``fn`` is ``transformers.masking_utils.create_causal_mask``, ``create_sliding_window_causal_mask``
+    or another function of that family; ``extra`` is passed on as it is (``allow_is_causal_skip=False``
+    for ALiBi models, whose attention adds the bias to a mask that must therefore exist;
+    ``and_mask_function=...``). The result is what the function returns for one layer type: a
+    tensor, a ``BlockMask`` or None (no mask needed).
+
+    Raises:
+        TypeError: ``fn`` takes no argument of a name in ``extra``.
+    """
     params = _mask_params(fn)
+    unknown = sorted(set(extra) - params)
+    if unknown and not any(inspect.Parameter.VAR_KEYWORD == p.kind for p in inspect.signature(fn).parameters.values()):
+        raise TypeError(f"{getattr(fn, '__name__', fn)} takes no argument {unknown[0]!r}; it takes {sorted(params)}")
     kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
     # NOTE: transformers renamed input_embeds -> inputs_embeds and past_key_values -> cache, and
     # dropped cache_position; stages never carry a cache.
@@ -165,12 +184,28 @@ def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, 
         kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids
-    return fn(**kwargs)
+    return fn(**kwargs, **extra)
+
+
+@functools.cache
+def _embed_takes(fn: Callable) -> frozenset[str]:
+    """The keywords among ``position_ids`` / ``attention_mask`` an ``embed`` implementation takes."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset({"position_ids", "attention_mask"})
+    return frozenset(params) & {"position_ids", "attention_mask"}
+
+
+def _embed(adapter: Adapter, inner: nn.Module, x: torch.Tensor, position_ids, attention_mask) -> torch.Tensor:
+    # NOTE: adapters written before embed took position_ids / attention_mask keep working
+    fn = getattr(type(adapter).embed, "__func__", type(adapter).embed)
+    given = {"position_ids": position_ids, "attention_mask": attention_mask}
+    return adapter.embed(inner, x, **{k: v for k, v in given.items() if k in _embed_takes(fn)})
 
 
 def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
     if getattr(inner, adapter.embed_name, None) is not None:
-        hidden = adapter.embed(inner, x)
+        hidden = _embed(adapter, inner, x, position_ids, attention_mask)
     else:
         hidden = x
     layers = getattr(inner, adapter.layers_name)

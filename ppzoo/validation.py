@@ -34,7 +34,7 @@ CODES: dict[str, str] = {
     "generic-sliding-window": "sliding_window without layer_types: the model's forward decides which layers slide",
     "generic-layout": "the model cannot be built, or is not laid out as embed_tokens / layers / norm / lm_head",
     # the native adapter (Hugging Face's own forward, steered; see docs/zoo.md)
-    "native-moe": "a mixture of experts: expert checkpoint keys and the router aux loss come in a later part",
+    "native-moe": "a mixture of experts whose router aux loss ppzoo cannot read from the forward, so cannot add per stage",
     "native-quantized": "quantized weights (quantization_config): dequantize first",
     "native-config-size": "a size the planner reads (head_dim, ...) varies per layer",
     "native-build": "the config does not build",
@@ -52,7 +52,7 @@ CODES: dict[str, str] = {
     "native-input-module": "an input module whose output shape ppzoo cannot stand in for",
     "native-layer-output": "layers return something other than a tensor or a tuple/list",
     "native-tied": "a tie other than output-to-input or within one side",
-    "native-checkpoint-keys": "transformers merges or splits checkpoint tensors at load",
+    "native-checkpoint-keys": "transformers' checkpoint key conversion fails on the model, or does not read back what it saves",
     # the split
     "stages-uneven": "the number of stages is not a multiple of pp",
     "stages-per-rank-mismatch": "stages_per_rank disagrees with the split layers_per_stage or stage_modules makes",

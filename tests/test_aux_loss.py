@@ -2,11 +2,12 @@
 
 The conformance kit's tiny MoE configs turn the aux loss on, so its stage chain (all stages' aux
 loss plus the LM loss is Hugging Face's loss) and its distributed step (four microbatches) test it
-for every MoE adapter. This file checks the averaging over microbatches at two.
+for every MoE adapter. This file checks the averaging over microbatches at two, for a dedicated
+adapter (Mixtral) and for the native adapter on a zoo type (GraniteMoE).
 ``ppzoo/architectures/moe.py`` states the semantics: each stage adds ``coef × load_balancing(its
-own layers' router logits, this microbatch) × its share of the MoE layers``, averaged over the
-microbatches. The reference below computes exactly that from the
-unsplit Hugging Face model.
+own layers' router logits, this microbatch) × its share of the model's routers``, averaged over
+the microbatches. The reference below computes exactly that from the unsplit Hugging Face model,
+with the family's own ``load_balancing_loss_func`` and coefficient.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import ppzoo
 from ppzoo import registry
 from ppzoo.loss import causal_lm_loss
+from ppzoo.testing import census
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 
@@ -31,20 +33,21 @@ SEQ_LEN = 12
 
 
 def _reference_loss(reference, plan, ids, mask, labels):
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    import inspect
 
-    cfg = reference.config
+    balancing = inspect.getmodule(type(reference)).load_balancing_loss_func
     logits = reference(input_ids=ids, attention_mask=mask).logits
     loss = causal_lm_loss(logits, labels)
     rows = ids.shape[0] // MICROBATCHES
-    layers = cfg.num_hidden_layers
+    layers = reference.config.num_hidden_layers  # every layer of both tiny configs routes
     for mb in range(MICROBATCHES):
         part = slice(mb * rows, (mb + 1) * rows)
         router = reference(input_ids=ids[part], attention_mask=mask[part], output_router_logits=True).router_logits
+        assert len(router) == layers
         for stage in plan.stages:
             own = tuple(router[i] for i in stage.layers)
-            term = load_balancing_loss_func(own, cfg.num_local_experts, cfg.num_experts_per_tok, mask[part])
-            loss = loss + cfg.router_aux_loss_coef * term * (len(own) / layers) / MICROBATCHES
+            term = balancing(own, reference.num_experts, reference.num_experts_per_tok, mask[part])
+            loss = loss + reference.router_aux_loss_coef * term * (len(own) / layers) / MICROBATCHES
     return loss
 
 
@@ -75,13 +78,18 @@ def _rank_main(rank, world_size, directory):
     return out
 
 
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    adapter = registry.adapters()["mixtral"]
-    config = adapter.tiny_config()
-    config.output_router_logits = True
-    config.router_aux_loss_coef = 0.5
-    directory = save_tiny_model(adapter, tmp_path_factory.mktemp("mixtral"), config=config)
+@pytest.fixture(scope="module", params=["mixtral", "granitemoe"])
+def group(request, tmp_path_factory):
+    if request.param == "mixtral":
+        adapter = registry.adapters()["mixtral"]
+        config = adapter.tiny_config()
+        config.output_router_logits = True
+        config.router_aux_loss_coef = 0.5
+    else:  # the native adapter, on the zoo's tiny config (router aux loss on)
+        adapter = census.zoo_adapter(request.param)
+        config = adapter.tiny_config()
+        assert config.output_router_logits and config.router_aux_loss_coef == 0.5
+    directory = save_tiny_model(adapter, tmp_path_factory.mktemp(request.param), config=config)
     return run_distributed(_rank_main, 2, str(directory), timeout_s=600)
 
 

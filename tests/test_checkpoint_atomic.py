@@ -215,3 +215,85 @@ def test_check_target_accepts_new_empty_and_checkpoint_directories(tmp_path):
         _check_target(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     _check_target(tmp_path)
+
+
+# -- a save killed at any moment of the swap --------------------------------------------------------
+#: the steps of a swap over an existing checkpoint, in order, for each way of swapping
+SWAP_STEPS = {
+    "exchange": ["ready", "swapped", "removing", "done"],
+    "rename": ["ready", "moved-aside", "swapped", "removing", "done"],
+}
+
+
+def _checkpoint(directory: Path, weights: bytes) -> dict[str, str]:
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "model.safetensors").write_bytes(weights)
+    (directory / "tokenizer.json").write_text("{}")
+    return _digest(directory)
+
+
+def _killed_swap(tmp_path: Path, mode: str, step: str) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """A save whose rank 0 is SIGKILLed at ``step`` of the swap (in a forked child)."""
+    import signal
+
+    import ppzoo.checkpoint.atomic as atomic
+
+    target = tmp_path / "ckpt"
+    old = _checkpoint(target, b"old weights")
+    new = _checkpoint(tmp_path / "ckpt.tmp-0123456789ab", b"new weights")
+    pid = os.fork()
+    if pid == 0:  # the child: swap, and die at the step
+        try:
+            atomic._reached = lambda at: at == step and os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "rename":
+                atomic._exchange = lambda a, b: False
+            atomic._swap_into_place(tmp_path / "ckpt.tmp-0123456789ab", target, "0123456789ab")
+        finally:
+            os._exit(3)  # not killed: the step was never reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{mode}: never reached {step!r}"
+    return target, old, new
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "mode, step", [(mode, step) for mode, steps in SWAP_STEPS.items() for step in steps], ids=lambda v: v
+)
+def test_a_save_killed_at_any_step_of_the_swap_loses_nothing(tmp_path, mode, step):
+    from ppzoo.checkpoint.atomic import recover
+
+    target, old, new = _killed_swap(tmp_path, mode, step)
+    swapped = SWAP_STEPS[mode].index(step) >= SWAP_STEPS[mode].index("swapped")
+    if mode == "exchange" or step != "moved-aside":
+        # the path holds a whole checkpoint, old or new, even before anything recovers it
+        assert _digest(target) == (new if swapped else old)
+    assert ppzoo.checkpoint.resolve(target) == target  # the next load recovers the swap first
+    assert _digest(target) == (old if step == "ready" else new)
+    recover(target, clean=True)  # what the next save does first
+    assert _digest(target) == (old if step == "ready" else new)
+    assert _leftovers(target) == []
+
+
+def test_recover_restores_the_old_checkpoint_when_the_new_one_is_gone(tmp_path):
+    from ppzoo.checkpoint.atomic import recover
+
+    old = _checkpoint(tmp_path / "ckpt.old-0123456789ab", b"old weights")
+    recover(tmp_path / "ckpt")
+    assert _digest(tmp_path / "ckpt") == old
+    assert _leftovers(tmp_path / "ckpt") == []
+
+
+def test_the_next_save_deletes_what_killed_saves_left(tmp_path):
+    from ppzoo.checkpoint.atomic import recover
+
+    current = _checkpoint(tmp_path / "ckpt", b"weights")
+    _checkpoint(tmp_path / "ckpt.tmp-aaaaaaaaaaaa", b"half a save")
+    _checkpoint(tmp_path / "ckpt.old-bbbbbbbbbbbb", b"a swap that had yet to delete this")
+    _checkpoint(tmp_path / "ckpt-other.tmp-cccccccccccc", b"another checkpoint's save")
+    recover(tmp_path / "ckpt")  # a load deletes nothing: a save may be under way
+    assert len(_leftovers(tmp_path / "ckpt")) == 2
+    recover(tmp_path / "ckpt", clean=True)
+    assert _leftovers(tmp_path / "ckpt") == []
+    assert _digest(tmp_path / "ckpt") == current
+    assert (tmp_path / "ckpt-other.tmp-cccccccccccc").is_dir()

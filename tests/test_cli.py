@@ -245,3 +245,40 @@ def test_list_shows_a_plugin_adapter(capsys):
         code, out, _ = run(capsys, "list")
     assert code == 0
     assert f"{'toy':<14} {'toy_lm':<32} toy-plugin (registered at run time)" in out.splitlines()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "opt", "bloom"])
+def test_plan_estimates_every_dense_layer_kind(model_type, tmp_path, capsys):
+    """Non-gated MLPs sized by n_inner, ffn_dim or nothing, fused QKV, multi-query and multi-head
+    attention: the plan and its estimates come from the layers' own shapes."""
+    from ppzoo.estimate import layer_activation_bytes
+    from ppzoo.meta import meta_model
+    from ppzoo.testing.tiny_configs import tiny_config
+
+    config = tiny_config(model_type)
+    config.save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--pp", "2", "--layers-per-stage", "2", "--seq-len", "64", "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    adapter = registry.adapter_for(config)
+    layout = adapter.fqn_layout(config)
+    model = meta_model(config)
+    layers = []
+    for i in range(layout.num_layers):
+        shape = adapter.layer_shape(config, model.get_submodule(layout.layer(i)))
+        layers.append(
+            layer_activation_bytes(
+                hidden=shape.hidden,
+                q_hidden=shape.q_width,
+                kv_hidden=shape.kv_width,
+                intermediate=shape.mlp_width,
+                gated=shape.gated,
+                heads=shape.heads,
+                seq_len=64,
+                element_bytes=4,
+            )
+        )
+    first = data["estimates"]["stages"][0]["activation_bytes_per_microbatch"]
+    assert first == sum(layers[:2]) + 64 * 4 * config.hidden_size
+    code, out, _ = run(capsys, "plan", tmp_path, "--pp", "2")
+    assert code == 0 and out.splitlines()[0].startswith(f"{model_type} ({adapter.name} adapter)")

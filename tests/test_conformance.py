@@ -278,7 +278,7 @@ def test_check_adapter_refuses_expected_failures_it_cannot_honour():
         check_adapter(llama, expected_failures={"stage-chain": "typo"})
     assert str(raised.value) == (
         "expected_failures names unknown checks ['stage-chain']; the checks are tiny_config, layout, plan, "
-        "validation, stage_reads, buffers, stage_chain, tied_weights, distributed_step"
+        "validation, stage_reads, buffers, stage_chain, dropout, tied_weights, distributed_step"
     )
     with pytest.raises(ValueError) as raised:
         check_adapter(llama, expected_failures={"tied_weights": "n/a"})
@@ -365,3 +365,174 @@ def test_ppzoo_check_fails_naming_the_problem(ppzoo_plugin, capsys):
         "",
         "1 FAIL",
     ]
+
+
+class DeclaredNoHead(NoHead):
+    name = "declared-no-head"
+    model_types = ("declared-no-head",)
+    expected_failures = {"layout": "the head is left out on purpose"}
+
+
+class DeclaredLlama(LlamaAdapter):
+    name = "declared-llama"
+    model_types = ("declared-llama",)
+    expected_failures = {"layout": "thought broken"}
+
+
+def _register(ppzoo_plugin, *adapters):
+    class Plugin:
+        @staticmethod
+        @__import__("ppzoo").hookimpl
+        def ppzoo_register_adapters(register):
+            for adapter in adapters:
+                register(adapter)
+
+    ppzoo_plugin(Plugin, "declaring-plugin")
+
+
+def test_ppzoo_check_honours_an_adapters_expected_failures(ppzoo_plugin, capsys):
+    _register(ppzoo_plugin, DeclaredNoHead(), DeclaredLlama())
+    assert main(["check", "--adapter", "declared-no-head", "--check", "layout"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "architecture      provided by       layout",
+        "declared-no-head  declaring-plugin  xfail (1)",
+        "",
+        "(1) the head is left out on purpose",
+        "",
+        "1 xfail",
+    ]
+    # strict: an expected failure that passes fails the run
+    assert main(["check", "--adapter", "declared-llama", "--check", "layout"]) == 1
+    out = capsys.readouterr().out
+    assert "passed, but was expected to fail (thought broken); remove it from expected_failures" in out
+
+
+def test_an_adapters_expected_failures_reach_records_and_pytest_items():
+    from ppzoo.testing.parametrize import case_params
+
+    (record,) = check_adapter(DeclaredNoHead(), select=["layout"])
+    assert (record.status, record.reason) == ("xfailed", "the head is left out on purpose")
+    # the caller's reason overrides the adapter's for the same check
+    (record,) = check_adapter(DeclaredNoHead(), select=["layout"], expected_failures={"layout": "mine"})
+    assert (record.status, record.reason) == ("xfailed", "mine")
+    (param,) = case_params([DeclaredNoHead()], select=["layout"])
+    (mark,) = [m for m in param.marks if m.name == "xfail"]
+    assert mark.kwargs == {"strict": True, "reason": "the head is left out on purpose"}
+
+
+def test_an_adapter_cannot_expect_a_check_it_does_not_apply():
+    class Confused(LlamaAdapter):
+        name = "confused"
+        expected_failures = {"tied_weights": "n/a"}
+
+    with pytest.raises(ValueError, match="expected_failures names 'tied_weights', which does not apply"):
+        check_adapter(Confused(), select=["tied_weights"])
+
+    class Misspelled(LlamaAdapter):
+        name = "misspelled"
+        expected_failures = {"stage-chain": "typo"}
+
+    with pytest.raises(ValueError, match=r"Misspelled.expected_failures names unknown checks \['stage-chain'\]"):
+        check_adapter(Misspelled(), select=["layout"])
+
+
+# -- the adapter API a third party writes against ---------------------------------------------------
+class GPT2FromTheDocs(__import__("ppzoo").Adapter):
+    """GPT-2 through the Llama-style stage forward: learned absolute positions added in ``embed``
+    (which receives ``position_ids``), no rotary embedding, fused QKV inside the blocks."""
+
+    name = "gpt2-from-the-docs"
+    model_types = ("gpt2",)
+    capabilities = frozenset({"tied_embeddings"})
+    inner_name, embed_name, layers_name, norm_name, rotary_name = "transformer", "wte", "h", "ln_f", None
+
+    def fqn_layout(self, config):
+        layout = super().fqn_layout(config)
+        return Layout(("transformer.wte", "transformer.wpe"), layout.layers, layout.num_layers, layout.outputs)
+
+    def embed(self, inner, input_ids, *, position_ids=None, attention_mask=None):
+        import torch
+
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return inner.drop(inner.wte(input_ids) + inner.wpe(position_ids))
+
+    def call_layer(self, layer, hidden, *, mask, position_embeddings, position_ids):
+        assert position_embeddings is None  # rotary_name = None
+        return layer(hidden, attention_mask=mask, position_ids=position_ids)
+
+    def tiny_config(self):
+        return registry.adapters()["native"].tiny_config()
+
+
+class BloomFromTheDocs(__import__("ppzoo").Adapter):
+    """BLOOM through the Llama-style stage forward: an embedding layer norm, ALiBi instead of
+    rotary positions. The per-layer-type mask object carries the ALiBi bias with the mask."""
+
+    name = "bloom-from-the-docs"
+    model_types = ("bloom",)
+    capabilities = frozenset({"tied_embeddings"})
+    inner_name, embed_name, layers_name, norm_name, rotary_name = "transformer", "word_embeddings", "h", "ln_f", None
+
+    def fqn_layout(self, config):
+        layout = super().fqn_layout(config)
+        inputs = ("transformer.word_embeddings", "transformer.word_embeddings_layernorm")
+        return Layout(inputs, layout.layers, layout.num_layers, layout.outputs)
+
+    def embed(self, inner, input_ids, *, position_ids=None, attention_mask=None):
+        return inner.word_embeddings_layernorm(inner.word_embeddings(input_ids))
+
+    def masks(self, inner, hidden, attention_mask, position_ids, needed):
+        import torch
+        from transformers.masking_utils import create_causal_mask
+
+        from ppzoo.stage import build_mask
+
+        # NOTE: BLOOM's positions are ALiBi's alone: transformers builds its mask without position_ids
+        mask = build_mask(create_causal_mask, inner.config, hidden, attention_mask, None)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        alibi = inner.build_alibi_tensor(attention_mask, inner.num_heads, dtype=hidden.dtype)
+        return dict.fromkeys(needed, (mask, alibi))
+
+    def call_layer(self, layer, hidden, *, mask, position_embeddings, position_ids):
+        causal, alibi = mask
+        return layer(hidden, alibi=alibi, attention_mask=causal)[0]
+
+    def tiny_config(self):
+        from ppzoo.testing.tiny_configs import tiny_config
+
+        return tiny_config("bloom")
+
+
+class OldSignatureEmbed(LlamaAdapter):
+    """An adapter written before ``embed`` took ``position_ids`` and ``attention_mask``."""
+
+    name = "old-signature-embed"
+
+    def embed(self, inner, input_ids):
+        return getattr(inner, self.embed_name)(input_ids)
+
+
+@pytest.mark.parametrize("adapter", [GPT2FromTheDocs(), BloomFromTheDocs(), OldSignatureEmbed()], ids=lambda a: a.name)
+def test_adapter_api_for_learned_positions_and_old_embed_signatures(adapter):
+    """Both run the stage chain exactly, the packed position_ids case included."""
+    check_layout(adapter)
+    check_stage_chain(adapter)
+
+
+def test_build_mask_passes_extra_arguments_to_transformers():
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    from ppzoo.stage import build_mask
+
+    config = registry.adapters()["llama"].tiny_config()
+    config._attn_implementation = "sdpa"
+    hidden = torch.zeros(2, 6, config.hidden_size)
+    # NOTE: sdpa without padding needs no mask tensor; ALiBi models must have one
+    assert build_mask(create_causal_mask, config, hidden, None, None) is None
+    mask = build_mask(create_causal_mask, config, hidden, None, None, allow_is_causal_skip=False)
+    assert mask is not None and mask.shape[-2:] == (6, 6)
+    with pytest.raises(TypeError, match="create_causal_mask takes no argument 'alibi'"):
+        build_mask(create_causal_mask, config, hidden, None, None, alibi=True)

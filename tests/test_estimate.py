@@ -94,3 +94,120 @@ def test_estimate_plan_on_the_tiny_llama():
     assert [s["training_state_bytes"] for s in got["stages"]] == [16 * s.params for s in plan.stages]
     assert got["microbatches"] == 2 and got["bubble_fraction"] == pytest.approx(1 / 3)
     assert estimate_plan(plan, config, seq_len=2048, microbatches=8)["bubble_fraction"] == pytest.approx(1 / 9)
+
+
+# -- layer shapes measured from the modules: every dense layer kind ---------------------------------
+def _widths_from_config(model_type, cfg):
+    """What each family's config says its layer is (the measurement never reads these names)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = h // heads
+    if model_type in ("gpt2", "opt", "bloom"):
+        kv_heads = heads
+    elif model_type == "gpt_bigcode":
+        kv_heads = 1 if cfg.multi_query else heads
+    elif model_type == "falcon":
+        kv_heads = cfg.num_kv_heads if cfg.new_decoder_architecture else 1 if cfg.multi_query else heads
+    else:
+        kv_heads = cfg.num_key_value_heads
+    if model_type in ("gpt2", "gpt_bigcode"):
+        mlp = cfg.n_inner or 4 * h
+    elif model_type == "opt":
+        mlp = cfg.ffn_dim
+    elif model_type == "falcon":
+        mlp = getattr(cfg, "ffn_hidden_size", None) or 4 * h
+    elif model_type == "bloom":
+        mlp = 4 * h
+    else:
+        mlp = cfg.intermediate_size
+    gated = model_type in ("llama", "phi3")
+    return dict(heads=heads, q_width=heads * head_dim, kv_width=kv_heads * head_dim, mlp_width=mlp, gated=gated)
+
+
+SHAPED = [
+    ("gpt2", {}),  # fused QKV as Conv1D, multi-head, non-gated MLP
+    ("gpt_bigcode", {"multi_query": True}),  # multi-query, fused Conv1D
+    ("falcon", {"multi_query": True}),  # multi-query, fused Linear
+    ("falcon", {"multi_query": False}),  # multi-head, fused Linear
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # grouped-query, fused
+    ("opt", {}),  # separate q/k/v, ffn_dim
+    ("bloom", {}),  # fused QKV, 4h MLP without a width in the config
+    ("llama", {}),  # grouped-query, gated MLP
+    ("phi3", {}),  # fused QKV and gate_up, o_proj registered first
+]
+
+
+def _tiny(model_type, overrides):
+    from ppzoo.testing.tiny_configs import tiny_config
+
+    config = tiny_config(model_type)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize("model_type, overrides", SHAPED, ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_layer_shape_is_measured_from_the_layer(model_type, overrides):
+    from ppzoo import registry
+    from ppzoo.meta import meta_model
+
+    config = _tiny(model_type, overrides)
+    adapter = registry.adapter_for(config)
+    layer = meta_model(config).get_submodule(adapter.fqn_layout(config).layer(0))
+    shape = adapter.layer_shape(config, layer)
+    want = _widths_from_config(model_type, config)
+    assert {k: getattr(shape, k) for k in want} == want
+    assert shape.hidden == config.hidden_size
+
+
+def _saved_bytes_per_layer(config, seq_len):
+    """Bytes autograd really keeps for the backward of each decoder layer (one sequence, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ppzoo import registry
+
+    config._attn_implementation = "eager"
+    layout = registry.adapter_for(config).fqn_layout(config)
+    model = AutoModelForCausalLM.from_config(config).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, saved = [None], {}
+    for i in range(layout.num_layers):
+        layer = model.get_submodule(layout.layer(i))
+        layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+        layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in params:
+            saved.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()  # a storage counts once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(3, config.vocab_size, (1, seq_len)))
+    return [sum(saved[i].values()) for i in range(layout.num_layers)]
+
+
+@pytest.mark.parametrize("model_type, overrides", SHAPED[:7], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_layer_estimate_follows_what_autograd_keeps(model_type, overrides):
+    """The per-layer estimate is within the formula's reach of the tensors the real layer saves
+    (dropout off; the formula leaves out small tensors and counts each kept tensor once)."""
+    config = _tiny(model_type, overrides)
+    for name, value in vars(config).items():
+        if "drop" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    seq_len = 64
+    got = estimate_plan(ppzoo.plan(config, pp=2, layers_per_stage=2), config, seq_len=seq_len)
+    real = _saved_bytes_per_layer(config, seq_len)
+    last_stage = got["stages"][1]["activation_bytes_per_microbatch"]
+    ends = stage_activation_bytes(
+        layer_bytes=0,
+        layers=0,
+        first=False,
+        last=True,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        seq_len=seq_len,
+        element_bytes=4,
+    )
+    estimated = (last_stage - ends) / 2
+    assert 0.65 < estimated / (sum(real[2:4]) / 2) < 1.4

@@ -143,11 +143,6 @@ REFUSED = {
             )
         ],
     ),
-    "starcoder2-embedding_dropout": (
-        "starcoder2",
-        {"embedding_dropout": 0.1},
-        [extra("starcoder2", "embedding_dropout", 0.1, "embedding dropout in the base model's forward")],
-    ),
     "phi4_multimodal-extra-modules": (
         "phi4_multimodal",
         {"num_hidden_layers": 2},
@@ -197,3 +192,25 @@ def test_non_standard_layouts_are_not_matched(monkeypatch):
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "phi3", "mixtral", "qwen2_moe"])
 def test_dedicated_adapters_win_over_the_fallback(model_type):
     assert registry.adapter_for(AutoConfig.for_model(model_type)).name == model_type
+
+
+def test_starcoder2_embedding_dropout_is_applied_not_refused(without_native):
+    """StarCoder2 as released (embedding and residual dropout 0.1): the generic adapter takes it and
+    drops out the embeddings as its base forward does, in train mode with the reference's masks."""
+    from ppzoo.testing.census import zoo_adapter
+    from ppzoo.testing.checks import check_stage_chain
+
+    released = AutoConfig.for_model("starcoder2", embedding_dropout=0.1, residual_dropout=0.1)
+    assert registry.problems(released) == [] and registry.adapter_for(released).name == "generic"
+
+    class Released(type(zoo_adapter("starcoder2"))):
+        name = "generic[starcoder2, released dropout]"
+
+        def tiny_config(self):
+            from ppzoo.testing.tiny_configs import tiny_config as zoo_tiny
+
+            config = zoo_tiny("starcoder2")
+            config.embedding_dropout = config.residual_dropout = 0.1
+            return config
+
+    check_stage_chain(Released())

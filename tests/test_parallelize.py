@@ -1,4 +1,8 @@
-"""Parallelism inside stages (``ppzoo.parallelize``) on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2."""
+"""Parallelism inside stages (``ppzoo.parallelize``) on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2.
+
+Activation checkpointing runs there too (with FSDP2 and with tensor parallel), and in a 2-process
+group at pp=2 alone (full, selective, every third layer), with compiled layers (``compile=True``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import ppzoo
+import ppzoo.parallelize
 from ppzoo import registry
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
@@ -68,6 +73,16 @@ def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
         problems.append(f"loss {loss.item()} != reference {out.loss.item()}")
     named = list(pipe.named_parameters())
     problems += grad_mismatches(named, reference)
+    if count_reductions:
+        # a new schedule (eval's, a new length's) must not drop the gradients accumulated so far,
+        # although torch clears sharded stages' gradients when it sets one up
+        pipe.eval(part[0], attention_mask=part[1])
+        problems += [f"after eval: {p}" for p in grad_mismatches(named, reference)]
+        short = [t[:, :-3] for t in (ids, mask, labels)]
+        reference(input_ids=short[0], attention_mask=short[1], labels=short[2]).loss.backward()
+        short = _dp_part(pipe, short)
+        pipe.step(short[0], labels=short[2], attention_mask=short[1])
+        problems += [f"after a step at a new length: {p}" for p in grad_mismatches(named, reference)]
     kinds = sorted({type(p).__name__ for _, p in named})
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for _, p in named)
     if read.elements != held:
@@ -147,7 +162,121 @@ def _rank_main(rank, world_size, directory):
             results[(label, "ends")] = _case(directory, DEGREES[label], "Interleaved1F1B", False, ENDS)
         except Exception:
             results[(label, "ends")] = {"problems": [traceback.format_exc()]}
+    for label in ("dp_shard", "tp"):
+        for what, case in (
+            ("checkpointing", lambda degrees: _checkpointing_case(directory, degrees, ("full",))),
+            ("compile", lambda degrees: _compile_case(directory, degrees)),
+        ):
+            try:
+                results[(label, what)] = case(DEGREES[label])
+            except Exception:
+                results[(label, what)] = {"problems": [traceback.format_exc()]}
     results["errors"] = _errors(directory)
+    return results
+
+
+# -- activation checkpointing and compile: the same loss and gradients as the run without ----------
+def _layer_calls(pipe):
+    """Forward calls of each decoder layer's MLP: twice per microbatch where the layer is recomputed.
+
+    NOTE: a pre-hook: the recomputation stops once it has every saved tensor, before the MLP returns.
+    """
+    calls = {}
+    for module in pipe.stages:
+        for key, layer in module.get_submodule("model.layers").items():
+            calls[int(key)] = 0
+            layer.mlp.register_forward_pre_hook(lambda *_, i=int(key): calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def _checkpointing_case(directory, degrees, modes, **settings):
+    """Steps of a pipeline without activation checkpointing, then one per mode: all must agree.
+
+    With dropout on (``attention_dropout``) and the same seed before each step: a recomputed layer
+    must draw the same dropout mask as its first forward.
+    """
+    ids, mask, labels = batch(96, batch_size=GLOBAL_BATCH, seed=4)
+    runs, problems = {}, []
+    for mode in (None, *modes):
+        pipe = ppzoo.pipeline(
+            directory,
+            pp=2,
+            schedule="1F1B",
+            microbatches=MICROBATCHES,
+            device="cpu",
+            attn_implementation="eager",
+            activation_checkpointing=mode,
+            attention_dropout=0.2,
+            **degrees,
+            **settings,
+        )
+        part = _dp_part(pipe, (ids, mask, labels))
+        calls = _layer_calls(pipe)
+        torch.manual_seed(11)
+        loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
+        grads = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in pipe.named_parameters()
+        }
+        runs[mode] = loss, grads
+        recomputed = sorted(i for i, n in calls.items() if n == 2 * MICROBATCHES)
+        once = sorted(i for i, n in calls.items() if n == MICROBATCHES)
+        every = ppzoo.parallelize.parse_activation_checkpointing(mode) if mode else None
+        want = sorted(i for i in calls if every and (i + 1) % every == 0)
+        if recomputed != want or len(recomputed) + len(once) != len(calls):
+            problems.append(f"{mode}: layer forward calls {calls}, expected layers {want} recomputed")
+        if mode is None:
+            continue
+        base_loss, base_grads = runs[None]
+        if not torch.allclose(loss, base_loss, rtol=1e-6, atol=0):
+            problems.append(f"{mode}: loss {loss.item()!r} != {base_loss.item()!r} without checkpointing")
+        for name, grad in grads.items():
+            if not torch.allclose(grad, base_grads[name], rtol=1e-6, atol=1e-7):
+                problems.append(f"{mode}: {name} max |diff| {(grad - base_grads[name]).abs().max().item():.3e}")
+    return {"problems": problems}
+
+
+def _compile_case(directory, degrees):
+    """compile=True with full checkpointing: loss and gradients of the eager run, within 1e-5."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    ids, mask, labels = batch(96, batch_size=GLOBAL_BATCH, seed=4)
+    runs, problems = {}, []
+    for settings in ({}, dict(compile=True, activation_checkpointing="full")):
+        pipe = ppzoo.pipeline(
+            directory, pp=2, microbatches=MICROBATCHES, device="cpu", attn_implementation="eager", **degrees, **settings
+        )
+        part = _dp_part(pipe, (ids, mask, labels))
+        loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
+        grads = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in pipe.named_parameters()
+        }
+        runs[bool(settings)] = loss, grads
+        layers = [layer for m in pipe.stages for layer in m.get_submodule("model.layers").values()]
+        compiled = [getattr(layer, "_compiled_call_impl", None) is not None for layer in layers]
+        if compiled != [bool(settings)] * len(layers):
+            problems.append(f"{settings}: layers compiled {compiled}")
+    (eager_loss, eager), (loss, grads) = runs[False], runs[True]
+    if counters["stats"]["unique_graphs"] == 0:
+        problems.append("torch.compile captured no graph")
+    if not torch.allclose(loss, eager_loss, rtol=1e-5, atol=0):
+        problems.append(f"loss {loss.item()!r} != eager {eager_loss.item()!r}")
+    for name, grad in grads.items():
+        if not torch.allclose(grad, eager[name], rtol=1e-5, atol=1e-6):
+            problems.append(f"{name}: max |diff| {(grad - eager[name]).abs().max().item():.3e}")
+    return {"problems": problems}
+
+
+def _pipeline_only_main(rank, world_size, directory):
+    results = {}
+    for label, case in {
+        "checkpointing": lambda: _checkpointing_case(directory, {}, ("full", "selective", 3)),
+        "compile": lambda: _compile_case(directory, {}),
+    }.items():
+        try:
+            results[label] = case()
+        except Exception:
+            results[label] = {"problems": [traceback.format_exc()]}
     return results
 
 
@@ -155,6 +284,45 @@ def _rank_main(rank, world_size, directory):
 def group(tmp_path_factory):
     directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
     return run_distributed(_rank_main, 4, str(directory), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def pipeline_only_group(tmp_path_factory):
+    directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
+    return run_distributed(_pipeline_only_main, 2, str(directory), timeout_s=600)
+
+
+@pytest.mark.distributed
+def test_activation_checkpointing_keeps_loss_and_grads(pipeline_only_group):
+    """pp=2: full, selective (every second layer) and every third layer, with dropout on."""
+    for rank, per_rank in enumerate(pipeline_only_group):
+        assert per_rank["checkpointing"]["problems"] == [], f"rank {rank}"
+
+
+@pytest.mark.distributed
+def test_compiled_layers_keep_loss_and_grads(pipeline_only_group):
+    """pp=2, compile=True with full activation checkpointing (one compile per stage: one layer class)."""
+    for rank, per_rank in enumerate(pipeline_only_group):
+        assert per_rank["compile"]["problems"] == [], f"rank {rank}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("what", ["checkpointing", "compile"])
+@pytest.mark.parametrize("label", ["dp_shard", "tp"])
+def test_checkpointing_and_compile_compose_with_fsdp_and_tp(group, label, what):
+    """Full checkpointing, then compile=True with it, on FSDP2-sharded and tensor-parallel stages."""
+    for rank, per_rank in enumerate(group):
+        assert per_rank[(label, what)]["problems"] == [], f"rank {rank}"
+
+
+def test_activation_checkpointing_values():
+    from ppzoo.parallelize import parse_activation_checkpointing
+
+    values = (None, "full", "Selective", 1, 4, "3")
+    assert [parse_activation_checkpointing(v) for v in values] == [None, 1, 2, 1, 4, 3]
+    for bad in ("some", 0, "0", -1, True, 2.0):
+        with pytest.raises(ValueError, match=f"activation_checkpointing={bad!r} is not one of"):
+            parse_activation_checkpointing(bad)
 
 
 @pytest.mark.distributed

@@ -1,5 +1,6 @@
-"""``ppzoo train``: a short pipelined run, worker failures, option checks, and the tokenizer choice."""
+"""``ppzoo train``: runs, worker failures, option checks, the config file, accumulation, resuming."""
 
+import argparse
 import json
 import math
 import re
@@ -10,11 +11,18 @@ from transformers import LlamaConfig
 
 from ppzoo.architectures.llama import TINY
 from ppzoo.cli import main
-from ppzoo.train import BUILTIN_MODEL, load_tokens, sample_batch
+from ppzoo.data import PackedData, Tokenizer
+from ppzoo.train import BUILTIN_MODEL, DEFAULTS, add_arguments, resolve_options
 
 TEXT = "the pipeline splits the model into stages, and each rank runs the stage it holds. " * 8
 #: a run small enough for a test: two workers, a few tiny steps
 SMALL = ["--steps", "4", "--seq-len", "16", "--batch-size", "4", "--microbatches", "2", "--lr", "1e-2"]
+#: a progress line: step, loss, grad norm, lr, tokens/s, peak memory, time left
+STEP = re.compile(
+    r"^step +(\d+)/\d+  loss (\S+)(?:  eval loss (\S+) ppl \S+)?  grad norm (\S+)  lr (\S+)  ([\d,]+) tokens/s  "
+    r"peak mem \S+ GiB  \d+s left$",
+    re.M,
+)
 
 
 def run(capfd, *argv):
@@ -30,30 +38,24 @@ def corpus(tmp_path):
     return path
 
 
-def _tokenizer_dir(directory, words):
-    """A word-level tokenizer saved the way a checkpoint ships it (tokenizer.json + config)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
-    return directory
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
 
 
 # -- the run ------------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_train_pp2_smoke(tmp_path, capfd):
     model_dir = tmp_path / "model"
-    code, out, err = run(capfd, *SMALL, "--pp", "2", "--log-every", "1", "--model-dir", model_dir)
+    metrics = tmp_path / "metrics.jsonl"
+    code, out, err = run(capfd, *SMALL, "--pp", "2", "--log-every", "1", "--model-dir", model_dir, "--metrics", metrics)
     assert code == 0, err
     # the built-in model went through a real checkpoint: config + safetensors on disk
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 256
     assert (model_dir / "model.safetensors").is_file()
-    assert "byte tokens" in out and "pp=2, 1F1B, 2 microbatches of 2 x 16 tokens, 4 steps" in out
+    assert "byte tokens to learn" in out and "pp=2, 1F1B, 2 microbatches of 2 x 16 tokens, 4 steps" in out
     # progress from one rank only: each step once
-    steps = re.findall(r"^step (\d)/4  loss (\S+)  ([\d,]+) tokens/s  (\d+)s left$", out, re.M)
+    steps = STEP.findall(out)
     assert [int(s[0]) for s in steps] == [1, 2, 3, 4]
     losses = [float(s[1]) for s in steps]
     assert all(math.isfinite(loss) for loss in losses)
@@ -69,7 +71,12 @@ def test_train_pp2_smoke(tmp_path, capfd):
     assert done, out
     assert float(done[1]) == pytest.approx(sum(losses[:2]) / 2, abs=1e-3)
     assert float(done[2]) == pytest.approx(sum(losses[2:]) / 2, abs=1e-3)
-    assert int(done[3].replace(",", "")) > 0
+    # the same numbers, unrounded, in the metrics file; one peak memory per rank
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [f"{r['loss']:.4f}" for r in records] == [s[1] for s in steps]
+    assert all(len(r["peak_memory_bytes"]) == 2 and min(r["peak_memory_bytes"]) > 0 for r in records)
+    assert all(r["grad_norm"] > 0 and r["lr"] == 1e-2 and r["mfu"] is None for r in records)
 
 
 @pytest.mark.distributed
@@ -89,13 +96,42 @@ def test_worker_failure_is_reported(tmp_path, capfd):
     "argv, message",
     [
         (["--batch-size", "6", "--microbatches", "4"], "--batch-size 6 is not divisible by --microbatches 4"),
+        (
+            ["--batch-size", "6", "--microbatches", "2", "--dp-shard", "2", "--pp", "1"],
+            "--batch-size 6 is not divisible by --microbatches 2 x 2 data-parallel ranks; use a batch size that is a multiple of 4",
+        ),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+        (["--dp-shard", "0"], "--dp-shard must be >= 1, got 0"),
         (["--seq-len", "1"], "--seq-len must be >= 2"),
         (["--lr", "0"], "--lr must be a positive number, got 0.0"),
         (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number, got -1.0"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be a number >= 0, got -0.1"),
+        (["--betas", "0.9,1.5"], "--betas must both be in [0, 1), got 0.9,1.5"),
+        (["--warmup-steps", "200"], "--warmup-steps 200 must be between 0 and --steps 100"),
+        (["--min-lr", "1"], "--min-lr 1.0 must be between 0 and --lr 0.003"),
         (["--pp", "0"], "--pp must be >= 1, got 0"),
         (["--log-every", "0"], "--log-every must be >= 1, got 0"),
-        (["--data", "no/such/file.txt"], "--data 'no/such/file.txt' is not a file"),
+        (["--data", "no/such/file.txt"], "--data 'no/such/file.txt': no such file or directory"),
+        (["--eval-every", "5"], "--eval-every 5 needs --eval-data"),
+        (["--eval-data", "no/such.jsonl"], "--eval-data 'no/such.jsonl': no such file or directory"),
+        (
+            ["--mixed-precision", "fp16"],
+            "--mixed-precision fp16 with --dtype float32: mixed_precision='fp16' is not supported",
+        ),
+        (["--mixed-precision", "bf16", "--dtype", "bfloat16"], "--mixed-precision bf16 with --dtype bfloat16"),
+        (
+            ["--activation-checkpointing", "some"],
+            "--activation-checkpointing: activation_checkpointing='some' is not one of",
+        ),
+        (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "2"], "--node-rank must be in 0..1, got 2"),
+        (["--nnodes", "3", "--rdzv-endpoint", "h:1"], "= 2 processes do not split evenly over --nnodes 3"),
+        (["--node-rank", "1"], "--node-rank and --rdzv-endpoint are for several machines; pass --nnodes too"),
+        (["--metrics", "."], "--metrics '.' is a directory; pass a file name"),
+        (["--stop-at", "100"], "--stop-at 100 is not before the last step (--steps 100)"),
+        (["--stop-at", "0"], "--stop-at must be >= 1, got 0"),
         (["--model", "m", "--model-dir", "d"], "drop it when passing --model"),
         (["--model", __file__], f"--model {__file__!r} is a file; pass the checkpoint directory"),
         (["--model", "./no/such/model"], "--model './no/such/model': no such directory"),
@@ -122,31 +158,26 @@ def test_seq_len_beyond_the_model(tmp_path, capfd):
     assert "--seq-len 65 exceeds the model's max_position_embeddings 64" in err
 
 
-def test_corpus_shorter_than_a_sequence(corpus, capfd):
-    code, _, err = run(capfd, "--data", corpus, "--seq-len", "4096")
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl"])
+def test_empty_data_is_refused(tmp_path, capfd, name):
+    (tmp_path / name).write_text("")
+    code, out, err = run(capfd, "--data", tmp_path / name)
     assert code == 2
-    assert f"gives {len(TEXT)} tokens, fewer than --seq-len 4096" in err
+    assert f"--data {str(tmp_path / name)!r} is empty; pass a file with text to train on" in err
+    assert out == ""
 
 
 def test_data_not_utf8(tmp_path, capfd):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    code, _, err = run(capfd, "--data", bad)
+    code, _, err = run(capfd, "--data", bad, "--pp", "1", "--microbatches", "1")
     assert code == 2
     assert "is not UTF-8 text" in err and "latin1.txt" in err
 
 
-# -- tokens --------------------------------------------------------------------------------------
-def test_byte_tokens_without_tokenizer(tmp_path, corpus):
-    tokens, kind = load_tokens(tmp_path, corpus, vocab_size=256)
-    assert kind == "byte"
-    assert tokens.dtype == torch.long
-    assert tokens.tolist() == list(TEXT.encode("utf-8"))
-
-
 def test_small_vocab_without_tokenizer_is_refused(tmp_path, corpus, capfd):
     with pytest.raises(ValueError, match=r"no tokenizer files .* vocab_size 96 is too small for byte tokens \(256\)"):
-        load_tokens(tmp_path, corpus, vocab_size=96)
+        Tokenizer(tmp_path, vocab_size=96)
     # the command refuses it before launching
     LlamaConfig(**TINY).save_pretrained(tmp_path)
     code, out, err = run(capfd, "--model", tmp_path, "--data", corpus, "--seq-len", "16")
@@ -154,59 +185,159 @@ def test_small_vocab_without_tokenizer_is_refused(tmp_path, corpus, capfd):
     assert "vocab_size 96 is too small" in err and "step" not in out
 
 
-def test_checkpoint_tokenizer_is_used(tmp_path, corpus):
-    from transformers import AutoTokenizer
-
-    words = sorted(set(TEXT.split()))
-    _tokenizer_dir(tmp_path, words)
-    tokens, kind = load_tokens(tmp_path, corpus, vocab_size=len(words) + 1)
-    assert kind == "tokenizer"
-    expected = AutoTokenizer.from_pretrained(tmp_path)(TEXT, add_special_tokens=False)["input_ids"]
-    assert tokens.tolist() == expected
-    assert len(tokens) == len(TEXT.split())  # one id per word: not bytes
-    assert 0 not in tokens.tolist()  # every word is known, none maps to [UNK]
-
-
-def test_tokenizer_outside_the_vocab_is_refused(tmp_path, corpus):
-    words = sorted(set(TEXT.split()))
-    _tokenizer_dir(tmp_path, words)
-    with pytest.raises(ValueError, match=rf"gives token id {len(words)}, outside the model's vocab_size 4"):
-        load_tokens(tmp_path, corpus, vocab_size=4)
+# -- --save is checked before anything trains ----------------------------------------------------
+def test_save_over_something_else_is_refused(tmp_path, capfd):
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "notes.txt").write_text("mine")
+    code, out, err = run(capfd, "--save", tmp_path / "run")
+    assert code == 2 and out == ""
+    assert f"{str(tmp_path / 'run' / 'model')!r} exists and is not a model checkpoint (no config.json)" in err
+    (tmp_path / "other" / "state").mkdir(parents=True)
+    code, _, err = run(capfd, "--save", tmp_path / "other")
+    assert code == 2
+    assert "exists and is not a ppzoo training state" in err
 
 
-def test_broken_tokenizer_is_reported(tmp_path, corpus):
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot load the tokenizer in"):
-        load_tokens(tmp_path, corpus, vocab_size=256)
+def test_save_under_a_file_is_refused(tmp_path, capfd):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capfd, "--save", tmp_path / "file" / "run")
+    assert code == 2
+    assert f"lies under the file {str(tmp_path / 'file')!r}" in err
 
 
-def test_batches_are_seeded_windows():
-    tokens = torch.arange(1000)
-    a = sample_batch(tokens, batch_size=6, seq_len=32, generator=torch.Generator().manual_seed(3))
-    b = sample_batch(tokens, batch_size=6, seq_len=32, generator=torch.Generator().manual_seed(3))
-    c = sample_batch(tokens, batch_size=6, seq_len=32, generator=torch.Generator().manual_seed(4))
-    assert a.shape == (6, 32)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    # each row is a contiguous window of the corpus
-    assert torch.equal(a - a[:, :1], torch.arange(32).expand(6, 32))
-    assert int(a.max()) < 1000
+# -- the config file -----------------------------------------------------------------------------
+def _parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return resolve_options(parser.parse_args([str(a) for a in argv]))
 
 
-# -- saving and resuming -------------------------------------------------------------------------
-def _uninterrupted(model_dir, out, monkeypatch, *, steps):
-    """The same job as ``SMALL`` run straight through in this process, as a one-rank pipeline."""
-    from importlib import resources
+def test_config_file_under_the_command_line(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('seq-len = 64\nlr = 1\nlr_schedule = "cosine"\nbetas = [0.9, 0.95]\ncompile = true\nsteps = 7\n')
+    options = _parse("--config", config, "--steps", "9")
+    assert options.seq_len == 64 and options.lr == 1.0 and isinstance(options.lr, float)
+    assert options.lr_schedule == "cosine" and options.betas == (0.9, 0.95) and options.compile is True
+    assert options.steps == 9  # the command line wins
+    assert options.pp == DEFAULTS["pp"] and options.batch_size == DEFAULTS["batch_size"]
+    # an option given on the command line at its default value still wins over the file
+    assert _parse("--config", config, "--steps", DEFAULTS["steps"]).steps == DEFAULTS["steps"]
 
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("seq_lenn = 3", "unknown option 'seq_lenn'; options: model, model-dir"),
+        ('steps = "ten"', "'steps' must be an integer, got 'ten'"),
+        ("steps = true", "'steps' must be an integer, got True"),
+        ('lr-schedule = "step"', "'lr-schedule' is 'step'; choose from constant, linear, cosine, wsd"),
+        ("betas = [1]", "'betas' must be two numbers"),
+        ("compile = 1", "'compile' must be true or false"),
+        ("steps = ", "is not TOML"),
+    ],
+)
+def test_bad_config_file(tmp_path, capfd, content, message):
+    config = tmp_path / "run.toml"
+    config.write_text(content)
+    code, out, err = run(capfd, "--config", config)
+    assert code == 2 and out == ""
+    assert f"--config {str(config)!r}" in err and message in err, err
+
+
+# -- gradient accumulation -----------------------------------------------------------------------
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-process group in this process (world size 1)."""
     import torch.distributed as dist
 
     from ppzoo.testing.distributed import _free_port
+
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    ).items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_accumulation_is_the_mean_over_all_tokens(tmp_path, one_rank):
+    import ppzoo
+    from ppzoo.loss import IGNORE_INDEX
+    from ppzoo.train import build_model
+    from ppzoo.training_loop import accumulate
+
+    build_model(tmp_path, layers=2, seq_len=16)
+    pipe = ppzoo.pipeline(tmp_path, pp=1, microbatches=2, seq_len=16)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for learnt in (30, 10):  # batches with different numbers of learnt tokens weigh differently
+        ids = torch.randint(0, 256, (4, 16), generator=generator)
+        labels = ids.clone().view(-1)
+        labels[learnt:] = IGNORE_INDEX
+        position_ids = torch.arange(16).expand(4, 16)
+        batches.append({"input_ids": ids, "labels": labels.view(4, 16), "position_ids": position_ids})
+    rows = slice(0, 4)
+    loss = accumulate(pipe, batches, rows)
+    accumulated = {name: p.grad.clone() for name, p in pipe.named_parameters()}
+    for p in pipe.parameters():
+        p.grad = None
+    whole = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    pipe2 = ppzoo.pipeline(tmp_path, pp=1, microbatches=2, seq_len=16)
+    reference = pipe2.step(whole["input_ids"], labels=whole["labels"], position_ids=whole["position_ids"])
+    assert loss == pytest.approx(reference.item(), rel=1e-6)
+    for name, p in pipe2.named_parameters():
+        torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.distributed
+def test_evaluation_is_the_unsplit_models_token_mean(tmp_path, one_rank):
+    from transformers import AutoModelForCausalLM
+
+    import ppzoo
+    from ppzoo.data import Document, pack
+    from ppzoo.loss import IGNORE_INDEX
+    from ppzoo.train import build_model
+    from ppzoo.training_loop import evaluate
+
+    build_model(tmp_path, layers=2, seq_len=16)
+    generator = torch.Generator().manual_seed(1)
+    docs = []
+    for length in (20, 7, 33, 9):  # 69 tokens: 5 rows of 16, the last padded; 5 rows in batches of 4
+        ids = torch.randint(0, 256, (length,), generator=generator).tolist()
+        docs.append(Document(ids, ids))
+    data = pack(docs, 16)
+    assert data.rows == 5
+    pipe = ppzoo.pipeline(tmp_path, pp=1, microbatches=2, seq_len=16)
+    loss, tokens = evaluate(pipe, data, batch_size=4, rows=slice(0, 4))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        # NOTE: no cache, as in training: with one, Hugging Face does not read restarts as packed sequences
+        logits = model(data.input_ids, position_ids=data.position_ids, use_cache=False).logits
+    targets = torch.nn.functional.pad(data.labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    reference = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 256), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    assert tokens == int((targets != IGNORE_INDEX).sum())
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+
+
+# -- saving and resuming -------------------------------------------------------------------------
+def _uninterrupted(model_dir, out, *, steps):
+    """The same job as ``SMALL`` run straight through in this process, as a one-rank pipeline."""
+    from importlib import resources
+
+    from ppzoo.data import load_data
     from ppzoo.train import DEFAULT_CORPUS, TrainJob, train_worker
 
-    tokens, _ = load_tokens(model_dir, resources.files("ppzoo") / "data" / DEFAULT_CORPUS, vocab_size=256)
-    torch.save(tokens, out / "tokens.pt")
+    corpus = resources.files("ppzoo") / "corpus" / DEFAULT_CORPUS
+    load_data(str(corpus), Tokenizer(model_dir, vocab_size=256), seq_len=16).save(out / "data.pt")
     job = TrainJob(
         model=str(model_dir),
-        tokens_path=str(out / "tokens.pt"),
+        data_path=str(out / "data.pt"),
         pp=1,
         schedule="1F1B",
         microbatches=2,
@@ -220,17 +351,7 @@ def _uninterrupted(model_dir, out, monkeypatch, *, steps):
         log_every=1,
         save=str(out / "run"),
     )
-    for key, value in dict(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    ).items():
-        monkeypatch.setenv(key, value)
-    threads = torch.get_num_threads()
-    try:
-        return train_worker(job)["losses"]
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return train_worker(job)["losses"]
 
 
 def _tensors(directory):
@@ -241,7 +362,7 @@ def _tensors(directory):
 
 
 @pytest.mark.distributed
-def test_resumed_run_continues_exactly(tmp_path, capfd, monkeypatch):
+def test_resumed_run_continues_exactly(tmp_path, capfd, one_rank):
     from ppzoo.checkpoint import saved_step
 
     model_dir, saved = tmp_path / "model", tmp_path / "saved"
@@ -254,15 +375,17 @@ def test_resumed_run_continues_exactly(tmp_path, capfd, monkeypatch):
     assert code == 0, err
     assert f"resuming from {saved} at step 2" in second
     assert f"({saved / 'model'})" in second  # the model comes from the saved run
-    printed = re.findall(r"^step (\d)/\d  loss (\S+)", first + second, re.M)
+    printed = [(s[0], s[1]) for s in STEP.findall(first + second)]
     reference = tmp_path / "reference"
     reference.mkdir()
-    losses = _uninterrupted(model_dir, reference, monkeypatch, steps=4)
+    losses = _uninterrupted(model_dir, reference, steps=4)
     assert printed == [(str(i + 1), f"{loss:.4f}") for i, loss in enumerate(losses)]
     assert saved_step(saved / "state") == 4
     resumed, straight = _tensors(saved / "model"), _tensors(reference / "run" / "model")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    # the metrics file in the save directory holds both runs' steps
+    assert [json.loads(line)["step"] for line in (saved / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     # nothing left to do at step 4: refused before any worker starts
     code, _, err = run(capfd, *SMALL, "--resume", saved)
     assert code == 2
@@ -284,3 +407,85 @@ def test_checkpoint_option_errors(argv, message, capfd):
     assert code == 2
     assert message in err, err
     assert out == ""
+
+
+# -- everything at once: 4 workers, FSDP2 inside a 2-stage pipeline ---------------------------------
+@pytest.mark.distributed
+def test_data_parallel_mixed_precision_run_trains_evaluates_and_resumes_exactly(tmp_path, capfd):
+    sentences = [TEXT[i : i + 60] for i in range(0, 400, 20)]
+    data = _jsonl(tmp_path / "train.jsonl", sentences)
+    held_out = _jsonl(tmp_path / "eval.jsonl", sentences[::3])
+    common = [
+        "--dp-shard", "2", "--pp", "2", "--mixed-precision", "bf16", "--activation-checkpointing", "full",
+        "--max-grad-norm", "1.0", "--lr-schedule", "cosine", "--warmup-steps", "5", "--lr", "1e-2",
+        "--data", data, "--eval-data", held_out, "--seq-len", "32", "--batch-size", "4", "--microbatches", "2",
+        "--log-every", "1",
+    ]  # fmt: skip
+    model, straight_dir, split_dir = tmp_path / "model", tmp_path / "straight", tmp_path / "split"
+    code, straight, err = run(
+        capfd, *common, "--model-dir", model, "--steps", 8, "--eval-every", 4, "--save", straight_dir
+    )
+    assert code == 0, err
+    assert "dp_shard=2" in straight
+    steps = STEP.findall(straight)
+    losses = [float(s[1]) for s in steps]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    evals = [float(e) for e in re.findall(r"eval loss (\S+) ppl", straight)]
+    assert len(evals) == 2 and evals[1] < evals[0]  # evaluated at steps 4 and 8, and learning
+    assert all(float(s[3]) > 0 for s in steps)  # grad norms measured
+    # warm-up then cosine: rising for five steps, then falling
+    rates = [float(s[4]) for s in steps]
+    assert rates[:5] == sorted(rates[:5]) and rates[4:] == sorted(rates[4:], reverse=True)
+    # the same run, stopped after step 4 (as if interrupted) and resumed: the same losses and the same weights, bit for bit
+    code, first, err = run(capfd, *common, "--model", model, "--steps", 8, "--stop-at", 4, "--save", split_dir)
+    assert code == 0, err
+    code, second, err = run(capfd, *common, "--steps", 8, "--eval-every", 4, "--resume", split_dir, "--save", split_dir)
+    assert code == 0, err
+    assert [s[:2] for s in STEP.findall(first + second)] == [s[:2] for s in steps]
+    assert re.findall(r"eval loss (\S+) ppl", second) == re.findall(r"eval loss (\S+) ppl", straight)[1:]
+    a, b = _tensors(straight_dir / "model"), _tensors(split_dir / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_batches_warns(tmp_path, capfd):
+    from ppzoo.train import _record_data_order
+
+    data = PackedData(torch.arange(8).view(2, 4), torch.arange(8).view(2, 4), torch.arange(4).expand(2, 4), 1)
+    options = dict(seq_len=4, batch_size=2, grad_accum=1, seed=0)
+    _record_data_order(data, argparse.Namespace(**options, resume=None, save=str(tmp_path)))
+    _record_data_order(data, argparse.Namespace(**options, resume=str(tmp_path), save=str(tmp_path)))
+    assert capfd.readouterr().err == ""  # the same data and order: nothing to say
+    other = PackedData(data.input_ids + 1, data.labels, data.position_ids, 1)
+    _record_data_order(other, argparse.Namespace(**{**options, "batch_size": 1}, resume=str(tmp_path), save=None))
+    err = capfd.readouterr().err
+    assert f"warning: the data, --batch-size 1 (saved: 2) differ from the run saved in {tmp_path}" in err
+
+
+@pytest.mark.distributed
+def test_two_machines_meet_at_the_endpoint(tmp_path, capfd):
+    """Two launchers on this host stand for two machines (fixed ranks, as the Slurm script runs them)."""
+    import os
+    import subprocess
+    import sys
+
+    from ppzoo.testing.distributed import _free_port
+
+    argv = [*SMALL, "--steps", "2", "--log-every", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    other = subprocess.Popen(
+        [sys.executable, "-m", "ppzoo.cli", "train", *argv, "--node-rank", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        code, out, err = run(capfd, *argv, "--node-rank", "0")
+        other_out, _ = other.communicate(timeout=300)
+    finally:
+        other.kill()
+    assert code == 0, err
+    assert other.returncode == 0, other_out
+    # one worker a machine, one pipeline of two stages: rank 0 (here) reports, the other machine does not
+    assert [s[0] for s in STEP.findall(out)] == ["1", "2"] and "done: 2 steps" in out
+    assert "pp=2" in other_out and "done:" not in other_out

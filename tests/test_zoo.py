@@ -36,7 +36,6 @@ EXACT = {
 #: model type -> the code of the problem it must be refused with
 REFUSED = {
     "dory": "native-layer-order",  # runs its layers twice
-    "olmoe": "native-moe",
     "trocr": "native-loss",  # its loss does not shift the labels
 }
 
@@ -85,10 +84,10 @@ def test_a_native_stage_holds_only_its_own_parameters(tmp_path):
 
 
 def test_refusals_come_before_any_weight_is_read():
-    config = tiny_config("olmoe")  # no checkpoint anywhere: the plan alone refuses
+    config = tiny_config("dory")  # no checkpoint anywhere: the plan alone refuses
     with pytest.raises(ValidationError) as raised:
         ppzoo.plan(config, pp=2)
-    assert "native-moe" in raised.value.codes
+    assert "native-layer-order" in raised.value.codes
 
 
 def test_the_native_adapter_takes_what_the_generic_one_refuses(monkeypatch):
@@ -152,3 +151,31 @@ def test_newly_covered_types_train_through_the_pipeline():
     adapters = [census.zoo_adapter(t) for t in ("opt", "bloom")]
     problems = distributed_step_problems(adapters)  # every placement kind: GPipe ... DualPipeV
     assert problems == {a.name: [] for a in adapters}
+
+
+#: native-adapter families (and StarCoder2, generic) whose 2-rank step is checked in one group
+STEPPED = ("gpt2", "opt", "bloom", "falcon", "gpt_neox", "phi", "starcoder2")
+
+
+@pytest.mark.distributed
+def test_dense_families_step_under_1f1b_and_zbv():
+    """One spawned 2-rank group: ``step`` under 1F1B (one stage a rank) and ZBVZeroBubble (V
+    placement, tied head on rank 0) gives the unsplit model's loss and gradients, in train mode
+    with the class defaults' dropout (GPT-2, OPT: 0.1) drawn microbatch by microbatch alike, and
+    its eval logits."""
+    from ppzoo.testing.step import distributed_step_problems
+
+    adapters = [census.zoo_adapter(t) for t in STEPPED]
+    assert tiny_config("gpt2").resid_pdrop > 0  # the zoo keeps the class defaults' dropout
+    problems = distributed_step_problems(adapters, schedules=("1F1B", "ZBVZeroBubble"))
+    assert problems == {a.name: [] for a in adapters}
+
+
+def test_a_z_loss_added_to_the_loss_is_refused_while_on():
+    """Bamba adds a z-loss on the logits when its coefficient is above 0: ppzoo's loss would differ."""
+    config = tiny_config("bamba")
+    adapter = registry.adapter_for(config)
+    assert not [p for p in adapter.validate(config) if p.code == "native-loss"]
+    config.z_loss_coefficient = 0.1
+    problems = [p for p in adapter.validate(config) if p.code == "native-loss"]
+    assert len(problems) == 1 and "z_loss_coefficient=0.1" in problems[0].message, problems

@@ -8,12 +8,15 @@ embed, masks per ``config.layer_types``, one RoPE for all layers, the layers, no
 Whatever such a model does *around* its layers beyond that cannot be seen from the module tree, so
 the fallback refuses every config that announces such a step (a logit scale, an embedding
 multiplier, soft-capped logits, per-layer-type RoPE, experts and their router loss, ...) instead of
-running it silently wrong. Those architectures need an adapter of their own.
+running it silently wrong. Those architectures need an adapter of their own. Embedding dropout
+(``embedding_dropout``, StarCoder2) is the one such step it applies, in :meth:`GenericAdapter.embed`.
 """
 
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 from ppzoo.adapter import Adapter
 from ppzoo.architectures.moe import expert_counts
@@ -30,7 +33,6 @@ FORWARD_EXTRAS = {
     "embedding_multiplier": "an embedding multiplier in the base model's forward",
     "scale_emb": "an embedding scale in the base model's forward",
     "dim_model_base": "a hidden-state rescale before the CausalLM head",
-    "embedding_dropout": "embedding dropout in the base model's forward",
     "use_bidirectional_attention": "bidirectional attention",
     "output_router_logits": "a router aux loss added in the CausalLM forward",
 }
@@ -39,6 +41,12 @@ FORWARD_EXTRAS = {
 class GenericAdapter(Adapter):
     name = "generic"
     fallback = True
+
+    def embed(self, inner, input_ids, *, position_ids=None, attention_mask=None):
+        hidden = super().embed(inner, input_ids)
+        # NOTE: StarCoder2's base forward drops out the embeddings (its only step beyond Llama's)
+        p = getattr(inner.config, "embedding_dropout", None) or 0.0
+        return torch.nn.functional.dropout(hidden, p=p, training=inner.training) if p else hidden
 
     def tiny_config(self):
         """A tiny config of one architecture the fallback serves (Helium: no adapter of its own)."""

@@ -1,8 +1,9 @@
 """Mixtral: Mistral's attention (one sliding window for all layers, or none) with routed experts.
 
 Hub checkpoints name the MoE block ``block_sparse_moe`` and its expert matrices ``w1`` (gate),
-``w3`` (up) and ``w2`` (down); transformers holds ``mlp.gate`` and fused ``mlp.experts.*`` (see
-``ppzoo.architectures.moe`` for the key conversion and the router aux loss).
+``w3`` (up) and ``w2`` (down); transformers holds ``mlp.gate`` and fused ``mlp.experts.*``. Its own
+conversion rules for ``mixtral`` convert between the two, and ppzoo loads and saves through them
+(``ppzoo.checkpoint.conversion``); the router aux loss is in ``ppzoo.architectures.moe``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ class MixtralAdapter(MoEAdapter, MistralAdapter):
     model_types = ("mixtral",)
     architectures = ("MixtralForCausalLM",)
     capabilities = MoEAdapter.capabilities | {Capability.SLIDING_WINDOW}
-    expert_matrices = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
-    checkpoint_renames = (("mlp", "block_sparse_moe"),)
 
     def num_experts(self, config):
         return int(config.num_local_experts)

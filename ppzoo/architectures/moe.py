@@ -3,21 +3,36 @@
 **Checkpoint keys.** Transformers holds each layer's experts as fused 3-D parameters
 (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``), while hub
 checkpoints, and ``save_pretrained``, hold one matrix per expert (``mlp.experts.3.gate_proj.weight``;
-Mixtral: ``block_sparse_moe.experts.3.w1.weight``). :class:`ExpertKeyMap` reads either layout into
-the fused parameters (gate and up stacked over experts, then concatenated along dim 1, as
-transformers' own conversion does) and :meth:`ExpertKeyMap.split` is its exact inverse, writing
-the hub layout.
+Mixtral: ``block_sparse_moe.experts.3.w1.weight``). ppzoo's loader and ``save_pretrained`` convert
+between the two with transformers' own conversion rules (``ppzoo.checkpoint.conversion``), for
+every adapter. :class:`ExpertKeyMap` remains for an adapter whose checkpoints use a per-expert
+layout those rules do not cover: it reads either layout into the fused parameters (gate and up
+stacked over experts, then concatenated along dim 1) and :meth:`ExpertKeyMap.split` is its exact
+inverse.
 
 **Cost.** A token multiplies only ``top_k`` of the ``E`` routed experts: the plan counts routed
 expert weights at ``top_k / E`` and everything else (attention, router, shared expert) in full.
 
-**Router aux loss.** With ``output_router_logits=True`` the CausalLM forward adds
-``router_aux_loss_coef * load_balancing_loss(router logits of every MoE layer, attention_mask)``
-to the loss. Only hidden states cross a stage boundary, so each stage records the router logits
-of its own MoE layers during forward, in layer order, on the side channel
-``stage.ppzoo_router_logits`` (a list, replaced at every forward). :meth:`MoEAdapter.aux_loss`
-evaluates transformers' own ``load_balancing_loss_func`` over the recorded logits of the stages it
-is given, times the coefficient, times the share of the model's MoE layers those stages hold:
+**Router aux loss.** With the family's switch on (``output_router_logits=True``) a Hugging Face
+CausalLM forward adds ``coefficient * load_balancing_loss(router logits of every MoE layer,
+attention_mask)`` to the loss; each family has its own ``load_balancing_loss_func``, arguments
+and coefficient. ppzoo reproduces it from transformers' own code, for any family:
+
+- *what is recorded*: the router logits transformers' output recorders capture
+  (``_can_record_outputs["router_logits"]``, an ``OutputRecorder``: a module class, or a class
+  name, an optional layer name and the output index), matched as transformers matches them
+  (:func:`router_modules`). Only hidden states cross a stage boundary, so each stage records the
+  router logits of its own layers during its forward, in call order, on the side channel
+  ``stage.ppzoo_router_logits`` (:func:`record_router_logits`; a list, emptied at every forward).
+- *how it is combined*: read from the CausalLM's ``forward`` source (:func:`router_loss_of`): the
+  statement ``aux_loss = <fn>(outputs.router_logits, ...)`` under ``if <switch>:`` and the term
+  ``loss += <weight>`` that uses it. ppzoo evaluates those two expressions, as written, with the
+  stage as ``self`` and the recorded logits as ``outputs.router_logits``. A forward whose aux
+  term reads anything else (the logits, the labels, other outputs) is refused by the adapters
+  that use it, with that reason.
+
+:func:`router_aux_loss` evaluates the term over the recorded logits of the stages it is given,
+times the share of the model's routers those stages hold:
 
 - given every stage of the model, run on the same tokens (the single-process stage chain, one
   microbatch), it equals Hugging Face's aux loss exactly, gradients included;
@@ -26,16 +41,20 @@ is given, times the coefficient, times the share of the model's MoE layers those
   through products of per-expert sums. The terms of disjoint stage groups add up to the
   whole-model value when every layer routes alike. In a pipeline each stage's term belongs on
   that stage (its gradient reaches only that stage's routers), per microbatch, averaged over
-  the microbatches.
+  the microbatches (``ppzoo.aux_loss``).
 
-The aux loss is None when ``output_router_logits`` is off, as in Hugging Face.
+The aux loss is None when the switch is off, as in Hugging Face.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import inspect
 import re
+import textwrap
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +67,17 @@ from ppzoo.architectures.llama import LlamaAdapter
 from ppzoo.capabilities import Capability
 from ppzoo.validation import Problem
 
-__all__ = ["EXPERT_COUNTS", "ExpertKeyMap", "MoEAdapter", "expert_counts"]
+__all__ = [
+    "EXPERT_COUNTS",
+    "ExpertKeyMap",
+    "MoEAdapter",
+    "RouterLoss",
+    "expert_counts",
+    "record_router_logits",
+    "router_aux_loss",
+    "router_loss_of",
+    "router_modules",
+]
 
 #: config attributes that count a mixture of experts' experts, across families
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -129,7 +158,8 @@ class MoEAdapter(LlamaAdapter):
     """A Llama-like layout whose layers' MLPs route tokens to fused experts."""
 
     capabilities = frozenset({Capability.MOE, Capability.ROUTER_AUX_LOSS})
-    #: fused expert parameter → per-expert checkpoint matrices (see :class:`ExpertKeyMap`)
+    #: fused expert parameter → per-expert checkpoint matrices, where transformers' conversion rules
+    #: do not cover the checkpoints (see :class:`ExpertKeyMap`); empty: the rules decide
     expert_matrices: dict[str, tuple[str, ...]] = {}
     #: ``(module name, checkpoint name)`` of the MoE block where hub checkpoints differ
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
@@ -142,6 +172,8 @@ class MoEAdapter(LlamaAdapter):
         return list(range(int(config.num_hidden_layers)))
 
     def key_map(self, config):
+        if not self.expert_matrices and not self.checkpoint_renames:
+            return KeyMap()
         return ExpertKeyMap(
             num_experts=self.num_experts(self.text_config(config)),
             fused=dict(self.expert_matrices),
@@ -175,46 +207,240 @@ class MoEAdapter(LlamaAdapter):
     # -- router logits side channel and aux loss ------------------------------------------------
     def patch_causal_lm_forward(self, lm: nn.Module) -> None:
         super().patch_causal_lm_forward(lm)
-        recorder = type(lm)._can_record_outputs["router_logits"]
-        lm.ppzoo_router_logits = []
-
-        def record(module, args, output):
-            lm.ppzoo_router_logits.append(output[recorder.index])
-
-        for module in lm.modules():
-            if isinstance(module, recorder.target_class):
-                module.register_forward_hook(record)
-        lm.forward = functools.partial(_recording_forward, lm, lm.forward)
+        record_router_logits(lm)
 
     def aux_loss(self, config, stages: Sequence[nn.Module], attention_mask=None):
-        cfg = self.text_config(config)
-        if not getattr(cfg, "output_router_logits", False):
-            return None
-        logits = tuple(t for stage in stages for t in stage.ppzoo_router_logits)
-        if not logits:
-            return torch.zeros((), device=_device(stages))
-        hf_loss = _modeling_attribute(stages[0], "load_balancing_loss_func")
-        loss = hf_loss(logits, self.num_experts(cfg), int(cfg.num_experts_per_tok), attention_mask)
-        share = len(logits) / len(self.moe_layers(cfg))
-        return cfg.router_aux_loss_coef * (loss if share == 1 else loss * share)
+        return router_aux_loss(config, stages, attention_mask, routers=len(self.moe_layers(self.text_config(config))))
 
 
-def _recording_forward(lm: nn.Module, forward, *args, **kwargs):
-    lm.ppzoo_router_logits = []
-    return forward(*args, **kwargs)
+# -- the router aux loss, read from transformers' own code -------------------------------------------
+#: the names the aux term's expressions may read besides the modeling module's globals
+_CALL_NAMES = frozenset({"self", "outputs", "attention_mask"})
 
 
-def _modeling_attribute(stage: nn.Module, name: str):
-    """``name`` from the transformers modeling module that defines the stage's model class.
+@dataclass(frozen=True)
+class RouterLoss:
+    """How a CausalLM forward adds its router aux loss, as its source says.
 
-    NOTE: the class's MRO, not the class itself: FSDP2's ``fully_shard`` swaps in a class of its
-    own (defined in torch) that derives from the Hugging Face one.
+    Attributes:
+        switch: the forward argument (and config attribute) that turns it on.
+        call: ``<fn>(outputs.router_logits, ...)``, the expression whose value is the aux loss.
+        weight: the expression added to the loss, reading the aux loss as ``aux``.
+        aux: the name the forward gives the aux loss (``aux_loss``).
+        source: the two statements, for messages.
     """
-    for cls in type(stage).__mro__:
-        module = inspect.getmodule(cls)
-        if module is not None and hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"no {name} in the modeling module of {type(stage).__name__}")
+
+    switch: str
+    call: Any
+    weight: Any
+    aux: str
+    source: str
+
+    def term(self, lm: nn.Module, logits: tuple[torch.Tensor, ...], attention_mask) -> torch.Tensor:
+        """The term the forward of ``lm`` adds for router logits ``logits``, evaluated as written."""
+        namespace = vars(_modeling_module(lm))
+        outputs = types.SimpleNamespace(router_logits=logits)
+        aux = eval(self.call, dict(namespace), {"self": lm, "outputs": outputs, "attention_mask": attention_mask})  # noqa: S307
+        zero = torch.zeros((), dtype=logits[0].dtype, device=logits[0].device)
+        return eval(self.weight, dict(namespace), {"self": lm, self.aux: aux, "loss": zero})  # noqa: S307
+
+
+@functools.cache
+def router_loss_of(lm_class: type) -> RouterLoss | str | None:
+    """How ``lm_class.forward`` adds a router aux loss: a :class:`RouterLoss`, None when it adds
+    none, or the reason ppzoo cannot reproduce it per stage (a string)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(lm_class.forward)))
+        tree = ast.parse(source)
+    except (AttributeError, OSError, TypeError, SyntaxError):
+        return None
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Call)
+        and any(_is_router_logits(arg) for arg in ast.walk(node.value))
+    ]
+    if not calls:
+        mentioned = any(isinstance(n, ast.Attribute) and n.attr == "router_logits" for n in ast.walk(tree))
+        adds = any(_adds_to_loss(n) for n in ast.walk(tree))
+        if mentioned and adds and "aux" in source:
+            return f"{lm_class.__name__}.forward adds a router loss in a form ppzoo does not read"
+        return None
+    if len(calls) > 1:
+        return f"{lm_class.__name__}.forward computes {len(calls)} router losses"
+    (assign,) = calls
+    aux = assign.targets[0].id
+    adds = [
+        n
+        for n in ast.walk(tree)
+        if _adds_to_loss(n) and any(isinstance(x, ast.Name) and x.id == aux for x in ast.walk(n.value))
+    ]
+    guard = parents.get(assign)
+    while guard is not None and not isinstance(guard, ast.If):
+        guard = parents.get(guard)
+    if len(adds) != 1 or guard is None or not isinstance(guard.test, ast.Name):
+        return f"{lm_class.__name__}.forward computes a router loss ({aux}) that ppzoo cannot follow to the loss"
+    weight = adds[0].value
+    if isinstance(adds[0], ast.Assign):  # loss = loss + <weight>
+        weight = weight.right
+    module = inspect.getmodule(lm_class)
+    known = set(vars(module)) | set(vars(builtins))
+    strays = sorted(
+        {n.id for n in ast.walk(assign.value) if isinstance(n, ast.Name)} - _CALL_NAMES - known
+        | {n.id for n in ast.walk(weight) if isinstance(n, ast.Name)} - {"self", aux, "loss"} - known
+    )
+    others = sorted(
+        {n.attr for n in ast.walk(assign.value) if isinstance(n, ast.Attribute) and _is_name(n.value, "outputs")}
+        - {"router_logits"}
+    )
+    if strays or others:
+        what = ", ".join([*strays, *(f"outputs.{a}" for a in others)])
+        return f"{lm_class.__name__}.forward's router loss reads {what}, which a stage does not have"
+    return RouterLoss(
+        switch=guard.test.id,
+        call=compile(ast.Expression(assign.value), f"<{lm_class.__name__} router loss>", "eval"),
+        weight=compile(ast.Expression(weight), f"<{lm_class.__name__} router loss weight>", "eval"),
+        aux=aux,
+        source=f"{ast.unparse(assign)}; loss += {ast.unparse(weight)}",
+    )
+
+
+def _is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _is_router_logits(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "router_logits" and _is_name(node.value, "outputs")
+
+
+def _adds_to_loss(node: ast.AST) -> bool:
+    if isinstance(node, ast.AugAssign):
+        return _is_name(node.target, "loss") and isinstance(node.op, ast.Add)
+    return (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and _is_name(node.targets[0], "loss")
+        and isinstance(node.value, ast.BinOp)
+        and isinstance(node.value.op, ast.Add)
+        and _is_name(node.value.left, "loss")
+    )
+
+
+def _recorders(model: nn.Module) -> list[Any]:
+    """``model``'s ``OutputRecorder`` specs for router logits, normalised as transformers does."""
+    specs = (getattr(type(model), "_can_record_outputs", None) or {}).get("router_logits")
+    if specs is None:
+        return []
+    from transformers.utils.output_capturing import OutputRecorder
+
+    specs = specs if isinstance(specs, list) else [specs]
+    return [
+        s
+        if isinstance(s, OutputRecorder)
+        else OutputRecorder(
+            target_class=None if isinstance(s, str) else s, index=1, class_name=s if isinstance(s, str) else None
+        )
+        for s in specs
+    ]
+
+
+def router_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """The modules whose outputs transformers records as router logits: ``(fqn, module, index)``.
+
+    NOTE: matched as transformers' ``recursively_install_hooks`` matches them: the specs of the
+    nearest enclosing ``PreTrainedModel``, by class or class-name suffix, then by layer name.
+    """
+    from transformers import PreTrainedModel
+
+    found: list[tuple[str, nn.Module, int]] = []
+
+    def visit(module: nn.Module, fqn: str, specs: list[Any]) -> None:
+        if isinstance(module, PreTrainedModel):
+            specs = _recorders(module) or (specs if fqn == "" else [])
+        for name, child in module.named_children():
+            visit(child, f"{fqn}.{name}" if fqn else name, specs)
+        for spec in specs:
+            by_class = spec.target_class is not None and isinstance(module, spec.target_class)
+            by_name = spec.class_name is not None and f".{fqn}".endswith(spec.class_name)
+            if not (by_class or by_name):
+                continue
+            if spec.layer_name is not None and f".{spec.layer_name.strip('.')}." not in f".{fqn}.":
+                continue
+            found.append((fqn, module, spec.index))
+            break
+
+    visit(model, "", [])
+    return found
+
+
+def record_router_logits(lm: nn.Module) -> None:
+    """Record the router logits of ``lm``'s own layers on ``lm.ppzoo_router_logits`` at each forward.
+
+    The list is emptied when ``lm`` is called and filled in call order, as transformers' own
+    output recorders fill ``router_logits``.
+    """
+    lm.ppzoo_router_logits = []
+
+    def record(index: int, module: nn.Module, args: tuple, output: Any) -> None:
+        value = output[index] if isinstance(output, tuple) else output
+        if value is not None:
+            lm.ppzoo_router_logits.append(value)
+
+    def reset(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        lm.ppzoo_router_logits = []
+
+    for _, module, index in router_modules(lm):
+        module.register_forward_hook(functools.partial(record, index))
+    lm.register_forward_pre_hook(reset, with_kwargs=True)
+
+
+def router_aux_loss(
+    config: Any, stages: Sequence[nn.Module], attention_mask=None, *, routers: int
+) -> torch.Tensor | None:
+    """The router aux term of ``stages``' last forward, as the CausalLM forward adds it.
+
+    Args:
+        config: the model config (its switch decides whether there is a term).
+        stages: stage modules whose router logits were recorded (:func:`record_router_logits`).
+        attention_mask: the 2-D mask the stages ran with, as the forward passes it.
+        routers: how many routers the whole model records per forward: the term is scaled by the
+            share of them the stages hold.
+
+    Returns:
+        The term (a 0-d tensor; zero when the stages hold no router), or None when the model adds
+        none (no router loss in its forward, or the switch off).
+
+    Raises:
+        ValueError: the forward adds a router loss ppzoo cannot reproduce (validation refuses
+            such models first).
+    """
+    recipe = router_loss_of(_hf_class(stages[0]))
+    if recipe is None:
+        return None
+    if isinstance(recipe, str):
+        raise ValueError(recipe)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(cfg, recipe.switch, getattr(config, recipe.switch, False)):
+        return None
+    logits = tuple(t for stage in stages for t in stage.ppzoo_router_logits)
+    if not logits:
+        return torch.zeros((), device=_device(stages))
+    term = recipe.term(stages[0], logits, attention_mask)
+    share = len(logits) / routers
+    return term if share == 1 else term * share
+
+
+def _hf_class(stage: nn.Module) -> type:
+    """The model class of ``stage`` (FSDP2's ``fully_shard`` swaps in a subclass defined in torch)."""
+    return next(c for c in type(stage).__mro__ if not c.__module__.startswith("torch."))
+
+
+def _modeling_module(stage: nn.Module) -> types.ModuleType:
+    return inspect.getmodule(_hf_class(stage))
 
 
 def _device(stages: Sequence[nn.Module]) -> torch.device:

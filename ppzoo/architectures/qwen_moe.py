@@ -4,7 +4,9 @@ A layer routes when it is not in ``mlp_only_layers`` and ``(index + 1) % decoder
 (and ``num_experts > 0``); only those layers record router logits. Qwen2-MoE adds a gated shared
 expert to every MoE block (counted in full by the cost model) and slides the window on the layers
 ``config.layer_types`` names; Qwen3-MoE slides it on all layers when ``sliding_window`` is set.
-Key conversion and the router aux loss: ``ppzoo.architectures.moe``.
+Checkpoints hold one ``gate_proj`` / ``up_proj`` / ``down_proj`` per expert; transformers' own
+conversion rules (``qwen2_moe``, which ``qwen3_moe`` shares) fuse them, and ppzoo loads and saves
+through those rules (``ppzoo.checkpoint.conversion``). The router aux loss: ``ppzoo.architectures.moe``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ class Qwen2MoeAdapter(MoEAdapter):
     model_types = ("qwen2_moe",)
     architectures = ("Qwen2MoeForCausalLM",)
     capabilities = MoEAdapter.capabilities | {Capability.SLIDING_WINDOW, Capability.SHARED_EXPERT}
-    expert_matrices = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
     def moe_layers(self, config):
         step, dense = int(config.decoder_sparse_step), set(config.mlp_only_layers or ())

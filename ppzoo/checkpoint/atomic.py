@@ -1,14 +1,23 @@
 """Atomic checkpoint directories: every rank writes into a sibling directory, swapped in at the end.
 
 All ranks write into a sibling directory ``<dir>.tmp-<id>`` (so every rank must see the same
-filesystem). Only when every rank reports success does rank 0 move an existing ``<dir>`` aside,
-rename the new one into place and delete the old one. A write that fails or dies midway leaves
-any earlier checkpoint at ``<dir>`` untouched; the collective that would have reported the dead
-rank fails after the process group's timeout at the latest, so no rank waits forever.
+filesystem). Only when every rank reports success does rank 0 put the new directory in place of
+an existing ``<dir>``, then delete the old one. A write that fails or dies midway leaves any
+earlier checkpoint at ``<dir>`` untouched; the collective that would have reported the dead rank
+fails after the process group's timeout at the latest, so no rank waits forever.
+
+**The swap survives a kill at any moment.** On Linux the two directories trade places in one
+``renameat2(RENAME_EXCHANGE)``, so ``<dir>`` always holds the old or the new checkpoint, whole.
+Where the filesystem cannot exchange, the old one is renamed to ``<dir>.old-<id>`` and the new one
+into place; a kill between the two renames leaves no ``<dir>`` for a moment, and the next load
+(:func:`recover`, called by ``resolve`` and ``load_state``) or save completes the swap (the new
+directory was whole before the first rename) or restores the old one. Each save first deletes
+``<dir>.tmp-*`` left by a save that was killed, and any ``<dir>.old-*`` whose swap had completed.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -18,10 +27,11 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ppzoo.agreement import exchange
 from ppzoo.checkpoint.errors import CheckpointError
 from ppzoo.checkpoint.reading import INDEX_FILE, SINGLE_FILE
 
-__all__ = ["agree", "write_atomically"]
+__all__ = ["agree", "recover", "write_atomically"]
 
 #: what marks a directory as a checkpoint that a new write may replace (``.metadata``: a training state)
 _CHECKPOINT_MARKERS = ("config.json", INDEX_FILE, SINGLE_FILE, ".metadata")
@@ -37,14 +47,98 @@ def _check_target(target: Path) -> None:
         )
 
 
+def _reached(step: str) -> None:
+    """Called at each step of a swap and of a recovery; tests replace it to kill the process there."""
+
+
+#: ``renameat2`` flag: swap the two paths atomically
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically; False where the platform or filesystem cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange here; rename instead
+        return False
+    raise OSError(errno, f"cannot exchange {str(a)!r} and {str(b)!r}: {os.strerror(errno)}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, entry by entry (a kill midway leaves part of it, deleted later)."""
+    if not path.exists():
+        return
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        _reached("removing")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _swap_into_place(new: Path, target: Path, tag: str) -> None:
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{tag}")
-        os.replace(target, old)
+    """Put ``new`` (whole) at ``target``, then delete what was there; see the module's docstring."""
+    _reached("ready")
+    if not target.exists():
         os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+        _reached("swapped")
+        return
+    if _exchange(new, target):  # target now holds the new checkpoint, ``new`` the old one
+        _reached("swapped")
+        _remove(new)
+        _reached("done")
+        return
+    old = target.with_name(f"{target.name}.old-{tag}")
+    os.replace(target, old)
+    _reached("moved-aside")
+    os.replace(new, target)
+    _reached("swapped")
+    _remove(old)
+    _reached("done")
+
+
+def recover(directory: str | os.PathLike, *, clean: bool = False) -> None:
+    """Finish or undo a swap that a killed save left behind at ``directory``.
+
+    Where ``directory`` is missing but ``<directory>.old-<id>`` exists, the save was killed between
+    its two renames: its new directory ``<directory>.tmp-<id>`` was whole, so it is renamed into
+    place (or, when gone, the old one is restored). An ``.old-<id>`` beside a present directory is
+    what a completed swap had yet to delete. Safe to run on several ranks at once.
+
+    Args:
+        directory: a checkpoint directory.
+        clean: also delete ``<directory>.tmp-*`` (what a killed save left half written) and
+            completed ``.old-*``; only a save does this, since a load may run beside a save.
+    """
+    target = Path(directory).expanduser().absolute()
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f"{glob.escape(target.name)}.old-*"))
+    for old in olds:
+        if not target.exists():
+            tmp = target.with_name(f"{target.name}.tmp-{old.name.rsplit('.old-', 1)[1]}")
+            source = tmp if tmp.is_dir() else old
+            try:
+                os.replace(source, target)
+            except OSError:  # another rank recovered it first
+                pass
+            _reached("recovered")
+        if clean and target.exists():
+            _remove(old)
+    if clean:
+        for tmp in parent.glob(f"{glob.escape(target.name)}.tmp-*"):
+            _remove(tmp)
 
 
 def agree(error: BaseException | None, payload: Any = None, *, what: str) -> list[Any]:
@@ -65,6 +159,10 @@ def agree(error: BaseException | None, payload: Any = None, *, what: str) -> lis
         BaseException: ``error`` itself, on the rank where it happened.
         CheckpointError: on the other ranks, naming the first rank that failed and its error.
     """
+    if not dist.is_initialized():  # one process, no group: no one to tell
+        if error is not None:
+            raise error
+        return [payload]
     outcomes: list[Any] = [None] * dist.get_world_size()
     message = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(outcomes, (message, payload))
@@ -82,7 +180,7 @@ def write_atomically(
     write: Callable[[Path], Any],
     *,
     finish: Callable[[Path, list[Any]], None] | None = None,
-    what: str = "save",
+    what: str = "save_pretrained",
 ) -> Path:
     """Run ``write(tmp)`` on every rank, ``finish(tmp, results)`` on rank 0, then rename into place.
 
@@ -93,7 +191,7 @@ def write_atomically(
         directory: where the result ends up.
         write: called on every rank with the temporary directory; returns a picklable result.
         finish: called on rank 0 with the temporary directory and every rank's result, in rank order.
-        what: names the operation in errors.
+        what: names the operation in errors: one of :data:`ppzoo.agreement.CALLS`.
 
     Returns:
         ``directory`` as an absolute path.
@@ -103,9 +201,13 @@ def write_atomically(
             or a rank failed (the error names it); ``directory`` is then left as it was.
     """
     target = Path(directory).expanduser().absolute()
+    # NOTE: first make sure every rank is here: a save called on some ranks only (rank 0) fails
+    # with an error that says the save is collective, instead of deadlocking in the broadcast.
+    exchange(what, None)
     setup: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
+            recover(target, clean=True)
             _check_target(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             tag = uuid.uuid4().hex[:12]

@@ -1,9 +1,11 @@
 """Hugging Face format export from pipeline ranks: sharded safetensors, the index, config and side files.
 
 Every rank writes its own stages' tensors, in safetensors shards of at most ``max_shard_size``
-(a stage never shares a shard with another), under the original checkpoint keys (fused MoE
-experts split back into one matrix per expert by the adapter's key map; a tied head left out, as
-Hugging Face leaves it out). Rank 0 then names the shards ``model-0000i-of-0000n.safetensors``,
+(a stage never shares a shard with another), under the keys Hugging Face's ``save_pretrained``
+writes: transformers' own conversion rules, reversed (:mod:`ppzoo.checkpoint.conversion`: fused
+MoE experts split back into one matrix per expert, EXAONE's original names, NeoX's ``embed_out``),
+or the adapter's key map where it says more than the identity; a tied head left out, as Hugging
+Face leaves it out. Rank 0 then names the shards ``model-0000i-of-0000n.safetensors``,
 writes ``config.json``, copies the generation config and tokenizer files from the directory the
 model was loaded from, and writes ``model.safetensors.index.json`` from the key lists every rank
 reports.
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from ppzoo.checkpoint.atomic import write_atomically
+from ppzoo.checkpoint.conversion import saving_groups
 from ppzoo.checkpoint.errors import CheckpointError
 from ppzoo.checkpoint.reading import INDEX_FILE
 from ppzoo.checkpoint.tensors import persistent_tensors
@@ -123,6 +126,34 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _mapped(key_map: KeyMap, fqn: str, tensor: torch.Tensor) -> bool:
+    """Whether the adapter's key map writes ``fqn`` under other keys than its own (asked with a meta tensor)."""
+    from ppzoo.adapter import KeyMap
+
+    if type(key_map) is KeyMap:
+        return False
+    try:
+        return list(key_map.split(fqn, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))) != [fqn]
+    except Exception:  # noqa: BLE001 - a key map that reads values: ask it with the real tensor
+        return True
+
+
+def _units(module: nn.Module, entries: list[tuple[str, torch.Tensor]], key_map: KeyMap) -> list[tuple[list[str], Any]]:
+    """The stage's tensors in write order, grouped as they are converted: ``(fqns, how)`` where
+    ``how`` is None for the adapter's key map, else transformers' reversed rule (a ``SaveGroup``)."""
+    mapped = {fqn for fqn, tensor in entries if _mapped(key_map, fqn, tensor)}
+    groups = {id(g): g for g in saving_groups(module, [fqn for fqn, _ in entries if fqn not in mapped])}
+    group_of = {fqn: g for g in groups.values() for fqn in g.fqns}
+    units, started = [], set()
+    for fqn, _ in entries:
+        if fqn in mapped:
+            units.append(([fqn], None))
+        elif id(group_of[fqn]) not in started:
+            started.add(id(group_of[fqn]))
+            units.append((group_of[fqn].fqns, group_of[fqn]))
+    return units
+
+
 def _shards(
     module: nn.Module,
     max_shard_bytes: int,
@@ -137,18 +168,34 @@ def _shards(
     A tensor larger than that gets a shard of its own. ``seen`` holds the tensors already written
     (a tensor two stages of this rank share is written once); only the writer gets shards.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    entries = []
     for fqn, _owner, _name, tensor in persistent_tensors(module):
         # A tied head is the embedding (V placement) or a copy kept equal to it: Hugging Face
         # writes it once, under the embedding's key, which the first stage writes.
         if id(tensor) in seen or fqn in tied:
             continue
         seen.add(id(tensor))
-        full = _full(tensor.detach())
+        entries.append((fqn, tensor))
+    by_fqn = dict(entries)
+    tensors: dict[str, torch.Tensor] = {}
+    for fqns, how in _units(module, entries, key_map):
+        full = {fqn: _full(by_fqn[fqn].detach()) for fqn in fqns}
         if not writer:
             continue
-        for key, value in key_map.split(fqn, full).items():
-            value = value.to("cpu").contiguous()
+        if how is None:
+            (fqn,) = fqns
+            out = key_map.split(fqn, full[fqn])
+        else:
+            out = how.convert(full, model=module)
+        for key, value in out.items():
+            value = value.to("cpu")
+            # NOTE: a converted tensor may be a view of a fused parameter (one expert of many);
+            # safetensors writes no tensors that share storage, so such pieces are copied
+            value = (
+                value.contiguous()
+                if how is None or how.converter is None
+                else value.clone(memory_format=torch.contiguous_format)
+            )
             held = sum(t.numel() * t.element_size() for t in tensors.values())
             if tensors and held + value.numel() * value.element_size() > max_shard_bytes:
                 yield tensors
@@ -241,8 +288,9 @@ def save_pretrained(
     Args:
         stages: this rank's stage modules by stage index (under their original FQNs).
         directory: the checkpoint directory; an earlier checkpoint there is replaced.
-        adapter: supplies ``key_map(config)`` (FQN → checkpoint keys) and ``tied_weights(config)``
-            (tied copies, left out as Hugging Face leaves them out).
+        adapter: supplies ``key_map(config)`` (FQN → checkpoint keys, where it says more than the
+            identity; every other tensor is written under transformers' reversed conversion rules)
+            and ``tied_weights(config)`` (tied copies, left out as Hugging Face leaves them out).
         config: the model config, written as ``config.json``.
         mesh: the whole device mesh, with a ``pp`` dimension; only the rank at coordinate 0 of
             every other dimension writes.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ppzoo.checkpoint.errors import CheckpointError
+from ppzoo.checkpoint.errors import CheckpointError, hub_error
 from ppzoo.config import check_local_path
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "Reader", "resolve"]
@@ -38,9 +38,13 @@ def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
     Raises:
         FileNotFoundError: ``model_id`` is a path (absolute, ``./``, ``~``, a trailing ``/``) that
             does not exist; it is not looked up on the hub.
-        CheckpointError: ``model_id`` is a file, not a directory.
+        CheckpointError: ``model_id`` is a file, not a directory; or a hub id that cannot be
+            fetched (offline, unreachable, no such repository or revision), naming it.
     """
     path = Path(os.fspath(model_id)).expanduser()
+    from ppzoo.checkpoint.atomic import recover  # here, not at the top: atomic imports this module
+
+    recover(path)  # a save killed mid-swap: finish it or restore the earlier checkpoint
     if path.is_dir():
         return path
     if path.exists():
@@ -48,9 +52,15 @@ def resolve(model_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
     check_local_path(os.fspath(model_id))
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(str(model_id), allow_patterns=["*.json", "*.model", "*.txt", "*.jinja"], **hub_kwargs)
-    )
+    try:
+        return Path(
+            snapshot_download(str(model_id), allow_patterns=["*.json", "*.model", "*.txt", "*.jinja"], **hub_kwargs)
+        )
+    except Exception as exc:
+        error = hub_error(exc, str(model_id))
+        if error is exc:
+            raise
+        raise error from None
 
 
 class Checkpoint:
@@ -138,6 +148,35 @@ class Checkpoint:
     def has(self, key: str) -> bool:
         return key in self.weight_map
 
+    def check_layer_count(self, container: str, num_layers: int) -> None:
+        """Refuse a checkpoint that holds more layers of ``container`` than the config's ``num_layers``.
+
+        Read from the tensor names alone: the keys ``<prefix>.<i>.*`` whose prefix is ``container``,
+        or a dotted suffix of it, or ends with it (``h.3.*`` for ``transformer.h``). NOTE: without
+        this, the layers past ``num_layers`` would be silently left out of the model.
+
+        Raises:
+            CheckpointError: the checkpoint holds more layers, naming both counts and the fix.
+        """
+        name = container.rsplit(".", 1)[-1]
+        counts: dict[str, int] = {}
+        for key in self.weight_map:
+            parts = key.split(".")
+            for j in range(1, len(parts) - 1):
+                if parts[j - 1] == name and parts[j].isdigit():
+                    prefix = ".".join(parts[:j])
+                    counts[prefix] = max(counts.get(prefix, 0), int(parts[j]) + 1)
+                    break
+        matches = [p for p in counts if p == container or container.endswith(f".{p}") or p.endswith(f".{container}")]
+        if len(matches) != 1 or counts[matches[0]] <= num_layers:
+            return
+        prefix, count = matches[0], counts[matches[0]]
+        raise CheckpointError(
+            f"the checkpoint in {str(self.directory)!r} holds {count} layers ({prefix}.0 to {prefix}.{count - 1} in "
+            f"{self.listing}), but the config has {num_layers} (num_hidden_layers): the other {count - num_layers} "
+            f"would be left out; use the checkpoint's own config.json, or set num_hidden_layers={count}"
+        )
+
     def file_of(self, key: str) -> Path:
         try:
             name = self.weight_map[key]
@@ -148,7 +187,13 @@ class Checkpoint:
             if self.repo_id is not None:
                 from huggingface_hub import hf_hub_download
 
-                return Path(hf_hub_download(self.repo_id, name, **self.hub_kwargs))
+                try:
+                    return Path(hf_hub_download(self.repo_id, name, **self.hub_kwargs))
+                except Exception as exc:
+                    error = hub_error(exc, self.repo_id, filename=name)
+                    if error is exc:
+                        raise
+                    raise error from None
             raise CheckpointError(
                 f"shard {name!r} (holding {key!r}) is listed in {INDEX_FILE} but missing from {str(self.directory)!r}"
             )

@@ -39,10 +39,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ppzoo.checkpoint.atomic import agree, write_atomically
+from ppzoo.agreement import exchange
+from ppzoo.checkpoint.atomic import agree, recover, write_atomically
 from ppzoo.checkpoint.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -159,7 +161,11 @@ def save_state(
         ValueError: ``step`` is not a non-negative int.
         CheckpointError: ``directory`` cannot take the state, or a rank failed while writing.
     """
-    step = _check_step(step)
+    try:
+        step, error = _check_step(step), None
+    except ValueError as exc:
+        error = exc
+    exchange("save_state", error)  # every rank is here and none failed, before get_state_dict's collectives
     tied = adapter.tied_weights(config)
     # NOTE: get_state_dict gives a fresh optimizer state by stepping it with zero grads and lr 0;
     # that state must not leak into the run (Adam's bias correction counts steps), so it is dropped
@@ -258,8 +264,50 @@ class _MetadataReader(FileSystemReader):
         return metadata
 
 
+def _check_files(directory: Path, metadata: dcp_metadata.Metadata) -> None:
+    """Refuse a state whose data files are missing, shorter than its metadata says, or outside it."""
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(
+                f"{str(directory / '.metadata')!r} places data in {name!r}, not a file of {str(directory)!r}; "
+                "refused: load only training states written by save_state"
+            )
+        ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(ends.items()):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(
+                f"the training state in {str(directory)!r} is incomplete: {name!r} is missing; "
+                "copy the whole directory, or save the state again"
+            )
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"the training state in {str(directory)!r} is damaged: {name!r} has {size} bytes, but its "
+                f".metadata places data up to byte {end} (the file is truncated); copy it again, or save the state again"
+            )
+
+
+def _load_failure(exc: CheckpointException, directory: Path) -> CheckpointError:
+    """torch's multi-rank failure report as one line: the first failing rank and its error."""
+    failures = getattr(exc, "failures", None) or {}
+    if not failures:
+        return CheckpointError(f"cannot load the training state in {str(directory)!r}: {exc}")
+    rank = min(failures)
+    error = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return CheckpointError(
+        f"cannot load the training state in {str(directory)!r} (rank {rank}: {type(error).__name__}: {first[:300]}); "
+        "the state is damaged or incomplete: save it again, or resume from another"
+    )
+
+
 def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
-    saved = set(_MetadataReader(directory).read_metadata().state_dict_metadata)
+    metadata = _MetadataReader(directory).read_metadata()
+    _check_files(directory, metadata)
+    saved = set(metadata.state_dict_metadata)
     for part, entries in state.items():
         missing = sorted(f"{part}.{k}" for k in entries if f"{part}.{k}" not in saved)
         if missing:
@@ -268,11 +316,19 @@ def _check_keys(directory: Path, state: dict[str, dict[str, Any]]) -> None:
                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it was saved from another "
                 "model or with another kind of optimizer"
             )
+        for key, value in entries.items():
+            size = getattr(metadata.state_dict_metadata[f"{part}.{key}"], "size", None)
+            if isinstance(value, torch.Tensor) and size is not None and tuple(size) != tuple(value.shape):
+                raise CheckpointError(
+                    f"the training state in {str(directory)!r} holds {part}.{key} of shape {tuple(size)}, but this "
+                    f"model's is {tuple(value.shape)}; it was saved from another model (or another config)"
+                )
 
 
 def _state_directory(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """``directory`` as an absolute path, and its :data:`STATE_FILE` record, checked."""
     directory = Path(directory).expanduser().absolute()
+    recover(directory)  # a save killed mid-swap: finish it or restore the earlier state
     if not (directory / ".metadata").is_file():
         raise CheckpointError(
             f"{str(directory)!r} holds no training state (no .metadata); pass a directory written by save_state"
@@ -337,7 +393,11 @@ def load_state(
     Raises:
         CheckpointError: ``directory`` holds no training state, or not one of this model and optimizer.
     """
-    directory, record = _state_directory(directory)
+    try:
+        (directory, record), error = _state_directory(directory), None
+    except CheckpointError as exc:
+        error = exc
+    exchange("load_state", error)  # every rank is here and found the state, before any collective
     module = rank_module(stages)
     model_state, optimizer_state = _state_dicts(module, optimizer)
     tied = adapter.tied_weights(config)
@@ -353,7 +413,10 @@ def load_state(
         problem = exc
     agree(problem, what="load_state")
     # NOTE: tensors are loaded in place; other values (step, hyperparameters) replace the entries.
-    dcp.load(state, storage_reader=_MetadataReader(directory))
+    try:
+        dcp.load(state, storage_reader=_MetadataReader(directory))
+    except CheckpointException as exc:  # NOTE: a BaseException, holding every rank's traceback
+        raise _load_failure(exc, directory) from None
     for loaded, original in ((state["model"], model_state), (state["optimizer"], optimizer_state)):
         for key in original:
             original[key] = loaded[renames.get(key, key)]

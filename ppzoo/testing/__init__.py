@@ -21,6 +21,7 @@ from ppzoo.testing.checks import (
     check_validation,
     resolving_to,
 )
+from ppzoo.testing.dropout import check_dropout
 from ppzoo.testing.kit import CHECKS, Case, Check, CheckResult, cases, check_adapter, check_adapters
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
@@ -34,6 +35,7 @@ __all__ = [
     "check_adapters",
     "check_buffers_after_meta_init",
     "check_distributed_step",
+    "check_dropout",
     "check_layout",
     "check_plan",
     "check_stage_chain",

@@ -4,7 +4,9 @@ For each model type, :func:`check_model_type` builds a tiny config from the conf
 (:mod:`ppzoo.testing.tiny_configs`), asks the registry for its adapter and every validation rule,
 and, when nothing refuses it, runs the conformance kit's stage chain
 (:func:`~ppzoo.testing.check_stage_chain`: 1 to 4 stages against the unsplit model, logits, loss
-and gradients at 1e-5 in fp32 on a left-padded batch, dropout off). The result is one of
+and gradients at 1e-5 in fp32 on a left-padded batch, in train mode with the class
+defaults' dropout) and, when the config has dropout probabilities, the kit's dropout check (every one
+turned on, train mode against train mode; :mod:`ppzoo.dropout`). The result is one of
 
 - ``exact``: the stage chain matches the unsplit model;
 - ``refused``: no adapter takes the config, or a rule refuses it (the reason is kept);
@@ -109,6 +111,7 @@ def check_model_type(model_type: str) -> ZooResult:
     """The zoo's verdict on ``model_type``, checked in this process (see the module docstring)."""
     from ppzoo import registry
     from ppzoo.testing.checks import check_stage_chain
+    from ppzoo.testing.dropout import check_dropout, with_dropout
     from ppzoo.testing.tiny_configs import tiny_config
 
     start = time.monotonic()
@@ -133,7 +136,10 @@ def check_model_type(model_type: str) -> ZooResult:
         if problems:
             return result(adapter, "refused", "; ".join(f"{p.code}: {p.message}" for p in problems))
         try:
-            check_stage_chain(zoo_adapter(model_type, adapter))
+            view = zoo_adapter(model_type, adapter)
+            check_stage_chain(view)
+            if with_dropout(config)[1]:
+                check_dropout(view, require_effect=False)
         except AssertionError as exc:
             return result(adapter, "wrong", str(exc))
         except Exception as exc:  # noqa: BLE001

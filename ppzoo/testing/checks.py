@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from ppzoo import registry
 from ppzoo.adapter import Adapter
 from ppzoo.capabilities import Capability
 from ppzoo.checkpoint import Checkpoint
+from ppzoo.dropout import key_dropout
 from ppzoo.hookspecs import hookimpl
 from ppzoo.loss import causal_lm_loss
 from ppzoo.meta import meta_model
@@ -41,11 +43,14 @@ __all__ = [
     "check_tied_weights",
     "check_tiny_config",
     "check_validation",
+    "packed_batch",
     "resolving_to",
 ]
 
 #: sequence length of the kit's batches; a tiny sliding window must be shorter to be exercised
 SEQ_LEN = 12
+#: the base seed of the dropout streams of the stages and the reference the kit compares
+DROPOUT_SEED = 1234
 #: the tiny config must split into this many stages with two layers each (interleaved, pp=4)
 MIN_LAYERS = 8
 #: above this many parameters the matrix stops being fast on two CPU cores
@@ -259,16 +264,44 @@ def check_plan(adapter: Adapter) -> None:
 
 
 # -- per-stage reads ---------------------------------------------------------------------------
+def _key_owners(adapter: Adapter, config: Any, keys: set[str]) -> dict[str, set[str]]:
+    """``{checkpoint key: the parameter FQNs it converts to}``: by transformers' conversion rules;
+    a key those rules turn into no parameter belongs to the parameters whose key map names it."""
+    from ppzoo.checkpoint.conversion import loading_plan
+    from ppzoo.checkpoint.tensors import persistent_tensors
+
+    model = meta_model(config)
+    fqns = [fqn for fqn, *_ in persistent_tensors(model)]
+    converted = loading_plan(model, keys, fqns)
+    owners: dict[str, set[str]] = {}
+    for fqn, group in converted.items():
+        for key in group.keys:
+            owners.setdefault(key, set()).add(fqn)
+    key_map = adapter.key_map(config)
+    for fqn in fqns:
+        mapped = key_map.sources(fqn, lambda k: k in converted or k in keys)
+        for key in mapped if mapped != [fqn] else ():
+            if key in keys and key not in owners:
+                owners.setdefault(key, set()).add(fqn)
+    return owners
+
+
 def check_stage_reads(adapter: Adapter) -> None:
     """Each stage reads exactly its own tensors from a sharded checkpoint, each once, and opens
     only the shards that hold them; together the stages read every tensor (for ``moe``: per-expert
-    keys, converted into the fused parameters)."""
+    keys, converted into the fused parameters). A checkpoint key belongs to the stages holding the
+    parameters it converts to (transformers' conversion rules, or the adapter's key map)."""
     config = adapter.tiny_config()
     tied = adapter.tied_weights(config)
     problems = []
     renamed: set[str] = set()  # keys read that are no parameter's name: converted by the key map
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         everything = set(Checkpoint(directory).weight_map)
+        owners = _key_owners(adapter, config, everything)
+        made_of: dict[str, set[str]] = {}
+        for key, fqns in owners.items():
+            for fqn in fqns:
+                made_of.setdefault(fqn, set()).add(key)
         for pp, schedule in ((2, "1F1B"), (4, "1F1B")):
             the_plan = plan(directory, pp=pp, schedule=schedule)
             read_by_any: set[str] = set()
@@ -292,10 +325,15 @@ def check_stage_reads(adapter: Adapter) -> None:
                 )
                 renamed |= set(reads) - {name for name, _ in built.named_parameters(remove_duplicate=False)}
                 label = f"pp={pp} {schedule} stage {stage.index}"
-                own = {k for k in everything if _owners(k, stage.modules)}
+                own = {k for k, fqns in owners.items() if any(_owners(fqn, stage.modules) for fqn in fqns)}
                 # NOTE: a checkpoint saved with tied embeddings stores only the source; the stage
-                # holding the copy reads the source's key, and nothing else outside its modules.
-                borrowed = {src for cp, src in tied.items() if _owners(cp, stage.modules) and cp not in everything}
+                # holding the copy reads the source's keys, and nothing else outside its modules.
+                borrowed = {
+                    k
+                    for cp, src in tied.items()
+                    if _owners(cp, stage.modules) and not made_of.get(cp)
+                    for k in made_of.get(src, ())
+                }
                 twice = sorted({k for k in reads if reads.count(k) > 1})
                 if twice:
                     problems.append(f"{label} read {twice} more than once")
@@ -341,14 +379,21 @@ def _chain_loss(adapter, config, stages, logits, labels, mask):
 
 def check_stage_chain(adapter: Adapter) -> None:
     """Stages run one after another in one process give the Hugging Face model's logits, loss (with
-    the router aux loss, which must matter when declared) and gradients (fp32, left-padded batch)
+    the router aux loss, which must matter when declared) and gradients (fp32, left-padded batch,
+    both in train mode with dropout keyed alike, see :mod:`ppzoo.dropout`)
     for 1, 2, 3 and 4 stages, and for a split whose first stage
     holds only the input modules and whose last holds only the output modules (the planner makes
-    such stages when the head is heavy)."""
+    such stages when the head is heavy); 2 stages also without an attention mask, and with
+    explicit packed ``position_ids`` (two documents a row, positions restarting)."""
     problems = []
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         reference = load_reference(directory)
         config = reference.config
+        # NOTE: train mode against train mode: the stages train, and any dropout the config has
+        # draws the same masks on both sides (keyed by seed, layer and forward; ppzoo.dropout)
+        reference.train()
+        everything = adapter.fqn_layout(config)
+        key_dropout(reference, everything, range(everything.num_layers), seed=DROPOUT_SEED)
         ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
         out = reference(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -362,7 +407,7 @@ def check_stage_chain(adapter: Adapter) -> None:
         splits = [(str(n), plan(directory, pp=n)) for n in (1, 2, 3, 4)]
         splits.append(("4 (inputs alone, outputs alone)", plan(directory, pp=4, stage_modules=ends)))
         for n, the_plan in splits:
-            stages = _build_stages(adapter, config, the_plan, directory)
+            stages = _build_stages(adapter, config, the_plan, directory, dropout_seed=DROPOUT_SEED)
             names = {k for s in stages for k, _ in s.named_parameters(remove_duplicate=False)}
             if names != want_names:
                 problems.append(f"{n} stages hold {sorted(names ^ want_names)} differently from the reference")
@@ -392,7 +437,42 @@ def check_stage_chain(adapter: Adapter) -> None:
                     problems.append(
                         f"2 stages without attention_mask: logits differ by {(plain - unmasked).abs().max().item():.3e}"
                     )
+                problems += _packed_problems(adapter, reference, stages)
     _fail_if(problems, f"adapter {adapter.name!r}: stage chain vs Hugging Face")
+
+
+def packed_batch(vocab_size: int, *, seq_len: int = SEQ_LEN, seed: int = 1):
+    """``(input_ids, position_ids, labels)``: two documents packed in each row, positions restarting
+    at each, no padding; the first token of a document is not predicted from the one before."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (2, seq_len), generator=gen)
+    starts = (seq_len // 2 - 1, seq_len // 2 + 2)  # the second document of each row starts here
+    position_ids = torch.stack([torch.cat([torch.arange(a), torch.arange(seq_len - a)]) for a in starts])
+    labels = ids.clone()
+    for row, start in enumerate(starts):
+        labels[row, start] = -100
+    return ids, position_ids, labels
+
+
+def _packed_problems(adapter: Adapter, reference: torch.nn.Module, stages) -> list[str]:
+    """The stages given explicit packed ``position_ids`` (no attention mask) compute the reference's
+    logits and loss: learned positions, RoPE and the per-document mask transformers derives from
+    restarting positions all come from them."""
+    ids, position_ids, labels = packed_batch(reference.config.vocab_size)
+    with torch.no_grad():
+        # NOTE: use_cache=False, as in training: with a cache transformers ignores the packing
+        params = inspect.signature(type(reference).forward).parameters
+        no_cache = {"use_cache": False} if "use_cache" in params or "kwargs" in params else {}
+        want = reference(input_ids=ids, position_ids=position_ids, labels=labels, **no_cache)
+        got = run_chain(stages, ids, position_ids=position_ids)
+    problems = []
+    if not torch.allclose(got, want.logits, rtol=1e-5, atol=1e-6):
+        problems.append(f"2 stages, packed position_ids: logits differ by {(got - want.logits).abs().max().item():.3e}")
+    elif not torch.allclose(
+        _chain_loss(adapter, reference.config, stages, got, labels, None), want.loss, rtol=1e-5, atol=0
+    ):
+        problems.append("2 stages, packed position_ids: the loss differs from the reference's")
+    return problems
 
 
 # -- tied weights ----------------------------------------------------------------------------------
@@ -403,6 +483,10 @@ def check_tied_weights(adapter: Adapter) -> None:
     with resolving_to(adapter), _tiny_checkpoint(adapter) as directory:
         reference = load_reference(directory)
         config = reference.config
+        # NOTE: train mode against train mode, dropout keyed alike (as in the stage chain)
+        reference.train()
+        everything = adapter.fqn_layout(config)
+        key_dropout(reference, everything, range(everything.num_layers), seed=DROPOUT_SEED)
         tied = adapter.tied_weights(config)
         if not tied:
             raise AssertionError(
@@ -420,7 +504,7 @@ def check_tied_weights(adapter: Adapter) -> None:
             problems.append("V placement puts the tied copy and its source on different ranks")
         ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
         reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        stages = _build_stages(adapter, config, plan(directory, pp=2), directory)
+        stages = _build_stages(adapter, config, plan(directory, pp=2), directory, dropout_seed=DROPOUT_SEED)
         _chain_loss(adapter, config, stages, run_chain(stages, ids, attention_mask=mask), labels, mask).backward()
         for copy_, source in tied.items():
             a, b = stages[-1].get_parameter(copy_), stages[0].get_parameter(source)

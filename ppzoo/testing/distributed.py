@@ -8,6 +8,7 @@ finish in time is killed rather than left hanging.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -55,6 +56,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
                 dist.destroy_process_group()
             except Exception:
                 pass
+        # NOTE: pipelines hold their process groups in reference cycles; a group collected only
+        # while the interpreter shuts down can abort the process ("terminate called without an
+        # active exception") after its work is done.
+        gc.collect()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600.0) -> list[Any]:

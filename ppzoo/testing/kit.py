@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ppzoo.adapter import Adapter
 from ppzoo.capabilities import Capability
 from ppzoo.testing import checks as _checks
+from ppzoo.testing.dropout import check_dropout
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
 __all__ = ["CHECKS", "Case", "Check", "CheckResult", "check_adapter", "cases", "check_adapters"]
@@ -47,6 +48,7 @@ CHECKS: tuple[Check, ...] = (
     Check("stage_reads", _checks.check_stage_reads),
     Check("buffers", _checks.check_buffers_after_meta_init),
     Check("stage_chain", _checks.check_stage_chain),
+    Check("dropout", check_dropout),
     Check("tied_weights", _checks.check_tied_weights, frozenset({Capability.TIED_EMBEDDINGS})),
     Check("distributed_step", check_distributed_step),
 )
@@ -90,10 +92,19 @@ class CheckResult:
     error: str | None = None
 
 
-def _skip_reason(adapter: Adapter, check: Check) -> str | None:
+def _capability_skip(adapter: Adapter, check: Check) -> str | None:
     missing = sorted(c.value for c in check.requires if c not in adapter.capabilities)
     if missing:
         return f"adapter {adapter.name!r} does not declare {', '.join(map(repr, missing))} in its capabilities"
+    return None
+
+
+def _skip_reason(adapter: Adapter, check: Check) -> str | None:
+    # NOTE: a skip for want of a capability is the adapter's declaration; one for want of a
+    # backend is this machine's, and wins over the adapter's own expected failure.
+    missing = _capability_skip(adapter, check)
+    if missing:
+        return missing
     if check.function is check_distributed_step:
         import torch.distributed as dist
 
@@ -108,17 +119,24 @@ def cases(
     """Every conformance check for ``adapter``, in order, as :class:`Case` objects.
 
     Args:
-        adapter: the adapter under test.
+        adapter: the adapter under test; its own ``expected_failures`` apply too.
         expected_failures: ``{check name: reason}`` for checks known to fail; each becomes a strict
-            expected failure, so a fix is noticed.
+            expected failure, so a fix is noticed. They add to (and override the reasons of) the
+            adapter's own declaration.
         select: only these checks (by name); default all.
 
     Raises:
-        ValueError: ``expected_failures`` or ``select`` names an unknown check, or
-            ``expected_failures`` names one that does not apply.
+        ValueError: ``expected_failures`` (the caller's or the adapter's) or ``select`` names an
+            unknown check, or ``expected_failures`` names one whose capability the adapter does
+            not declare.
     """
-    expected = dict(expected_failures or {})
-    for what, names in (("expected_failures", expected), ("select", select or ())):
+    declared = dict(adapter.expected_failures)
+    expected = {**declared, **(expected_failures or {})}
+    for what, names in (
+        (f"{type(adapter).__name__}.expected_failures", declared),
+        ("expected_failures", expected),
+        ("select", select or ()),
+    ):
         unknown = sorted(set(names) - set(_BY_NAME))
         if unknown:
             raise ValueError(f"{what} names unknown checks {unknown}; the checks are {', '.join(_BY_NAME)}")
@@ -127,8 +145,9 @@ def cases(
             continue
         skip = _skip_reason(adapter, check)
         if skip and check.name in expected:
-            raise ValueError(f"expected_failures names {check.name!r}, which does not apply: {skip}")
-        yield Case(adapter, check, skip=skip, xfail=expected.get(check.name))
+            if _capability_skip(adapter, check) or check.name not in declared:
+                raise ValueError(f"expected_failures names {check.name!r}, which does not apply: {skip}")
+        yield Case(adapter, check, skip=skip, xfail=None if skip else expected.get(check.name))
 
 
 def _outcome(case: Case, **kwargs) -> CheckResult:

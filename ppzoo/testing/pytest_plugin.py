@@ -15,8 +15,9 @@ Then every test that takes the argument ``ppzoo_case`` runs once per adapter and
 
 ``ppzoo_adapters`` takes registered adapter names or ``Adapter`` instances; without the marker every
 registered adapter is checked. ``expected_failures`` keys are check names (for every adapter of the
-marker) or test ids; each becomes a strict xfail with its reason; ``select=[...]`` runs only the
-named checks. Checks the adapter's capabilities rule out are skipped with the reason.
+marker) or test ids; each becomes a strict xfail with its reason, as does every entry of an
+adapter's own ``Adapter.expected_failures`` (which ``ppzoo check`` honours too); ``select=[...]``
+runs only the named checks. Checks the adapter's capabilities rule out are skipped with the reason.
 ``ppzoo.testing.parametrize.parametrize_with_checks(...)`` takes the same arguments as a decorator
 (for a module that enables the plugin itself, where the marker would be unknown at import time).
 

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from ppzoo.adapter import Adapter
+from ppzoo.dropout import key_dropout
 from ppzoo.loss import causal_lm_loss
-from ppzoo.testing.checks import SEQ_LEN, resolving_to
+from ppzoo.testing.checks import DROPOUT_SEED, SEQ_LEN, resolving_to
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 
 __all__ = ["SCHEDULES", "WORLD_SIZE", "check_distributed_step", "distributed_step_problems"]
@@ -125,7 +126,8 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
     label = f"{schedule} rank {rank}"
     reference = load_reference(directory)
     ids, mask, labels = batch(reference.config.vocab_size, batch_size=MICROBATCHES, seq_len=SEQ_LEN)
-    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        evaluated = reference(input_ids=ids, attention_mask=mask).logits
     pipe = ppzoo.pipeline(
         directory,
         pp=WORLD_SIZE,
@@ -135,9 +137,16 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
         device="cpu",
         attn_implementation="eager",
     )
-    want = _reference_loss(reference, out, pipe.plan, ids, mask, labels)
+    # NOTE: train mode against train mode: the reference runs microbatch by microbatch with its
+    # dropout keyed as the stages key theirs (seed, layer, microbatch; ppzoo.dropout), and every
+    # rank seeds torch alike before the step
+    reference.train()
+    layout = pipe.plan.layout
+    key_dropout(reference, layout, range(layout.num_layers), seed=DROPOUT_SEED)
+    want = _reference_loss(reference, pipe.plan, ids, mask, labels)
     want.backward()
     problems = []
+    torch.manual_seed(DROPOUT_SEED)
     loss = pipe.step(ids, labels=labels, attention_mask=mask)
     if not torch.allclose(loss, want, rtol=1e-5, atol=0):
         problems.append(f"{label}: loss {loss.item():.8f} != reference {want.item():.8f}")
@@ -146,8 +155,8 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
     problems += _coverage_problems(pipe, named, reference, adapter, label)
     logits = pipe.eval(ids, attention_mask=mask)
     if pipe.holds_last:
-        if logits is None or not torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6):
-            diff = "None" if logits is None else f"off by {(logits - out.logits).abs().max().item():.3e}"
+        if logits is None or not torch.allclose(logits, evaluated, rtol=1e-5, atol=1e-6):
+            diff = "None" if logits is None else f"off by {(logits - evaluated).abs().max().item():.3e}"
             problems.append(f"{label}: eval logits on the last-stage rank are {diff}")
     elif logits is not None:
         problems.append(f"{label}: eval returned logits on a rank without the last stage")
@@ -155,25 +164,27 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
     return problems
 
 
-def _reference_loss(reference, out, plan, ids, mask, labels) -> torch.Tensor:
-    """The loss a pipeline step must return: Hugging Face's, its router aux loss (when the model
-    adds one) taken as ppzoo defines it for a pipeline (``ppzoo.architectures.moe``): each stage's
-    term over its own MoE layers, per microbatch, weighted by its share of the MoE layers and
-    averaged over the microbatches. Only the whole model on the whole batch can equal Hugging
+def _reference_loss(reference, plan, ids, mask, labels) -> torch.Tensor:
+    """The loss a pipeline step must return: Hugging Face's, the model run microbatch by microbatch
+    (in train mode, so each microbatch draws its own dropout masks), its router aux loss (when the
+    model adds one) taken as ppzoo defines it for a pipeline (``ppzoo.architectures.moe``): each
+    stage's term over its own MoE layers, per microbatch, weighted by its share of the MoE layers
+    and averaged over the microbatches. Only the whole model on the whole batch can equal Hugging
     Face's single term; the stage chain check compares that one."""
     cfg = reference.config
-    if getattr(out, "aux_loss", None) is None:
-        return out.loss
-    loss = causal_lm_loss(out.logits, labels)
+    rows = ids.shape[0] // MICROBATCHES
+    parts = [slice(mb * rows, (mb + 1) * rows) for mb in range(MICROBATCHES)]
+    outs = [reference(input_ids=ids[part], attention_mask=mask[part]) for part in parts]
+    loss = causal_lm_loss(torch.cat([o.logits for o in outs]), labels)
+    if getattr(outs[0], "aux_loss", None) is None:
+        return loss
     recorder = type(reference)._can_record_outputs["router_logits"]
     layers = reference.get_submodule(plan.layout.layers)
     routed = [i for i, layer in enumerate(layers) if any(isinstance(m, recorder.target_class) for m in layer.modules())]
     balancing = inspect.getmodule(type(reference)).load_balancing_loss_func
     experts = max(int(getattr(cfg, a, None) or 0) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
-    rows = ids.shape[0] // MICROBATCHES
-    for mb in range(MICROBATCHES):
-        part = slice(mb * rows, (mb + 1) * rows)
-        router = reference(input_ids=ids[part], attention_mask=mask[part], output_router_logits=True).router_logits
+    for part, out in zip(parts, outs):
+        router = out.router_logits
         for stage in plan.stages:
             own = tuple(router[routed.index(i)] for i in stage.layers if i in routed)
             if own:

@@ -1,10 +1,15 @@
 """Tiny configs for every decoder model type in the installed transformers, built from defaults.
 
 :func:`tiny_config` takes the config class's defaults and shrinks them the way transformers' own
-testers do (hidden 32, 4 heads, vocab 100, 4 layers), turns dropout off (the zoo compares the
-stage chain with the unsplit model, both without dropout), keeps special token ids inside the
+testers do (hidden 32, 4 heads, vocab 100, 4 layers), keeps special token ids inside the
 vocabulary, and applies :data:`FIXES`: per-type settings without which the shrunk (or even the
 default) config does not build or run in transformers itself, each with its reason.
+
+Dropout stays as the class defaults have it (GPT-2 0.1, BLOOM 0.0, ...): the zoo compares the
+stages in train mode with the unsplit model in train mode, both drawing their masks from streams
+keyed by seed, layer and microbatch (:mod:`ppzoo.dropout`). Layer drop (:data:`ppzoo.dropout.LAYER_DROP`,
+OPT's, XGLM's and BioGPT's ``layerdrop``) is turned off: it skips whole layers at random from the
+base model's layer loop, which would skip a stage's entry or exit; every default has it at 0.
 """
 
 from __future__ import annotations
@@ -12,7 +17,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["DROP", "FIXES", "SHRINK", "UNSHRUNK", "decoder_model_types", "encoder_decoder_model_types", "tiny_config"]
+__all__ = [
+    "DROP",
+    "FIXES",
+    "ROUTER_AUX_LOSS",
+    "SHRINK",
+    "UNSHRUNK",
+    "decoder_model_types",
+    "encoder_decoder_model_types",
+    "tiny_config",
+]
 
 #: shrunk sizes, applied to every config field (or alias) of these names that the class has
 SHRINK: dict[str, Any] = {
@@ -31,6 +45,10 @@ SHRINK: dict[str, Any] = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
 }
+
+#: the router aux loss on, for every config that has the switch (mixtures of experts), with a
+#: weight that makes leaving it out, or adding it wrongly, fail the loss and gradient comparisons
+ROUTER_AUX_LOSS: dict[str, Any] = {"output_router_logits": True, "router_aux_loss_coef": 0.5, "aux_loss_coef": 0.5}
 
 #: a FIXES value that removes a SHRINK setting instead of overriding it
 DROP = object()
@@ -76,7 +94,6 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
         for t in (
             "axk1",
             "axk2",
-            "deepseek_v2",
             "deepseek_v3",
             "deepseek_v32",
             "youtu",
@@ -157,10 +174,25 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "dbrx": (
         {
+            "d_model": 32,
             "attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0},
             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
         },
-        "its default attention config lacks rope_theta and clip_qkv",
+        "its default attention config lacks rope_theta and clip_qkv, and its experts take their width from "
+        "d_model before the hidden_size alias sets it",
+    ),
+    "deepseek_v2": (
+        {**_MLA, "num_experts_per_tok": 2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+        "multi-head latent attention sizes as for MLA, and its default leaves num_experts_per_tok unset "
+        "(group-limited routing on, so that the zoo runs it)",
+    ),
+    "lfm2_moe": (
+        {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+        "its default leaves layer_types unset, which its decoder layers index",
+    ),
+    "glm_moe_dsa": (
+        {**_MLA, "index_head_dim": 16, "index_n_heads": 4, "index_topk": 4},
+        "multi-head latent attention sizes as for MLA, and its indexer's heads must fit them",
     ),
     "xlstm": (
         {"hidden_size": 64, "num_heads": 4, "qk_dim_factor": 1.0},
@@ -169,7 +201,7 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
     "rwkv": (
         {"rescale_every": 0, "use_cache": False},
         "in eval mode it rescales its weights in place every rescale_every "
-        "layers (the reference runs in eval mode, the stages in train mode), and with use_cache it updates its state "
+        "layers (the kit's eval-mode comparisons would see changed weights), and with use_cache it updates its state "
         "in place, which breaks the reference's backward",
     ),
     **{
@@ -186,7 +218,7 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-#: model types built at their default sizes (dropout off), with why they cannot be shrunk; the
+#: model types built at their default sizes (layer drop off), with why they cannot be shrunk; the
 #: zoo only reads their layout on the meta device unless an adapter accepts them
 UNSHRUNK: dict[str, str] = {
     "dots3_note": "its vision and audio adapters must match the text width, and its per-layer settings name layers 25-41",
@@ -203,7 +235,7 @@ def _fields(cls: type) -> set[str]:
 
 def _shrunk(cls: type, extra: dict[str, Any]) -> Any:
     fields = _fields(cls)
-    kwargs = {k: v for k, v in SHRINK.items() if k in fields}
+    kwargs = {k: v for k, v in {**SHRINK, **ROUTER_AUX_LOSS}.items() if k in fields}
     for alias, real in getattr(cls, "attribute_map", {}).items():
         if alias in kwargs and real in kwargs:
             del kwargs[real]  # NOTE: one value per field: the alias (hidden_size) wins over n_embd
@@ -227,14 +259,16 @@ def _shrunk(cls: type, extra: dict[str, Any]) -> Any:
 
 
 def _quiet(config: Any, cls: type) -> None:
-    """Dropout and layer drop off; special token ids inside the vocabulary."""
+    """Layer drop off (dropout stays on); special token ids inside the vocabulary."""
+    from ppzoo.dropout import LAYER_DROP
+
     vocab = getattr(config, "vocab_size", None)
     for name in _fields(cls):
         try:
             value = getattr(config, name, None)
         except Exception:  # noqa: BLE001 - e.g. a per-layer attribute that refuses a global read
             continue
-        if isinstance(value, float) and not isinstance(value, bool) and ("drop" in name):
+        if isinstance(value, float) and not isinstance(value, bool) and name in LAYER_DROP:
             setattr(config, name, 0.0)
         if name in ("pad_token_id", "bos_token_id", "eos_token_id") and isinstance(vocab, int):
             if isinstance(value, int) and value >= vocab:
@@ -244,8 +278,8 @@ def _quiet(config: Any, cls: type) -> None:
 
 
 def tiny_config(model_type: str) -> Any:
-    """A tiny config of ``model_type``: the class defaults, shrunk, dropout off, :data:`FIXES` applied
-    (or, for :data:`UNSHRUNK` types, the defaults with dropout off).
+    """A tiny config of ``model_type``: the class defaults (dropout included), shrunk, layer drop
+    off, :data:`FIXES` applied (or, for :data:`UNSHRUNK` types, the defaults with layer drop off).
 
     Raises:
         KeyError: ``model_type`` is not a config type of the installed transformers.

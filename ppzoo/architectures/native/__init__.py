@@ -10,10 +10,15 @@ The layout (input modules, the layer list, output modules) is read from the modu
 forward on the meta device (:mod:`.layout`, :mod:`.trace`), which also shows what cannot cross a
 stage boundary. Such configs are refused before any weight is read, with the reason: per-layer
 inputs computed from the token ids, state one layer hands to another, blocks shared by several
-layers, mixture-of-experts (expert key fusion and the router loss come later), quantized weights.
+layers, a router aux loss the forward computes in a form ppzoo cannot read, quantized weights.
+
+Mixtures of experts run as the model defines them; each stage records its own layers' router
+logits with transformers' output recorders, and :meth:`NativeAdapter.aux_loss` adds the router
+aux loss exactly as the CausalLM forward writes it (``ppzoo.architectures.moe``).
 
 It is tried after every other adapter, so the model types they serve keep them. Dropout runs as
-the model defines it; the zoo (``ppzoo zoo``) compares with dropout off.
+the model defines it, from streams keyed by layer and microbatch (:mod:`ppzoo.dropout`), so a
+split draws the masks the unsplit model draws.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import tokenize
 from typing import Any
 
 from ppzoo.adapter import Adapter, KeyMap, encoder_decoder_problems
-from ppzoo.architectures.moe import expert_counts
+from ppzoo.architectures.moe import record_router_logits, router_aux_loss, router_loss_of
 from ppzoo.architectures.native import buffers as _buffers
 from ppzoo.architectures.native import keys as _keys
 from ppzoo.architectures.native import layout as _layout
@@ -48,7 +53,9 @@ class NativeAdapter(Adapter):
     inner_name = ""
 
     def tiny_config(self):
-        """GPT-2 (no adapter of its own): learned positions, tied head, fused QKV as ``Conv1D``."""
+        """GPT-2 (no adapter of its own): learned positions, tied head, fused QKV as ``Conv1D``, and
+        its released dropouts (0.1 on embeddings, attention and residuals), which the kit compares
+        train mode against train mode."""
         from transformers import GPT2Config
 
         return GPT2Config(
@@ -58,9 +65,9 @@ class NativeAdapter(Adapter):
             n_head=4,
             n_inner=64,
             n_positions=128,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
+            resid_pdrop=0.1,
+            embd_pdrop=0.1,
+            attn_pdrop=0.1,
             bos_token_id=1,
             eos_token_id=2,
         )
@@ -91,8 +98,10 @@ class NativeAdapter(Adapter):
         return dict(self._found(config).tied)
 
     def key_map(self, config: Any) -> KeyMap:
+        # NOTE: renamed and fused checkpoint keys go through transformers' own rules in ppzoo's
+        # loader and save (ppzoo.checkpoint.conversion); only ties on one stage need a key map
         found = self._found(config)
-        return _keys.CheckpointKeys(found.renames, found.local_ties) if found.renames or found.local_ties else KeyMap()
+        return _keys.CheckpointKeys(found.local_ties) if found.local_ties else KeyMap()
 
     def tp_plan(self, config: Any) -> dict[str, str]:
         plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}
@@ -106,13 +115,11 @@ class NativeAdapter(Adapter):
         problems = encoder_decoder_problems(config)
         cfg = self.text_config(config)
         kind = f"model_type {getattr(config, 'model_type', None)!r}"
-        experts = {a: n for a, n in expert_counts(cfg).items() if n > 1}
-        if experts:
-            shown = ", ".join(f"{a}={v}" for a, v in experts.items())
+        recipe = router_loss_of(_causal_lm_class(config))
+        if isinstance(recipe, str):
             problems.append(
                 Problem(
-                    "native-moe",
-                    f"{kind} is a mixture of experts ({shown}); the native adapter does not yet fuse expert checkpoint keys or add the router aux loss",
+                    "native-moe", f"{kind}: {recipe}; ppzoo adds each stage's router loss only as the forward writes it"
                 )
             )
         for attr in PLANNED_SIZES:
@@ -182,6 +189,20 @@ class NativeAdapter(Adapter):
 
     def patch_causal_lm_forward(self, lm) -> None:
         _stage.patch_forward(lm)
+        record_router_logits(lm)
+
+    def aux_loss(self, config: Any, stages, attention_mask=None):
+        """The CausalLM forward's router aux term, read from transformers' code (``ppzoo.architectures.moe``)."""
+        return router_aux_loss(config, stages, attention_mask, routers=stages[0]._ppzoo_routers)
+
+
+def _causal_lm_class(config: Any) -> type:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return type(None)
 
 
 @functools.cache
@@ -213,8 +234,8 @@ def ppzoo_adapter_for(config):
     """Claim a config that an earlier fallback (the generic adapter) matches but cannot run.
 
     Dedicated adapters keep their model types, and an earlier fallback keeps every config it
-    accepts; the native adapter takes a config such a fallback refuses, or could not load (its
-    checkpoint keys differ from the parameter names), when the native adapter accepts it.
+    accepts; the native adapter takes a config such a fallback refuses, or whose checkpoint keys
+    transformers renames (EXAONE), when the native adapter accepts it.
     """
     from ppzoo import registry
 

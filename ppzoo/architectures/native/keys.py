@@ -1,11 +1,14 @@
-"""The native adapter's parameters and checkpoint keys: ties, renamed keys, the key map.
+"""The native adapter's parameters and checkpoint keys: ties, renamed and fused keys.
 
-transformers 5 converts some checkpoints' keys at load and reverses the conversion at save
-(``revert_weight_conversion``); a one-for-one rename (GPT-NeoX's head is saved as ``embed_out``)
-is read through :class:`CheckpointKeys`, while merged or split tensors (fused experts, fused
-convolutions) are refused. Ties come from ``get_expanded_tied_weights_keys``: a head tied to the
-embedding spans the pipeline (its gradients are summed across the two stages); a tie within the
-inputs or within the outputs (a head's bias) stays on one stage as one parameter.
+transformers 5 converts checkpoint keys at load and reverses the conversion at save (GPT-NeoX's
+head is saved as ``embed_out``, EXAONE keeps its original names, per-expert MoE tensors are merged
+into fused parameters, a fused convolution is concatenated from three). ppzoo's loader and
+``save_pretrained`` apply those same rules per stage (``ppzoo.checkpoint.conversion``), so this
+module only checks, on the meta device, that the rules turn what transformers saves back into
+every parameter, and records the one-for-one renames. Ties come from
+``get_expanded_tied_weights_keys``: a head tied to the embedding spans the pipeline (its gradients
+are summed across the two stages); a tie within the inputs or within the outputs (a head's bias)
+stays on one stage as one parameter, read through :class:`CheckpointKeys`.
 """
 
 from __future__ import annotations
@@ -19,26 +22,16 @@ __all__ = ["CheckpointKeys", "checkpoint_renames", "tied_parameters"]
 
 
 class CheckpointKeys(KeyMap):
-    """Checkpoint keys that differ from the parameter FQNs one for one (NeoX's head is
-    ``embed_out``), and tied copies on one stage that a checkpoint stores under their source only."""
+    """Tied copies on one stage that a checkpoint stores under their source only (read from the source's tensors)."""
 
-    def __init__(self, renames: dict[str, str], aliases: dict[str, str]):
+    def __init__(self, aliases: dict[str, str]):
         super().__init__()
-        object.__setattr__(self, "renames", dict(renames))
         object.__setattr__(self, "aliases", dict(aliases))
 
-    def _key(self, fqn: str, available) -> str:
-        key = self.renames.get(fqn, fqn)
-        return key if available(key) or not available(fqn) else fqn
-
     def sources(self, fqn, available):
-        key = self._key(fqn, available)
-        if not available(key) and fqn in self.aliases:
-            return [self._key(self.aliases[fqn], available)]
-        return [key]
-
-    def split(self, fqn, tensor):
-        return {self.renames.get(fqn, fqn): tensor}
+        if not available(fqn) and fqn in self.aliases:
+            return [self.aliases[fqn]]
+        return [fqn]
 
 
 def tied_parameters(
@@ -67,14 +60,23 @@ def tied_parameters(
 
 
 def checkpoint_renames(model: nn.Module, kind: str) -> tuple[dict[str, str], list[Problem]]:
-    """Where transformers saves a tensor under another key (its weight conversion, reversed)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return {}, []
+    """Where transformers saves a parameter under another key, one for one (``{fqn: key}``).
+
+    Its conversion rules run both ways on the meta model: what ``save_pretrained`` writes, then
+    how ppzoo's loader reads that back; a parameter no saved key converts back to is a problem.
+    """
+    from ppzoo.checkpoint.conversion import loading_plan, saving_groups
+
     state = dict(model.state_dict())
     try:
-        saved = revert_weight_conversion(model, dict(state))
+        renames, saved = {}, []
+        for group in saving_groups(model, list(state)):
+            if group.converter is None:
+                renames.update({fqn: key for fqn, key in group.keys.items() if fqn != key})
+                saved += group.keys.values()
+            else:
+                saved += group.convert({fqn: state[fqn] for fqn in group.fqns}, model=model)
+        plan = loading_plan(model, saved, state)
     except Exception as exc:  # noqa: BLE001
         return {}, [
             Problem(
@@ -82,20 +84,13 @@ def checkpoint_renames(model: nn.Module, kind: str) -> tuple[dict[str, str], lis
                 f"{kind}: transformers' checkpoint key conversion fails on it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
             )
         ]
-    by_tensor = {id(t): fqn for fqn, t in state.items()}
-    renames, merged = {}, []
-    for key, tensor in saved.items():
-        fqn = by_tensor.get(id(tensor))
-        if fqn is None:
-            merged.append(key)
-        elif fqn != key:
-            renames[fqn] = key
-    if merged or len(saved) != len(state):
-        shown = ", ".join(map(repr, merged[:2])) or f"{len(state)} tensors saved as {len(saved)}"
+    lost = [fqn for fqn in state if fqn not in plan]
+    if lost:
         return {}, [
             Problem(
                 "native-checkpoint-keys",
-                f"{kind}: transformers merges or splits checkpoint tensors at load ({shown}); ppzoo's loader reads one tensor per parameter",
+                f"{kind}: transformers' conversion rules do not read back what they save for {lost[:2]}"
+                + (f" and {len(lost) - 2} more" if len(lost) > 2 else ""),
             )
         ]
     return renames, []

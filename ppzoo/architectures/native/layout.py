@@ -98,6 +98,9 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     kind = f"model_type {getattr(config, 'model_type', None)!r}"
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"  # NOTE: the plainest mask path; the layout is the same
+    # NOTE: routed experts as one gather and batched matmul: no data-dependent shapes, so the
+    # meta device runs them (the eager loop asks which experts were hit, grouped_mm checks dtypes)
+    config._experts_implementation = "batched_mm"
     try:
         model = meta_model(config, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - any build failure is reported, not raised
@@ -127,14 +130,6 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
             )
         ]
     container = lists[0]
-    experts = next((name for name, _ in model.named_parameters() if ".experts." in f".{name}."), None)
-    if experts is not None:
-        return [
-            Problem(
-                "native-moe",
-                f"{kind} is a mixture of experts ({experts!r}); the native adapter does not yet fuse expert checkpoint keys or add the router aux loss",
-            )
-        ]
     units, problems = _units(model, container, kind)
     problems += _loss_problems(model, kind)
     problems += _shared_parameters(model, kind)
@@ -270,6 +265,23 @@ def _loss_problems(model: nn.Module, kind: str) -> list[Problem]:
         if tok.type == tokenize.NAME
     }
     if "loss_function" in names:
+        # NOTE: a term added to the causal-LM loss on the logits (Bamba's z-loss) is not ppzoo's
+        # loss; the families that have one default it to 0.
+        added = {
+            attr: getattr(model.config, attr)
+            for attr in model.config.to_dict()
+            if "z_loss" in attr and isinstance(getattr(model.config, attr), (int, float))
+        }
+        added = {attr: value for attr, value in added.items() if value > 0}
+        if added and any("z_loss" in name for name in names):
+            attr, value = next(iter(added.items()))
+            return [
+                Problem(
+                    "native-loss",
+                    f"{kind}: {type(model).__name__}.forward adds a z-loss on the logits ({attr}={value}) to the "
+                    "causal-LM loss, which ppzoo's loss does not; set it to 0 to train without it",
+                )
+            ]
         return []
     return [
         Problem(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppzoo.architectures.moe import RouterLoss, router_loss_of, router_modules
 from ppzoo.architectures.native.layout import NativeLayout, StandIn
 
 __all__ = ["StageLayers", "patch_forward", "prune"]
@@ -162,6 +163,9 @@ def _attributes(layer: nn.Module) -> dict[str, Any]:
 def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: tuple[int, ...]) -> None:
     """Turn ``model`` into the stage holding ``modules`` (layers ``own``): stand-ins, entry, exit."""
     layout, held = found.layout, set(modules)
+    # NOTE: the router aux term of a stage is weighted by its share of the whole model's routers,
+    # which only the model before pruning shows
+    object.__setattr__(model, "_ppzoo_routers", len(router_modules(model)))
     first, last = set(layout.inputs) <= held, set(layout.outputs) <= held
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     run = _Run(first=first, last=last, dtype=dtype, layer_output=found.layer_output, hidden_name=found.hidden_name)
@@ -224,6 +228,11 @@ def patch_forward(lm: nn.Module) -> None:
     params = inspect.signature(type(lm).forward).parameters
     takes = set(params) if not any(p.kind is p.VAR_KEYWORD for p in params.values()) else None
     extra = {"use_cache": False} if takes is None or "use_cache" in takes else {}
+    recipe = router_loss_of(type(lm))
+    if isinstance(recipe, RouterLoss) and recipe.switch in params:
+        # NOTE: each stage records its own router logits (``ppzoo.architectures.moe``); the
+        # forward's own aux loss would see only this stage's share, or none
+        extra[recipe.switch] = False
     lm.forward = types.MethodType(functools.partial(_stage_forward, run=run, extra=extra, takes=takes), lm)
 
 
