@@ -179,3 +179,13 @@ def test_a_z_loss_added_to_the_loss_is_refused_while_on():
     config.z_loss_coefficient = 0.1
     problems = [p for p in adapter.validate(config) if p.code == "native-loss"]
     assert len(problems) == 1 and "z_loss_coefficient=0.1" in problems[0].message, problems
+
+
+def test_a_config_that_changes_when_saved_and_loaded_is_refused():
+    """dots3_note_text's per-layer-type rotary settings change when transformers saves and loads the
+    config: stages loading a checkpoint saved from it would run another model."""
+    native = registry.adapters()["native"]
+    problems = native.validate(tiny_config("dots3_note_text"))
+    assert [p.code for p in problems] == ["native-round-trip"], problems
+    assert "rope_parameters" in problems[0].message
+    assert not [p for p in native.validate(tiny_config("gpt2")) if p.code == "native-round-trip"]

@@ -30,13 +30,21 @@ __all__ = ["DROPOUT", "check_dropout", "with_dropout"]
 DROPOUT = 0.25
 
 
+#: dropout fields a family's own forward refuses above 0 (per model type), with why
+REFUSED_BY_TRANSFORMERS = {
+    "diffllama": ({"attention_dropout"}, "differential attention has no defined dropout in transformers"),
+}
+
+
 def _dropout_fields(config: Any) -> list[str]:
     names = set(config.to_dict())
+    refused = REFUSED_BY_TRANSFORMERS.get(getattr(config, "model_type", None), (set(), ""))[0]
     return sorted(
         n
         for n in names
         if "drop" in n
         and n not in LAYER_DROP
+        and n not in refused
         and isinstance(getattr(config, n, None), float)
         and not isinstance(getattr(config, n, None), bool)
     )

@@ -126,6 +126,18 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
         {**_MLA, "head_dim": 16, "per_layer_config": None},
         "latent attention sizes as for MLA (head_dim = nope + rope), and its default per-layer settings name layers 25-41",
     ),
+    "jamba": (
+        {"attn_layer_period": 2, "attn_layer_offset": 1},
+        "the default period puts the first attention layer at layer 4: with no attention layer its cache code fails",
+    ),
+    "kimi_linear": (
+        {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
+        "the default layout has no full-attention layer in 4 layers: its cache code needs one",
+    ),
+    "bailing_hybrid": (
+        {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
+        "the default group size puts the first full-attention layer at layer 6: its cache code needs one",
+    ),
     "bamba": (
         {**_MAMBA, "attn_layer_indices": [1, 3]},
         "mamba heads must divide mamba_expand * hidden_size, and without an attention layer its mask code fails",

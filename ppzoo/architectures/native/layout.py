@@ -96,6 +96,9 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     from ppzoo.meta import meta_model
 
     kind = f"model_type {getattr(config, 'model_type', None)!r}"
+    changed = _config_round_trip(config, kind)
+    if changed:
+        return changed
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"  # NOTE: the plainest mask path; the layout is the same
     # NOTE: routed experts as one gather and batched matmul: no data-dependent shapes, so the
@@ -239,6 +242,46 @@ def _units(model: nn.Module, container: str, kind: str) -> tuple[list[str], list
             if child is not None and path != container and path not in ancestors and holds(child):
                 units.extend(_called(child, path, holds))
     return units, problems
+
+
+def _config_round_trip(config: Any, kind: str) -> list[Problem]:
+    """Stages load a checkpoint saved with the config; a config that changes when transformers
+    saves and loads it (a per-layer-type setting lost) would give them another model."""
+    ignored = {"_name_or_path", "transformers_version", "architectures"}
+    # NOTE: a sub-config other than the text config (Moshi's depth decoder) belongs to a model the
+    # causal LM does not hold
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ignored |= {
+        name
+        for name, value in vars(config).items()
+        if value is not text and type(value).__name__.endswith("Config") and hasattr(value, "to_dict")
+    }
+    try:
+        before = config.to_dict()
+        after = type(config).from_dict(copy.deepcopy(before)).to_dict()
+    except Exception as exc:  # noqa: BLE001 - any failure to load back is the problem reported
+        return [
+            Problem(
+                "native-round-trip",
+                f"{kind}: its config does not load back from what it saves ({type(exc).__name__}: {_short(exc)})",
+            )
+        ]
+    # NOTE: a field left None that loading fills in (Moshi's audio_vocab_size) is the default the
+    # model computes anyway; a value that changes is another model
+    changed = sorted(
+        k
+        for k in before.keys() | after.keys()
+        if k not in ignored and before.get(k) is not None and before.get(k) != after.get(k)
+    )
+    if not changed:
+        return []
+    return [
+        Problem(
+            "native-round-trip",
+            f"{kind}: its config changes when transformers saves and loads it ({', '.join(changed[:3])}), so a "
+            "checkpoint saved from it loads as another model",
+        )
+    ]
 
 
 def _called(module: nn.Module, path: str, holds) -> list[str]:
