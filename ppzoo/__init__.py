@@ -10,7 +10,7 @@ from ppzoo.validation import Problem, Settings, ValidationError
 
 #: public names loaded on first use: the runtime imports torch.distributed.pipelining (and with it
 #: torch._dynamo), which ``ppzoo plan``, ``ppzoo list`` and the conformance checks do not need
-_LAZY = {"pipeline": "ppzoo.runtime", "Pipeline": "ppzoo.runtime"}
+_LAZY = {"pipeline": "ppzoo.runtime", "Pipeline": "ppzoo.runtime", "RankError": "ppzoo.agreement"}
 
 
 def __getattr__(name: str):
@@ -29,6 +29,7 @@ __all__ = [
     "Pipeline",
     "Plan",
     "Problem",
+    "RankError",
     "Settings",
     "StagePlan",
     "ValidationError",

@@ -18,6 +18,7 @@ import torch
 import ppzoo
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model, tiny
+from ppzoo.training_loop import data_parallel_rows
 
 GLOBAL_BATCH = 8
 NORM_TYPES = (2.0, math.inf)
@@ -35,14 +36,6 @@ CASES = {
 }
 
 
-def _dp_part(pipe, tensors):
-    mesh = pipe.mesh
-    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-    index = mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
-    rows = GLOBAL_BATCH // dp
-    return [t[index * rows : (index + 1) * rows] for t in tensors]
-
-
 def _local(grad):
     return grad.to_local() if hasattr(grad, "to_local") else grad
 
@@ -53,7 +46,7 @@ def _case(directory, settings):
     reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref_grads = [p.grad.clone() for p in reference.parameters()]
     pipe = ppzoo.pipeline(directory, pp=2, device="cpu", attn_implementation="eager", **settings)
-    part = _dp_part(pipe, (ids, mask, labels))
+    part = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in (ids, mask, labels)]
     pipe.step(part[0], labels=part[2], attention_mask=part[1])
     named = list(pipe.named_parameters())
     grads = [_local(p.grad).clone() for _, p in named]

@@ -32,7 +32,7 @@ def test_public_functions_are_functions():
     assert ppzoo.plan is ppzoo.planner.plan
     assert ppzoo.adapters is ppzoo.registry.adapters
     assert ppzoo.pipeline is ppzoo.runtime.pipeline and ppzoo.Pipeline is ppzoo.runtime.Pipeline
-    assert set(ppzoo.__all__) <= set(dir(ppzoo)) | {"pipeline", "Pipeline"}
+    assert set(ppzoo.__all__) <= set(dir(ppzoo)) | {"pipeline", "Pipeline", "RankError"}
 
 
 def test_monkeypatch_reaches_a_module_by_name(monkeypatch):

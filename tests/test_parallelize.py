@@ -17,20 +17,12 @@ import ppzoo.parallelize
 from ppzoo import registry
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+from ppzoo.training_loop import data_parallel_rows
 
 GLOBAL_BATCH = 8
 MICROBATCHES = 2
 DEGREES = {"dp_shard": dict(dp_shard=2), "tp": dict(tp=2), "dp_replicate": dict(dp_replicate=2)}
 SCHEDULES = ("1F1B", "Interleaved1F1B")
-
-
-def _dp_part(pipe, tensors):
-    """This rank's part of the global batch: data-parallel ranks split it, tp ranks share it."""
-    mesh = pipe.mesh
-    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-    index = mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
-    rows = GLOBAL_BATCH // dp
-    return [t[index * rows : (index + 1) * rows] for t in tensors]
 
 
 LAYERS = [f"model.layers.{i}" for i in range(8)]
@@ -57,7 +49,7 @@ def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
         )
     finally:
         read.restore()
-    part = _dp_part(pipe, (ids, mask, labels))
+    part = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in (ids, mask, labels)]
     calls = []
     # NOTE: FSDP2 reduce-scatters with reduce_scatter_single where torch has it (older: _tensor)
     collective = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
@@ -80,7 +72,7 @@ def _case(directory, degrees, schedule, count_reductions, stage_modules=None):
         problems += [f"after eval: {p}" for p in grad_mismatches(named, reference)]
         short = [t[:, :-3] for t in (ids, mask, labels)]
         reference(input_ids=short[0], attention_mask=short[1], labels=short[2]).loss.backward()
-        short = _dp_part(pipe, short)
+        short = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in short]
         pipe.step(short[0], labels=short[2], attention_mask=short[1])
         problems += [f"after a step at a new length: {p}" for p in grad_mismatches(named, reference)]
     kinds = sorted({type(p).__name__ for _, p in named})
@@ -210,7 +202,7 @@ def _checkpointing_case(directory, degrees, modes, **settings):
             **degrees,
             **settings,
         )
-        part = _dp_part(pipe, (ids, mask, labels))
+        part = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in (ids, mask, labels)]
         calls = _layer_calls(pipe)
         torch.manual_seed(11)
         loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
@@ -246,7 +238,7 @@ def _compile_case(directory, degrees):
         pipe = ppzoo.pipeline(
             directory, pp=2, microbatches=MICROBATCHES, device="cpu", attn_implementation="eager", **degrees, **settings
         )
-        part = _dp_part(pipe, (ids, mask, labels))
+        part = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in (ids, mask, labels)]
         loss = pipe.step(part[0], labels=part[2], attention_mask=part[1])
         grads = {
             n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in pipe.named_parameters()

@@ -15,6 +15,7 @@ import ppzoo
 from ppzoo.precision import parse_mixed_precision
 from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import batch, load_reference, save_tiny_model, tiny
+from ppzoo.training_loop import data_parallel_rows
 
 GLOBAL_BATCH = 8
 CASES = {
@@ -25,14 +26,6 @@ CASES = {
 #: boundaries rounded to bfloat16 (and, under FSDP2, a bfloat16 residual stream) stay within this
 #: relative distance of the autocast reference (measured: up to 1.7e-2, sharded stages)
 BF16_RTOL = 3e-2
-
-
-def _dp_part(pipe, tensors):
-    mesh = pipe.mesh
-    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-    index = mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
-    rows = GLOBAL_BATCH // dp
-    return [t[index * rows : (index + 1) * rows] for t in tensors]
 
 
 def _full(t):
@@ -55,7 +48,7 @@ def _case(directory, settings):
     pipe = ppzoo.pipeline(
         directory, pp=2, device="cpu", attn_implementation="eager", mixed_precision="bf16", **settings
     )
-    part = _dp_part(pipe, (ids, mask, labels))
+    part = [t[data_parallel_rows(pipe, GLOBAL_BATCH)] for t in (ids, mask, labels)]
     problems, distances = [], {}
     # NOTE: eval first: torch's schedule drops FSDP2 gradients when it sets up a new schedule
     logits = pipe.eval(part[0], attention_mask=part[1])

@@ -60,6 +60,24 @@ def _rank_fails_case(source):
     return {"step": step, "eval": evaluated, "after": _good_step(pipe)}
 
 
+def _build_fails_case(source):
+    """Rank 1 cannot read its stage's weights: both ranks fail in ``pipeline()``, rank 0 naming rank 1."""
+    import ppzoo.runtime
+
+    build = ppzoo.runtime.build_stage
+
+    def unreadable(*args, **kwargs):
+        raise OSError("model.safetensors: unexpected end of file")
+
+    if dist.get_rank() == 1:
+        ppzoo.runtime.build_stage = unreadable
+    try:
+        built = _outcome(_pipeline, source)
+    finally:
+        ppzoo.runtime.build_stage = build
+    return {"built": built, "after": _good_step(_pipeline(source))}
+
+
 def _shapes_case(source):
     """Rank 0 passes 12 tokens a row, rank 1 passes 7: refused on both, naming both shapes."""
     pipe = _pipeline(source)
@@ -147,6 +165,7 @@ def _rank_main(rank, world_size, source, out):
     results = {"source": source}
     cases = [
         ("rank-fails", _rank_fails_case, (source,)),
+        ("build-fails", _build_fails_case, (source,)),
         ("shapes", _shapes_case, (source,)),
         ("content", _content_case, (source,)),
         ("data-parallel", _data_parallel_case, (source,)),
@@ -208,6 +227,16 @@ def test_a_rank_that_fails_its_checks_fails_every_rank(group):
             f"RankError: {what} failed on rank 1: {own}. No rank ran it; the pipeline can go on"
         )
     assert results[0]["rank-fails"]["after"] == results[1]["rank-fails"]["after"] > 0
+
+
+@pytest.mark.distributed
+def test_a_rank_that_cannot_build_its_stage_fails_every_rank(group):
+    results, _, _ = group
+    _no_problems(results, "build-fails")
+    own = "OSError: model.safetensors: unexpected end of file"
+    assert results[1]["build-fails"]["built"] == own
+    assert results[0]["build-fails"]["built"] == f"RankError: pipeline failed on rank 1: {own}. No rank has a pipeline"
+    assert results[0]["build-fails"]["after"] == results[1]["build-fails"]["after"] > 0
 
 
 @pytest.mark.distributed
@@ -325,6 +354,7 @@ def test_timeout_must_be_positive(value):
 
 def test_rank_error_carries_the_ranks():
     assert RankError("x", ranks=(1, 2)).ranks == [1, 2]
+    assert ppzoo.RankError is RankError  # what a training script catches
     assert parse_timeout(3).total_seconds() == 3
     assert parse_timeout(None) is None
 
