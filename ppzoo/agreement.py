@@ -1,9 +1,9 @@
 """What ranks tell each other before every collective call, so that none waits for another in vain.
 
-Every collective call of a pipeline (``step``, ``eval``, ``save_pretrained``, ``save_state``,
-``load_state``) starts with one small exchange over the whole world (:func:`exchange`): each rank
-says which call it is in, whether its own checks failed, and a few facts (batch shape, a batch
-hash). So a rank that fails tells the others, ranks that call different things find out, and a
+Building a pipeline (``ppzoo.pipeline``) and every collective call of one (``step``, ``eval``,
+``save_pretrained``, ``save_state``, ``load_state``) starts with one small exchange over the whole
+world (:func:`exchange`): each rank says which call it is in, whether its own checks failed, and a
+few facts (batch shape, a batch hash). So a rank that fails tells the others, ranks that call different things find out, and a
 call made on some ranks only ends at the process-group timeout with an error saying it is
 collective, instead of a hang or a crash in the middle of the schedule. A failure inside the
 schedule itself leaves a note in the process group's store for its peers (:func:`schedule_failure`).
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: the collective calls of a pipeline, as :func:`exchange` tells them apart
-CALLS = ("step", "eval", "save_pretrained", "save_state", "load_state")
+CALLS = ("pipeline", "step", "eval", "save_pretrained", "save_state", "load_state")
 #: facts a rank adds to the exchange (batch shape, hash, ...), padded with zeros
 _FACTS = 8
 #: exchanges so far on this rank: the same on every rank, since they happen in the same order
@@ -108,7 +108,7 @@ def exchange(what: str, error: BaseException | None, facts: Sequence[int] = ()) 
         raise RankError(
             "ranks make different collective calls: "
             + "; ".join(f"{CALLS[c]} on {_ranks(r for r, x in enumerate(calls) if x == c)}" for c in sorted(set(calls)))
-            + f". Every rank must call {', '.join(CALLS)} together and in the same order "
+            + f". Every rank must call {', '.join(CALLS[1:])} together and in the same order "
             "(the same number of steps, and saves on every rank)",
             ranks=range(world),
         )
@@ -121,7 +121,8 @@ def exchange(what: str, error: BaseException | None, facts: Sequence[int] = ()) 
         first = failed[0]
         more = f" (and on {_ranks(failed[1:])})" if len(failed) > 1 else ""
         raise RankError(
-            f"{what} failed on rank {first}{more}: {messages[first]}. No rank ran it; the pipeline can go on",
+            f"{what} failed on rank {first}{more}: {messages[first]}. "
+            + ("No rank has a pipeline" if what == "pipeline" else "No rank ran it; the pipeline can go on"),
             ranks=failed,
         )
     return rows[:, 2:]

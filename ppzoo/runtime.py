@@ -651,29 +651,37 @@ def pipeline(
         compile=compile,
     )
     modules: dict[int, nn.Module] = {}
-    for spec in the_plan.stages_for_rank(pp_rank):
-        started = time.perf_counter()
-        modules[spec.index] = build_stage(
-            config,
-            adapter,
-            the_plan,
-            spec.index,
-            checkpoint=checkpoint,
-            device=device,
-            dtype=dtype,
-            parallelize=parallelize,
-            attn_implementation=config._attn_implementation,
-        )
-        log.info(
-            "rank %d: stage %d/%d ready (%s params) in %.1fs",
-            dist.get_rank(),
-            spec.index,
-            the_plan.num_stages,
-            f"{spec.params:,}",
-            time.perf_counter() - started,
-        )
-        if compute_dtype is not None and not getattr(modules[spec.index], FSDP_MIXED_PRECISION, False):
-            apply_autocast(modules[spec.index], compute_dtype, param_dtype=dtype)
+    error: BaseException | None = None
+    try:
+        for spec in the_plan.stages_for_rank(pp_rank):
+            started = time.perf_counter()
+            modules[spec.index] = build_stage(
+                config,
+                adapter,
+                the_plan,
+                spec.index,
+                checkpoint=checkpoint,
+                device=device,
+                dtype=dtype,
+                parallelize=parallelize,
+                attn_implementation=config._attn_implementation,
+            )
+            log.info(
+                "rank %d: stage %d/%d ready (%s params) in %.1fs",
+                dist.get_rank(),
+                spec.index,
+                the_plan.num_stages,
+                f"{spec.params:,}",
+                time.perf_counter() - started,
+            )
+            if compute_dtype is not None and not getattr(modules[spec.index], FSDP_MIXED_PRECISION, False):
+                apply_autocast(modules[spec.index], compute_dtype, param_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
+        error = exc
+    # NOTE: building a stage is local to its rank (it reads only its own tensors); a rank that
+    # failed (a missing shard, a corrupt file) tells the others here instead of leaving them
+    # waiting in the first step's collectives
+    exchange("pipeline", error)
     pipe = Pipeline(
         config=config,
         adapter=adapter,
