@@ -108,6 +108,11 @@ class Adapter:
     def text_config(self, config: Any) -> Any:
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    def boundary_width(self, config: Any) -> int:
+        """The last dimension of what one stage hands the next, ``(microbatch, seq, width)``:
+        ``hidden_size``, unless the adapter carries more across the boundary with the hidden states."""
+        return int(self.text_config(config).hidden_size)
+
     # -- layout ------------------------------------------------------------------------------
     def fqn_layout(self, config: Any) -> Layout:
         p = self.inner_name
@@ -220,13 +225,28 @@ class Adapter:
         """
         return getattr(inner, self.embed_name)(input_ids)
 
-    def masks(self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str]) -> dict:
+    def masks(
+        self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str], *, cache=None
+    ) -> dict:
+        """One mask per layer type in ``needed``; with a ``cache`` (generation), over the cached keys too."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         from ppzoo import stage  # NOTE: imported here: the stage module imports the planner, which imports this one
 
         fns = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
-        return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+        if cache is None:
+            return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+        # NOTE: the mask is sized by the cache of one of this stage's own layers of its type; the
+        # cache's other layers (other stages') stay empty
+        kinds = self.layer_types(inner.config)
+        own = [int(i) for i in getattr(inner, self.layers_name).keys()]
+        first = {t: next(i for i in own if kinds[i] == t) for t in needed}
+        return {
+            t: stage.build_mask(
+                fns[t], inner.config, hidden, attention_mask, position_ids, cache=cache, layer_idx=first[t]
+            )
+            for t in needed
+        }
 
     def position_embeddings(self, inner: nn.Module, hidden: torch.Tensor, position_ids, needed: set[str]) -> dict:
         if self.rotary_name is None:
@@ -235,10 +255,14 @@ class Adapter:
         return {t: rope for t in needed}
 
     def call_layer(
-        self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids
+        self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids, cache=None
     ) -> torch.Tensor:
-        # NOTE: keyword arguments only: some families put position_embeddings second.
-        out = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        # NOTE: keyword arguments only: some families put position_embeddings second. The cache
+        # (generation only) is passed only when there is one, as the model's own forward does.
+        cached = {} if cache is None else {"cache": cache}
+        out = layer(
+            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings, **cached
+        )
         return out[0] if isinstance(out, tuple) else out
 
     def final_norm(self, inner: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -246,6 +270,24 @@ class Adapter:
 
     def logits(self, lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return getattr(lm, self.head_name)(hidden)
+
+    def generation_problem(self, config: Any) -> str | None:
+        """Why stages of ``config`` cannot generate (keep a KV cache each); None when they can.
+
+        The default needs ppzoo's stage forward (:meth:`patch_inner_forward` not overridden) and
+        :meth:`masks` / :meth:`call_layer` that take the ``cache`` keyword (an override written
+        before generation existed does not). Override to refuse a family whose layers need more
+        than a transformers ``Cache`` per stage.
+        """
+        import inspect
+
+        if type(self).patch_inner_forward is not Adapter.patch_inner_forward:
+            return f"{type(self).__name__} patches the inner forward itself, so ppzoo cannot give its layers a KV cache"
+        for method in ("masks", "call_layer"):
+            params = inspect.signature(getattr(self, method)).parameters
+            if "cache" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                return f"{type(self).__name__}.{method} takes no cache argument"
+        return None
 
     # -- forward patches -----------------------------------------------------------------------
     def prune_to_stage(self, model: nn.Module, layout: Layout, stage: Any, *, config: Any) -> None:

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: the collective calls of a pipeline, as :func:`exchange` tells them apart
-CALLS = ("pipeline", "step", "eval", "save_pretrained", "save_state", "load_state")
+CALLS = ("pipeline", "step", "eval", "save_pretrained", "save_state", "load_state", "generate")
 #: facts a rank adds to the exchange (batch shape, hash, ...), padded with zeros
 _FACTS = 8
 #: exchanges so far on this rank: the same on every rank, since they happen in the same order

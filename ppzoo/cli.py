@@ -90,6 +90,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         f"p+g+adam: parameters, gradients, 2 fp32 AdamW states; bubble with {estimates['microbatches']} "
         f"microbatches: " + ("not modelled for this schedule" if bubble is None else f"{bubble:.1%}")
     )
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -113,10 +115,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from ppzoo.testing import census
-    from ppzoo.testing.tiny_configs import decoder_model_types
+    from ppzoo.testing.tiny_configs import VARIANTS, decoder_model_types
 
     if args.list:
-        print("\n".join(decoder_model_types()))
+        print("\n".join([*decoder_model_types(), *VARIANTS]))
         return 0
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
@@ -124,24 +126,50 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, result: census.ZooResult) -> None:
         adapter = f" ({result.adapter})" if result.adapter else ""
-        print(
-            f"[{done:>{len(str(total))}}/{total}] {result.model_type}: {result.result}{adapter} in {result.seconds:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        if result.step is None:
+            line = f"[{done:>{len(str(total))}}/{total}] {result.model_type}: {result.result}{adapter} in {result.seconds:.1f}s"
+        else:
+            line = f"[step {done:>{len(str(total))}}/{total}] {result.model_type}: {result.step} in {result.step_seconds:.1f}s"
+        print(line, file=sys.stderr, flush=True)
 
-    results = census.zoo(types_, isolate=not args.in_process, jobs=args.jobs, timeout_s=args.timeout, progress=progress)
+    results = census.zoo(
+        types_,
+        isolate=not args.in_process,
+        jobs=args.jobs,
+        timeout_s=args.timeout,
+        step=args.step,
+        progress=progress,
+    )
     if args.json:
-        print(json.dumps({"results": [r.to_dict() for r in results], "totals": census.totals(results)}, indent=2))
+        report = {"results": [r.to_dict() for r in results], "totals": census.totals(results)}
+        if any(census.is_variant(r.model_type) for r in results):
+            report["variant_totals"] = census.variant_totals(results)
+        if args.step:
+            report["step_totals"] = census.step_totals(results)
+        print(json.dumps(report, indent=2))
     else:
         print(census.render(results, markdown=args.markdown))
-    return 1 if any(r.result in ("wrong", "error") for r in results) else 0
+    return 1 if any(r.result in ("wrong", "error") or r.step in ("wrong", "error") for r in results) else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ppzoo import train
 
     return train.main(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ppzoo import completions
+
+    return completions.main(args)
+
+
+def _add_generate(sub) -> None:
+    from ppzoo.completions import add_arguments
+
+    p = sub.add_parser("generate", help="complete prompts with a pipelined checkpoint, streamed on rank 0")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="check in this process, without worker processes (no isolation)"
     )
     p.add_argument(
-        "--list", action="store_true", help="print the decoder model types of the installed transformers and exit"
+        "--step",
+        action="store_true",
+        help="then run the 2-rank Pipeline.step of every exact type under 1F1B and ZBVZeroBubble, in gloo "
+        "groups of 2 CPU ranks (--timeout limits each group); a type whose step differs is wrong",
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print the decoder model types of the installed transformers, then the variants, and exit",
     )
     p.set_defaults(func=_cmd_zoo)
 
@@ -203,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
+    _add_generate(sub)
     return parser
 
 

@@ -23,7 +23,7 @@ nothing (its output is the first layer's saved input); every stage but the last 
 (``e·h``), which the runtime keeps for the backward, a stage of only the embedding too; the last
 adds the final norm (``2·e·h``), the logits (``e·V``) and the loss's fp32 log-probabilities
 (``4·V``), per token. MoE layers count ``I`` as top-k experts' widths
-plus any shared expert.
+plus any shared expert; the dense layers of a MoE model (DeepSeek's first layers) their own width.
 
 The bubble is the idle fraction of a step when every stage costs the same and communication is
 free: ``(pp − 1) / (k·m + pp − 1)`` with ``m`` microbatches, where ``k`` is the number of equal
@@ -169,7 +169,21 @@ def _moe_width(cfg: Any) -> int | None:
     width = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None)
     if width is None:
         return None
-    return top_k * int(width) + int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or getattr(
+        cfg, "moe_shared_expert_intermediate_size", None
+    )
+    if shared is None:  # NOTE: DeepSeek, GLM-4.5: n_shared_experts experts of the routed width
+        shared = int(getattr(cfg, "n_shared_experts", 0) or 0) * int(width)
+    return top_k * int(width) + int(shared)
+
+
+def _has_routed_experts(layer: Any) -> bool:
+    """Whether ``layer`` holds routed experts (matrices under a module named ``experts``).
+
+    NOTE: dense layers of a MoE model (DeepSeek's first ``first_k_dense_replace``, Llama 4's
+    interleaved dense layers, Jamba's and Nemotron-H's non-expert layers) keep their own width.
+    """
+    return any(".experts." in f".{n}" and p.dim() >= 2 for n, p in layer.named_parameters())
 
 
 def _layer_bytes(shape: LayerShape, moe_width: int | None, **kwargs: Any) -> int:
@@ -224,13 +238,19 @@ def estimate_plan(
     )
     # NOTE: layers of one model may differ (attention-free or dense-then-MoE layers); equal shapes
     # are computed once.
-    by_shape: dict[LayerShape, int] = {}
+    by_shape: dict[tuple[LayerShape, bool], int] = {}
+    by_layer: dict[tuple, int] = {}  # NOTE: layers of one class and parameter shapes measure alike
     per_layer = []
     for index in range(plan.layout.num_layers):
-        shape = adapter.layer_shape(config, model.get_submodule(plan.layout.layer(index)))
-        if shape not in by_shape:
-            by_shape[shape] = _layer_bytes(shape, moe_width, **common)
-        per_layer.append(by_shape[shape])
+        layer = model.get_submodule(plan.layout.layer(index))
+        key = (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+        if key not in by_layer:
+            shape = adapter.layer_shape(config, layer)
+            routed = moe_width is not None and _has_routed_experts(layer)
+            if (shape, routed) not in by_shape:
+                by_shape[shape, routed] = _layer_bytes(shape, moe_width if routed else None, **common)
+            by_layer[key] = by_shape[shape, routed]
+        per_layer.append(by_layer[key])
     stages = [
         StageEstimate(
             index=s.index,

@@ -11,6 +11,7 @@ whose step, simulated with the schedule's own order (:mod:`ppzoo.simulate`), is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -27,7 +28,7 @@ from ppzoo.schedule import schedule_kind
 from ppzoo.split import balanced_bounds, stages_from_modules
 from ppzoo.validation import Settings
 
-__all__ = ["Plan", "StagePlan", "placement_for", "plan", "stage_rank"]
+__all__ = ["Plan", "StagePlan", "placement_for", "plan", "skipped_weights", "stage_rank"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Plan:
     stages: tuple[StagePlan, ...]
     total_params: int
     dtype: str
+    #: what the plan leaves out of the checkpoint, for people (multi-token prediction layers)
+    notes: tuple[str, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -77,12 +80,43 @@ class Plan:
             "placement": self.placement,
             "dtype": self.dtype,
             "total_params": self.total_params,
+            "notes": list(self.notes),
             "stages": [
                 {k: v for k, v in asdict(s).items() if k in ("index", "rank", "modules", "params", "bytes")}
                 | {"modules": list(s.modules)}
                 for s in self.stages
             ],
         }
+
+
+def skipped_weights(cfg: Any, model: torch.nn.Module, num_layers: int) -> tuple[str, ...]:
+    """A note on the multi-token prediction (MTP) weights a checkpoint may hold beside the model.
+
+    DeepSeek-V3, GLM-4.5 and others ship ``num_nextn_predict_layers`` extra layers after the last
+    one (``model.layers.61`` of DeepSeek-V3), Qwen3-Next an ``mtp.*`` block; the causal LM never
+    calls them, and ``from_pretrained`` skips their keys (the class's
+    ``_keys_to_ignore_on_load_unexpected``). The plan leaves them out too, and says so.
+    """
+    count = getattr(cfg, "num_nextn_predict_layers", 0) or 0
+    patterns = [str(p) for p in getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()]
+    layer_of = [re.search(r"layers\\?\.(\d+)", p) for p in patterns]
+    mtp = [
+        p
+        for p, m in zip(patterns, layer_of)
+        if "mtp" in p or (m and num_layers <= int(m[1]) < num_layers + max(count, 1))
+    ]
+    if not count and not mtp:
+        return ()
+    held = (
+        f"{count} multi-token prediction layer{'s' if count != 1 else ''}"
+        if count
+        else "multi-token prediction weights"
+    )
+    keys = f" (checkpoint keys matching {', '.join(mtp)})" if mtp else ""
+    return (
+        f"the checkpoint may hold {held}{keys}, which {type(model).__name__} never calls: "
+        "skipped (not planned, not read), as from_pretrained skips them",
+    )
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -244,6 +278,7 @@ def plan(
         stages=tuple(stages),
         total_params=total,
         dtype=str(pdtype).replace("torch.", ""),
+        notes=skipped_weights(adapter.text_config(config), model, n_layers),
     )
     # NOTE: plugins' rules about the stages themselves (their modules, ranks, sizes)
     registry.validate(config, result, adapter=adapter, settings=settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ppzoo.checkpoint.quantized import quantization_problems
 from ppzoo.hookspecs import hookimpl
 from ppzoo.validation import Problem, Settings
 
@@ -19,8 +20,9 @@ __all__ = ["microbatch_problems", "ppzoo_validate"]
 
 @hookimpl(tryfirst=True)
 def ppzoo_validate(config: Any, adapter: Any, plan: Any, settings: Settings) -> list[Problem]:
-    """The adapter's rules, then the split, microbatch and mesh rules whose settings are known."""
-    problems = _adapter_problems(config, adapter, plan)
+    """The adapter's rules and the quantized-weights rule, then the split, microbatch and mesh rules
+    whose settings are known."""
+    problems = _adapter_problems(config, adapter, plan) + quantization_problems(config)
     known = settings.pp is not None and settings.num_stages is not None and settings.schedule is not None
     if known:
         problems += _split_problems(config, adapter, settings)
@@ -119,6 +121,18 @@ def microbatch_problems(*, schedule: str, microbatches: int, num_stages: int, pp
     return problems
 
 
+def _per_layer_values(cfg: Any, name: str) -> list[Any]:
+    """``cfg.name``, or each layer's where the config holds it per layer (Gemma 4's key/value heads).
+
+    NOTE: transformers' heterogeneous configs refuse the global read of a per-layer attribute
+    (``AmbiguousGlobalPerLayerAttributeError``, a RuntimeError).
+    """
+    try:
+        return [getattr(cfg, name, None)]
+    except RuntimeError:
+        return sorted({getattr(layer, name, None) for layer in cfg.per_layer_config}, key=str)
+
+
 def _mesh_problems(config: Any, adapter: Any, settings: Settings) -> list[Problem]:
     problems = []
     if settings.cp not in (None, 1):
@@ -131,12 +145,12 @@ def _mesh_problems(config: Any, adapter: Any, settings: Settings) -> list[Proble
     tp = settings.tp
     if tp is not None and tp > 1 and not settings.custom_parallelize:
         cfg = adapter.text_config(config)
-        sizes = {
-            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
-            "intermediate_size": getattr(cfg, "intermediate_size", None),
-        }
-        bad = [f"{k}={v}" for k, v in sizes.items() if isinstance(v, int) and v % tp]
+        sizes = [
+            (name, value)
+            for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+            for value in _per_layer_values(cfg, name)
+        ]
+        bad = [f"{k}={v}" for k, v in sizes if isinstance(v, int) and v % tp]
         if bad:
             problems.append(
                 Problem("tp-divisibility", f"tp={tp} must divide {', '.join(bad)}; choose a tp that divides them")

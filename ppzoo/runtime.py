@@ -24,7 +24,7 @@ from ppzoo.aux_loss import AuxLoss
 from ppzoo.checkpoint import Checkpoint, resolve
 from ppzoo.config import load_config
 from ppzoo.dtypes import parse_dtype
-from ppzoo.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens
+from ppzoo.loss import IGNORE_INDEX, PendingLoss, causal_lm_loss, count_label_tokens
 from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed, parse_timeout
 from ppzoo.parallelize import (
     FSDP_MIXED_PRECISION,
@@ -49,6 +49,8 @@ log = logging.getLogger("ppzoo")
 _CONFIG_LOADING_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir")
 #: how many batch shapes keep their stages and schedules (each shape needs its own, see below)
 _SHAPE_CACHE = 4
+#: where a rank's count of tokens to learn sits among the facts it tells the others (the last)
+_TOKENS_FACT = 7
 
 
 def check_tokens(tokens: torch.Tensor, name: str, *, vocab_size: int, ignore_index: int | None = None) -> None:
@@ -136,6 +138,19 @@ class Pipeline:
         self.pp_rank = mesh["pp"].get_local_rank()
         self._last_rank = plan.stages[-1].rank
         self._num_tokens = 1
+        # NOTE: slicing a DeviceMesh builds a new sub-mesh each time (milliseconds on CPU): the
+        # groups and sizes the step needs are read once here, not per step or per microbatch.
+        self._dp_groups = [mesh[d].get_group() for d in ("dp_replicate", "dp_shard") if mesh[d].size() > 1]
+        self._dp_size = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+        self._tp_group = mesh["tp"].get_group() if mesh["tp"].size() > 1 else None
+        self._batch_groups = batch_groups(mesh)
+        # NOTE: the global ranks of this rank's data-parallel peers (itself included): the ranks
+        # whose token counts add up to the global batch's, as an all-reduce over dp would sum them
+        coordinate = (mesh.mesh == dist.get_rank()).nonzero()[0].tolist()
+        self._dp_peers = mesh.mesh[coordinate[0], :, :, coordinate[3], coordinate[4]].flatten().tolist()
+        self._params: list[nn.Parameter] | None = None
+        #: the last step's loss reduction, while it is in flight (see :class:`PendingLoss`)
+        self._pending: PendingLoss | None = None
         self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
         self._tied = TiedWeights(
             adapter.tied_weights(config),
@@ -201,7 +216,7 @@ class Pipeline:
         if key in self._runtimes:
             self._runtimes.move_to_end(key)
             return self._runtimes[key]
-        hidden = int(self.adapter.text_config(self.config).hidden_size)
+        hidden = self.adapter.boundary_width(self.config)
         vocab = int(self.adapter.text_config(self.config).vocab_size)
         stages = []
         for index, module in self._modules.items():
@@ -244,14 +259,12 @@ class Pipeline:
             self._runtimes.popitem(last=False)
         return runtime
 
-    @property
-    def _dp_size(self) -> int:
-        return self.mesh["dp_replicate"].size() * self.mesh["dp_shard"].size()
-
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # NOTE: data-parallel gradient reduction averages over dp ranks; scaling by dp makes the
-        # average the gradient of (this rank's token loss sum) / (global token count).
-        return causal_lm_loss(logits, labels, self._num_tokens) * self._dp_size
+        # average the gradient of (this rank's token loss sum) / (global token count). Without
+        # data parallelism the factor is 1 and left out (x * 1 == x: one autograd node less).
+        loss = causal_lm_loss(logits, labels, self._num_tokens)
+        return loss * self._dp_size if self._dp_size > 1 else loss
 
     @property
     def _vocab_size(self) -> int:
@@ -280,24 +293,29 @@ class Pipeline:
     #: compare a hash of every rank's batch in each step / eval (see ``pipeline(check_batch=...)``)
     check_batch: bool = False
 
-    def _agreed_inputs(self, what: str, input_ids, labels, attention_mask, position_ids) -> tuple[tuple, dict]:
-        """This rank's checked inputs, once every rank has checked its own and they agree.
+    def _agreed_inputs(self, what: str, input_ids, labels, attention_mask, position_ids) -> tuple[tuple, dict, int]:
+        """This rank's checked inputs, once every rank has checked its own and they agree, and the
+        global count of tokens to learn (this rank's labels' summed over its data-parallel peers).
 
         NOTE: a rank whose batch is refused still joins the exchange with its error, so its peers
         raise too instead of waiting in the schedule for it; ranks of one pipeline that pass
         different shapes (or, with ``check_batch``, different contents) are refused on every rank.
+        The token count rides in the same exchange, so no collective of its own sums it over the
+        data-parallel ranks.
         """
         error: Exception | None = None
         facts: list[int] = []
         try:
             args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+            tokens = 0
             if labels is not None:
                 if tuple(labels.shape) != tuple(input_ids.shape):
                     raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
                 check_tokens(labels, "labels", vocab_size=self._vocab_size, ignore_index=IGNORE_INDEX)
+                tokens = count_label_tokens(labels)
             facts = [*input_ids.shape, labels is not None, attention_mask is not None, position_ids is not None]
-            if self.check_batch:
-                facts.append(tensor_digest(input_ids, labels, attention_mask, position_ids))
+            facts.append(tensor_digest(input_ids, labels, attention_mask, position_ids) if self.check_batch else 0)
+            facts += [0] * (_TOKENS_FACT - len(facts)) + [tokens]
         except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
             error = exc
         facts_seen = exchange(what, error, facts)
@@ -307,9 +325,11 @@ class Pipeline:
             parts = [f"input_ids {(v[0], v[1])}", *given]
             return ", ".join(parts + ([f"content hash {v[5]:016x}"] if self.check_batch else []))
 
-        check_same(facts_seen, batch_groups(self.mesh), what=what, describe=describe)
+        # NOTE: the token count is not compared: without check_batch, ranks may pass different
+        # labels of one shape, and each counts its own (summed over its data-parallel peers)
+        check_same(facts_seen[:, :_TOKENS_FACT], self._batch_groups, what=what, describe=describe)
         self._check_length(input_ids.shape[1])
-        return args, kwargs
+        return args, kwargs, int(facts_seen[self._dp_peers, _TOKENS_FACT].sum())
 
     #: whether this pipeline has warned of sequences longer than the model's positions
     _warned_length: bool = False
@@ -337,7 +357,9 @@ class Pipeline:
         schedule (a new batch shape, or the first ``eval``) infers its metadata.
         """
         earlier: dict[nn.Parameter, torch.Tensor] = {}
-        for param in self.parameters():
+        if self._params is None:  # NOTE: a stage's parameters are set when it is built: listed once
+            self._params = list(self.parameters())
+        for param in self._params:
             if param.grad is not None:
                 earlier[param] = param.grad
                 param.grad = None
@@ -375,7 +397,9 @@ class Pipeline:
         ``-100`` ignored, mean over the valid tokens of the whole (global) batch.
 
         Returns:
-            The global batch loss (a detached scalar), the same on every rank.
+            The global batch loss (a detached float32 scalar), the same on every rank. Without data
+            parallelism it is a :class:`ppzoo.loss.PendingLoss`: its reduction over the pipeline's
+            ranks may still run when ``step`` returns, and the first use of it waits for it.
 
         Raises:
             ValueError: this rank's batch is refused (ids, labels, shapes), or the ranks of one
@@ -383,8 +407,8 @@ class Pipeline:
             ppzoo.agreement.RankError: another rank failed (naming it and its error), or the
                 ranks are not all in ``step``; see docs/reliability.md.
         """
-        args, kwargs = self._agreed_inputs("step", input_ids, labels, attention_mask, position_ids)
-        self._num_tokens = self._dp_sum(torch.tensor(count_label_tokens(labels), device=self.device)).item()
+        self._settle_loss()
+        args, kwargs, self._num_tokens = self._agreed_inputs("step", input_ids, labels, attention_mask, position_ids)
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=True)
@@ -406,34 +430,46 @@ class Pipeline:
             )
             self._tied.sync_grads()
             self._sync_tp_replicated_grads()
+        # NOTE: one all-reduce over the pipeline carries both the loss (the last stage's rank
+        # gives it, the others zeros: x + 0 == x exactly) and every stage's auxiliary terms
+        # (averaged over data-parallel ranks as their gradients are). Without data parallelism it
+        # runs in the background: a rank whose part of the schedule is done returns at once (to its
+        # optimizer step) instead of waiting for the last backward of another; the loss waits for
+        # it when first read.
+        parts = torch.zeros(2, dtype=torch.float32, device=self.device)
         if self.holds_last:
-            loss = torch.stack([part.detach().float() for part in losses]).sum() / self._dp_size
-        else:
-            loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        dist.broadcast(loss, group_src=self._last_rank, group=self._pp_group)
-        # every stage's auxiliary terms, averaged over data-parallel ranks as their gradients are
-        aux = self._aux_loss.total.clone()
-        dist.all_reduce(aux, group=self._pp_group)
-        return self._dp_sum(loss + aux / self._dp_size)
+            parts[0] = torch.stack([part.detach().float() for part in losses]).sum() / self._dp_size
+        parts[1] = self._aux_loss.total
+        if self._dp_groups:
+            dist.all_reduce(parts, group=self._pp_group)
+            return self._dp_sum(parts[0] + parts[1] / self._dp_size)
+        work = dist.all_reduce(parts, group=self._pp_group, async_op=True)
+        self._pending = PendingLoss(parts, work, dp_size=self._dp_size)
+        return self._pending
+
+    def _settle_loss(self) -> None:
+        """Wait for the last step's loss reduction, if still in flight (before the next collective call)."""
+        if self._pending is not None:
+            self._pending.settle()
+            self._pending = None
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (each holds its own part of the global batch)."""
-        for dim in ("dp_replicate", "dp_shard"):
-            if self.mesh[dim].size() > 1:
-                dist.all_reduce(value, group=self.mesh[dim].get_group())
+        for group in self._dp_groups:
+            dist.all_reduce(value, group=group)
         return value
 
     def _sync_tp_replicated_grads(self) -> None:
         # NOTE: a replicated parameter applied to tp-sharded activations (per-head q/k norms)
         # sees only its rank's heads: its gradient is partial until summed over tp.
-        if self.mesh["tp"].size() == 1:
+        if self._tp_group is None:
             return
         for module in self._modules.values():
             for name in getattr(module, TP_GRAD_ALLREDUCE, ()):
                 grad = module.get_parameter(name).grad
                 if grad is not None:
                     grad = grad.to_local() if hasattr(grad, "to_local") else grad
-                    dist.all_reduce(grad, group=self.mesh["tp"].get_group())
+                    dist.all_reduce(grad, group=self._tp_group)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
@@ -476,13 +512,78 @@ class Pipeline:
         Raises:
             ValueError, ppzoo.agreement.RankError: as :meth:`step`.
         """
-        args, kwargs = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids)
+        self._settle_loss()
+        args, kwargs, _ = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids)
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=False)
         for module in self._modules.values():
             module.eval()
         with self._earlier_grads_set_aside():
             out = self._run("eval", runtime, *args, **kwargs)
         return out if self.holds_last else None
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        microbatches: int | None = None,
+        on_tokens: Any = None,
+    ) -> torch.Tensor:
+        """Generate continuations of ``input_ids`` (collective: every rank passes the same prompts).
+
+        Each stage keeps its own KV cache; the prefill is one pipelined forward, then the batch's
+        microbatches go through the stages a token at a time, so stages work concurrently, and a
+        row stops at its eos token without holding up the others. Greedy decoding gives Hugging
+        Face's ``model.generate(..., do_sample=False)`` of the unsplit model token for token; see
+        :mod:`ppzoo.generation` and docs/generation.md.
+
+        Args:
+            input_ids: ``(batch, prompt)`` token ids, left-padded when prompts differ in length.
+            attention_mask: ``(batch, prompt)``, 0 on padding; None: no padding.
+            max_new_tokens: at most this many tokens per row.
+            do_sample, temperature, top_k, top_p: as in Hugging Face's ``generate``; top_k and top_p
+                left None take the checkpoint's ``generation_config.json`` values, then
+                transformers' defaults (top_k=50 when sampling; pass 0 for none).
+            eos_token_id: token id(s) that end a row; None: the checkpoint's.
+            seed: seed of the sampling generator (the state ``torch.manual_seed(seed)`` gives);
+                None: torch's default generator on the last stage's rank, as it is.
+            microbatches: how many microbatches the batch is cut into (default: the number of
+                stages, at most one row each).
+            on_tokens: ``on_tokens(rows, tokens)``, called on every rank as tokens arrive (global
+                row indices and their new ids), e.g. to stream text.
+
+        Returns:
+            ``(batch, prompt + generated)`` ids on every rank; rows that ended early are padded
+            with the pad token (the eos token when the checkpoint has none), as Hugging Face pads them.
+
+        Raises:
+            ValueError: bad ids, shapes or settings; an adapter that does not support generation
+                (named); a mesh with dp_shard, cp or tp > 1.
+        """
+        from ppzoo.generation import generate
+
+        return generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            seed=seed,
+            microbatches=microbatches,
+            on_tokens=on_tokens,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     #: the local directory the model was loaded from; save_pretrained copies its tokenizer files

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from ppzoo.schedule import SCHEDULES
 
-__all__ = ["Action", "COSTS", "SIMULATED", "schedule_order", "makespan", "ideal_efficiency"]
+__all__ = ["Action", "COSTS", "SIMULATED", "compile_order", "schedule_order", "makespan", "ideal_efficiency"]
 
 #: ``(stage index, kind, microbatch index)``
 Action = tuple[int, str, int]
@@ -163,6 +165,84 @@ def makespan(order: dict[int, list[Action]], stage_costs: Sequence[float], costs
             stuck = {r: ops[position[r]] for r, ops in order.items() if position[r] < len(ops)}
             raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
     return max(clock.values(), default=0.0)
+
+
+def compile_order(
+    order: dict[int, list[Action]], num_stages: int, costs: dict[str, float] = COSTS
+) -> Callable[[Sequence[float]], float]:
+    """:func:`makespan` of ``order`` as a function of the stage costs alone, the graph built once.
+
+    The actions and what each waits for do not depend on the costs, so the split search, which
+    simulates one order under many splits, walks them once here and then only adds and takes
+    maxima: each result is :func:`makespan`'s, bit for bit (the same sums in the same order).
+
+    Raises:
+        RuntimeError: the order deadlocks.
+    """
+    last_stage = num_stages - 1
+    index: dict[tuple[int, str, int], int] = {}
+    steps: list[tuple[int, int, int, float, int]] = []  # (rank's previous, input, gradient, cost, stage)
+    gradient: dict[tuple[int, int], int] = {}
+    start = 0  # NOTE: index 0 is a finish time of 0.0: no previous action, no input
+    position = {rank: 0 for rank in order}
+    previous = {rank: start for rank in order}
+    remaining = sum(len(ops) for ops in order.values())
+    while remaining:
+        moved = False
+        for rank, ops in order.items():
+            at = position[rank]
+            while at < len(ops):
+                stage, kind, mb = ops[at]
+                grad = start
+                if kind == "F":
+                    source = index.get((stage - 1, "F", mb)) if stage > 0 else start
+                elif kind == "W":
+                    source = index.get((stage, "I", mb))
+                else:
+                    source = index.get((stage, "F", mb))
+                    if source is not None and stage < last_stage:
+                        grad = gradient.get((stage + 1, mb))
+                        if grad is None:
+                            source = None
+                if source is None:
+                    break
+                steps.append((previous[rank], source, grad, costs[kind], stage))
+                previous[rank] = index[(stage, kind, mb)] = len(steps)
+                if kind in ("B", "I"):
+                    gradient[(stage, mb)] = len(steps)
+                at += 1
+                moved = True
+            remaining -= at - position[rank]
+            position[rank] = at
+        if not moved:
+            stuck = {r: ops[position[r]] for r, ops in order.items() if position[r] < len(ops)}
+            raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
+    ends = np.array(list(previous.values()), dtype=np.int64)
+    if not steps:
+        return lambda stage_costs: 0.0
+    # NOTE: actions at the same depth of the graph are computed together, one numpy operation a
+    # depth: the maxima and sums are makespan's own, element by element
+    table = np.array([s[:3] for s in steps], dtype=np.int64)
+    weight = np.array([s[3] for s in steps], dtype=np.float64)
+    stage_of = np.array([s[4] for s in steps], dtype=np.int64)
+    depth = np.zeros(len(steps) + 1, dtype=np.int64)
+    for i, (before, source, grad) in enumerate(table.tolist(), start=1):
+        depth[i] = 1 + max(depth[before], depth[source], depth[grad])
+    by_depth = np.argsort(depth[1:], kind="stable")
+    cuts = np.flatnonzero(np.diff(depth[1:][by_depth])) + 1
+    levels = [
+        (rows + 1, table[rows, 0], table[rows, 1], table[rows, 2], weight[rows], stage_of[rows])
+        for rows in np.split(by_depth, cuts)
+    ]
+
+    def run(stage_costs: Sequence[float]) -> float:
+        costs_ = np.asarray(stage_costs, dtype=np.float64)
+        finish = np.zeros(len(steps) + 1, dtype=np.float64)
+        for at, before, source, grad, w, stage in levels:
+            finish[at] = np.maximum(np.maximum(finish[before], finish[source]), finish[grad]) + w * costs_[stage]
+        return float(finish[ends].max())
+
+    return run
 
 
 def ideal_efficiency(schedule: str, *, pp: int, microbatches: int, stages_per_rank: int = 1) -> float:

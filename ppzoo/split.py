@@ -82,8 +82,11 @@ def balanced_bounds(
     total = sum(unit_costs) or 1.0
     units = [c / total for c in unit_costs]
 
+    # NOTE: one order, many splits: its dependency graph is built once (same results as makespan)
+    simulated = simulate.compile_order(order, stages)
+
     def step(b: tuple[int, ...]) -> float:
-        return simulate.makespan(order, stage_costs(units, b))
+        return simulated(stage_costs(units, b))
 
     def evenness(b: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
         return round(max(stage_costs(units, b)), 12), b

@@ -156,7 +156,17 @@ def _mask_params(fn: Callable) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
-def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, position_ids, **extra: Any) -> Any:
+def build_mask(
+    fn: Callable,
+    config: Any,
+    hidden: torch.Tensor,
+    attention_mask,
+    position_ids,
+    *,
+    cache: Any = None,
+    layer_idx: int | None = None,
+    **extra: Any,
+) -> Any:
     """Call a transformers mask function with the argument names the installed version uses.
 
     ``fn`` is ``transformers.masking_utils.create_causal_mask``, ``create_sliding_window_causal_mask``
@@ -164,6 +174,10 @@ def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, 
     for ALiBi models, whose attention adds the bias to a mask that must therefore exist;
     ``and_mask_function=...``). The result is what the function returns for one layer type: a
     tensor, a ``BlockMask`` or None (no mask needed).
+
+    ``cache`` (generation, :mod:`ppzoo.generation`) is the stage's KV cache and ``layer_idx`` one
+    of the stage's own layers of the mask's type: the mask then spans the cached keys, sized by
+    that layer's cache as Hugging Face sizes it by its first layer of the type.
 
     Raises:
         TypeError: ``fn`` takes no argument of a name in ``extra``.
@@ -174,14 +188,17 @@ def build_mask(fn: Callable, config: Any, hidden: torch.Tensor, attention_mask, 
         raise TypeError(f"{getattr(fn, '__name__', fn)} takes no argument {unknown[0]!r}; it takes {sorted(params)}")
     kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask}
     # NOTE: transformers renamed input_embeds -> inputs_embeds and past_key_values -> cache, and
-    # dropped cache_position; stages never carry a cache.
+    # dropped cache_position; only generation gives a stage a cache.
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
     if "cache" in params:
-        kwargs["cache"] = None
+        kwargs["cache"] = cache
     elif "past_key_values" in params:
-        kwargs["past_key_values"] = None
+        kwargs["past_key_values"] = cache
+    if cache is not None and layer_idx is not None and "layer_idx" in params:
+        kwargs["layer_idx"] = layer_idx
     if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+        past = cache.get_seq_length(layer_idx or 0) if cache is not None else 0
+        kwargs["cache_position"] = torch.arange(past, past + hidden.shape[1], device=hidden.device)
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids
     return fn(**kwargs, **extra)
@@ -203,7 +220,12 @@ def _embed(adapter: Adapter, inner: nn.Module, x: torch.Tensor, position_ids, at
     return adapter.embed(inner, x, **{k: v for k, v in given.items() if k in _embed_takes(fn)})
 
 
-def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
+def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, adapter: Adapter, cache=None):
+    """The stage's share of the inner model: embed (first stage), its layers, the final norm (last stage).
+
+    ``cache`` (generation only): a transformers ``Cache`` over the whole model's layer indices, in
+    which the stage's own layers read and extend theirs; ``position_ids`` must then be given.
+    """
     if getattr(inner, adapter.embed_name, None) is not None:
         hidden = _embed(adapter, inner, x, position_ids, attention_mask)
     else:
@@ -214,20 +236,33 @@ def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, ada
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         kinds = adapter.layer_types(inner.config)
         needed = {kinds[int(i)] for i in layers.keys()}
-        masks = adapter.masks(inner, hidden, attention_mask, position_ids, needed)
+        # NOTE: the cache is passed only when generating, so adapters written before generation
+        # (masks / call_layer without a cache argument) keep working for training
+        cached = {} if cache is None else {"cache": cache}
+        masks = adapter.masks(inner, hidden, attention_mask, position_ids, needed, **cached)
         ropes = adapter.position_embeddings(inner, hidden, position_ids, needed)
         for key, layer in layers.items():
             kind = kinds[int(key)]
             hidden = adapter.call_layer(
-                layer, hidden, mask=masks[kind], position_embeddings=ropes[kind], position_ids=position_ids
+                layer, hidden, mask=masks[kind], position_embeddings=ropes[kind], position_ids=position_ids, **cached
             )
     if getattr(inner, adapter.norm_name, None) is not None:
         hidden = adapter.final_norm(inner, hidden)
     return hidden
 
 
-def causal_lm_stage_forward(lm, x, attention_mask=None, position_ids=None, *, adapter: Adapter):
-    hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids)
+def causal_lm_stage_forward(
+    lm, x, attention_mask=None, position_ids=None, *, adapter: Adapter, cache=None, logits_to_keep: int = 0
+):
+    """The stage's forward: its share of the inner model, then the head when it holds it.
+
+    ``cache`` and ``logits_to_keep`` are for generation (:mod:`ppzoo.generation`): the KV cache of
+    the stage's layers, and how many last positions get logits (0: all), as in Hugging Face.
+    """
+    cached = {} if cache is None else {"cache": cache}
+    hidden = getattr(lm, adapter.inner_name)(x, attention_mask=attention_mask, position_ids=position_ids, **cached)
     if getattr(lm, adapter.head_name, None) is None:
         return hidden
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
     return adapter.logits(lm, hidden)

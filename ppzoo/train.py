@@ -100,6 +100,9 @@ class TrainJob:
     pipeline_flags: tuple[tuple[str, Any], ...] = ()
     eval_path: str | None = None
     eval_every: int | None = None
+    sample_every: int | None = None
+    sample_ids: tuple[int, ...] = ()
+    sample_tokens: int = 32
     metrics: str | None = None
     tensorboard: str | None = None
     peak_tflops: float | None = None
@@ -190,6 +193,9 @@ def main(args: argparse.Namespace) -> int:
             device=args.device,
             log_every=args.log_every or max(1, args.steps // 10),
             eval_every=args.eval_every,
+            sample_every=args.sample_every,
+            sample_ids=tuple(tokenizer.encode(args.sample_prompt)) if args.sample_every else (),
+            sample_tokens=args.sample_tokens,
             metrics=args.metrics or (str(Path(args.save) / "metrics.jsonl") if args.save else None),
             tensorboard=args.tensorboard or (str(Path(args.save) / "tensorboard") if args.save else None),
             peak_tflops=args.peak_tflops,

@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = dict(
     data=None,
     eval_data=None,
     eval_every=None,
+    sample_every=None,
+    sample_prompt=None,
+    sample_tokens=32,
     pp=2,
     dp_shard=1,
     dp_replicate=1,
@@ -99,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eval-data", metavar="PATH", help="held-out data, any --data format: loss and perplexity")
     g.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (default: at the end)")
+    g.add_argument(
+        "--sample-every", type=int, metavar="N", help="print a greedy completion of --sample-prompt every N steps"
+    )
+    g.add_argument("--sample-prompt", metavar="TEXT", help="the prompt --sample-every completes")
+    g.add_argument(
+        "--sample-tokens", type=int, metavar="N", help=f"tokens a sample has at most (default {d['sample_tokens']})"
+    )
     g.add_argument("--seq-len", type=int, help=f"tokens per packed sequence (default {d['seq_len']})")
     g = parser.add_argument_group("parallelism and precision")
     g.add_argument("--pp", type=int, help=f"pipeline-parallel degree (default {d['pp']})")
@@ -249,7 +259,7 @@ def check_options(args: argparse.Namespace) -> None:
     positive += ("grad_accum", "nnodes")
     for name in positive:
         _at_least(name, getattr(args, name), 1)
-    for name in ("log_every", "eval_every", "save_every", "stop_at"):
+    for name in ("log_every", "eval_every", "save_every", "stop_at", "sample_every", "sample_tokens"):
         if getattr(args, name) is not None:
             _at_least(name, getattr(args, name), 1)
     if args.seq_len < 2:
@@ -281,6 +291,10 @@ def check_options(args: argparse.Namespace) -> None:
         )
     _check_launch(args)
     _check_pipeline_flags(args)
+    if args.sample_every is not None and not args.sample_prompt:
+        raise ValueError(f"--sample-every {args.sample_every} needs --sample-prompt, the text to complete")
+    if args.sample_every is not None and args.dp_shard * args.tp > 1:
+        raise ValueError("--sample-every generates with whole stages on each rank; it needs --dp-shard 1 and --tp 1")
     if args.eval_every is not None and args.eval_data is None:
         raise ValueError(f"--eval-every {args.eval_every} needs --eval-data, the held-out data to evaluate on")
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):

@@ -132,6 +132,18 @@ def _build(job: Any, device: torch.device) -> Any:
     )
 
 
+def _sample(pipe: Any, job: Any) -> str:
+    """A greedy completion of the sample prompt (``--sample-every``), as text (collective)."""
+    from ppzoo.data import Tokenizer
+
+    ids = pipe.generate(torch.tensor([job.sample_ids]), max_new_tokens=job.sample_tokens)
+    new = ids[0, len(job.sample_ids) :].tolist()
+    tokenizer = Tokenizer(pipe.source, vocab_size=int(pipe.adapter.text_config(pipe.config).vocab_size))
+    if tokenizer.hf is None:
+        return bytes(t for t in new if t < 256).decode("utf-8", errors="replace")
+    return tokenizer.hf.decode(new, skip_special_tokens=True)
+
+
 def run(job: Any) -> dict[str, Any] | None:
     """One rank's training loop (``job`` is a :class:`ppzoo.train.TrainJob`).
 
@@ -205,6 +217,10 @@ def run(job: Any) -> dict[str, Any] | None:
         if held_out is not None and (step == job.steps or (job.eval_every and step % job.eval_every == 0)):
             eval_loss, eval_tokens = evaluate(pipe, held_out, batch_size=job.batch_size, rows=rows)
             record = {"step": step, **record, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700))}
+        if job.sample_every and step % job.sample_every == 0:
+            text = _sample(pipe, job)
+            if talk:
+                print(f"sample at step {step}: {text!r}", flush=True)
         if job.save and (step == last or (job.save_every and step % job.save_every == 0)):
             pipe.save_pretrained(Path(job.save) / "model")
             pipe.save_state(Path(job.save) / "state", optimizer, step=step)

@@ -24,6 +24,7 @@ CODES: dict[str, str] = {
     "encoder-decoder": "the config is an encoder-decoder model; ppzoo pipelines decoder-only causal LMs",
     "unknown-layer-type": "config.layer_types names an attention type the adapter builds no mask for",
     "sliding-window-unset": "some layers are sliding_attention but sliding_window is not set",
+    "quantized-unsupported": "the checkpoint's weights are quantized by a method ppzoo does not dequantize (it reads fp8 and mxfp4)",
     # built-in adapters
     "vision-language": "a vision-language config with no text-only path (multimodal Gemma 3)",
     "bidirectional-attention": "bidirectional attention makes the model an encoder, not a causal LM",
@@ -35,8 +36,7 @@ CODES: dict[str, str] = {
     "generic-layout": "the model cannot be built, or is not laid out as embed_tokens / layers / norm / lm_head",
     # the native adapter (Hugging Face's own forward, steered; see docs/zoo.md)
     "native-moe": "a mixture of experts whose router aux loss ppzoo cannot read from the forward, so cannot add per stage",
-    "native-quantized": "quantized weights (quantization_config): dequantize first",
-    "native-config-size": "a size the planner reads (head_dim, ...) varies per layer",
+    "native-config-size": "a size the planner reads (hidden_size, num_attention_heads, ...) is missing or varies per layer",
     "native-build": "the config does not build",
     "native-round-trip": "the CausalLM saves its config under a model type AutoModelForCausalLM cannot load",
     "native-layers": "no single ModuleList of num_hidden_layers layers",
@@ -48,6 +48,7 @@ CODES: dict[str, str] = {
     "native-shared-parameters": "one parameter used in several places",
     "native-direct-parameter": "a parameter held by the base model itself, outside every module",
     "native-layer-input": "a layer receives something besides the hidden states that only another stage has",
+    "native-split-backward": "a zero-bubble schedule for a model whose layer reuses a parameter downstream of its first use",
     "native-head-input": "the logits read something besides the last layer's output",
     "native-input-module": "an input module whose output shape ppzoo cannot stand in for",
     "native-layer-output": "layers return something other than a tensor or a tuple/list",

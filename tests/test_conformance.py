@@ -278,7 +278,7 @@ def test_check_adapter_refuses_expected_failures_it_cannot_honour():
         check_adapter(llama, expected_failures={"stage-chain": "typo"})
     assert str(raised.value) == (
         "expected_failures names unknown checks ['stage-chain']; the checks are tiny_config, layout, plan, "
-        "validation, stage_reads, buffers, stage_chain, dropout, tied_weights, distributed_step"
+        "validation, stage_reads, buffers, stage_chain, dropout, tied_weights, distributed_step, generate"
     )
     with pytest.raises(ValueError) as raised:
         check_adapter(llama, expected_failures={"tied_weights": "n/a"})

@@ -154,12 +154,40 @@ def _warm_up_case(directory):
     }
 
 
+def _collectives_case(directory):
+    """One step's collective calls (besides the schedule's point-to-point traffic) and its loss."""
+    import torch.distributed as dist
+
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="1F1B", microbatches=2, device="cpu")
+    ids, mask, labels = batch(96, batch_size=2)
+    pipe.step(ids, labels=labels, attention_mask=mask)
+    counts = {}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast", "barrier")}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    try:
+        for name in originals:
+            setattr(dist, name, counted(name))
+        loss = pipe.step(ids, labels=labels, attention_mask=mask)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return {"collectives": counts, "loss": loss.item(), "pending": type(loss).__name__}
+
+
 def _rank_main(rank, world_size, directory, csv_path):
     results = {}
     cases = [(s, _schedule_case, (directory, s)) for s in SCHEDULES + [csv_path]]
     cases += [(f"{s}-ends", _schedule_case, (directory, s, split)) for s, split in ENDS.items()]
     cases += [("seq-len", _sequence_length_case, (directory,)), ("batch-error", _batch_error_case, (directory,))]
     cases += [("warm-up", _warm_up_case, (directory,)), ("token-error", _token_error_case, (directory,))]
+    cases += [("collectives", _collectives_case, (directory,))]
     for name, fn, args in cases:
         try:
             results[name] = fn(*args)
@@ -246,6 +274,48 @@ def test_tokens_out_of_the_vocabulary_are_refused_on_every_rank(group_results):
             "(torch.long) in [0, 96)",
         }, got
         assert got["loss"] > 0
+
+
+@pytest.mark.distributed
+def test_a_step_makes_two_collective_calls(group_results):
+    """The agreement exchange (which also sums the token count) and one all-reduce for the loss and
+    the auxiliary terms, left in flight when step returns; the loss is the same on both ranks."""
+    results = group_results[0]
+    for per_rank in results:
+        got = per_rank["collectives"]
+        assert "problems" not in got, got
+        assert got["collectives"] == {"all_gather": 1, "all_reduce": 1}
+        assert got["pending"] == "PendingLoss"
+    assert results[0]["collectives"]["loss"] == results[1]["collectives"]["loss"] > 0
+
+
+class _Work:
+    """A stand-in for a collective's handle: counts the waits."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self):
+        self.waits += 1
+
+
+def test_pending_loss_waits_once_at_first_use():
+    import copy
+    import pickle
+
+    from ppzoo.loss import PendingLoss
+
+    work = _Work()
+    loss = PendingLoss(torch.tensor([2.5, 1.0]), work, dp_size=2)
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and work.waits == 0
+    assert loss.item() == 3.0 and work.waits == 1
+    assert float(loss) == 3.0 and f"{loss:.2f}" == "3.00" and repr(loss) == "tensor(3.)" and work.waits == 1
+    assert type(loss + 1) is torch.Tensor and torch.equal(loss + 1, torch.tensor(4.0))
+    assert type(copy.deepcopy(loss)) is torch.Tensor and torch.equal(pickle.loads(pickle.dumps(loss)), loss)
+    # whatever reads it first: an operation taking it as an argument waits too
+    work = _Work()
+    other = PendingLoss(torch.tensor([1.0, 0.0]), work)
+    assert torch.allclose(torch.tensor(1.0), other) and work.waits == 1
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,13 @@ from ppzoo.registry import ValidationError
 from ppzoo.stage import build_stage
 from ppzoo.testing import census, zoo
 from ppzoo.testing.reference import save_tiny_model
-from ppzoo.testing.tiny_configs import FIXES, decoder_model_types, encoder_decoder_model_types, tiny_config
+from ppzoo.testing.tiny_configs import (
+    FIXES,
+    VARIANTS,
+    decoder_model_types,
+    encoder_decoder_model_types,
+    tiny_config,
+)
 
 #: model type -> the adapter that must run it exactly
 EXACT = {
@@ -63,6 +69,30 @@ def test_the_census_covers_every_decoder_type():
 def test_unknown_model_types_are_named():
     with pytest.raises(ValueError, match=r"model types \['nonesuch'\] are not decoder causal-LM types"):
         zoo(["nonesuch"], isolate=False)
+
+
+# -- variants ------------------------------------------------------------------------------------
+def test_variants_are_their_model_types_config_with_the_checkpoints_settings():
+    for name, (model_type, settings, reason) in VARIANTS.items():
+        assert name.startswith(f"{model_type}[") and name.endswith("]") and settings and reason
+        config = tiny_config(name)
+        assert config.model_type == model_type
+        assert {k: getattr(config, k) for k in settings} == settings
+    assert not tiny_config("falcon").alibi and tiny_config("falcon[alibi]").alibi
+    assert not tiny_config("falcon").new_decoder_architecture
+    assert set(VARIANTS).isdisjoint(decoder_model_types())
+
+
+def test_falcon_variants_are_exact_and_counted_apart_from_model_types():
+    """Falcon-40B's new decoder architecture (grouped key/value heads, two layer norms) and
+    Falcon-RW's ALiBi run through other code than the default (Falcon-7B-like) config."""
+    types_ = ["falcon", "falcon[new_decoder]", "falcon[alibi]"]
+    results = zoo(types_, isolate=False)
+    assert [(r.model_type, r.adapter, r.result) for r in results] == [(t, "native", "exact") for t in types_]
+    assert census.totals(results) == {"exact": 1, "refused": 0, "wrong": 0, "error": 0}
+    assert census.variant_totals(results) == {"exact": 2, "refused": 0, "wrong": 0, "error": 0}
+    assert census.summary(results).startswith("1 model types: 1 exact, 0 refused, 0 wrong, 0 error")
+    assert "; 2 variants: 2 exact, 0 refused, 0 wrong, 0 error" in census.summary(results)
 
 
 # -- the native adapter ------------------------------------------------------------------------
@@ -131,7 +161,77 @@ def test_zoo_command_exits_one_on_a_wrong_or_crashed_type(capsys, monkeypatch):
 
 def test_zoo_command_lists_the_types(capsys):
     assert main(["zoo", "--list"]) == 0
-    assert capsys.readouterr().out.split() == decoder_model_types()
+    assert capsys.readouterr().out.split() == [*decoder_model_types(), *VARIANTS]
+
+
+def _step_verdicts(monkeypatch, problems_by_type):
+    """Census results and step problems stubbed: ``distributed_step_problems`` returns
+    ``problems_by_type[model_type]`` for each adapter view it is given."""
+    from ppzoo.testing import step
+
+    ran = []
+
+    def check_model_type(model_type):
+        return census.ZooResult(model_type, "native", "exact" if model_type in problems_by_type else "refused", "")
+
+    def problems(adapters, *, schedules, timeout_s, progress=None):
+        ran.append(([a.name for a in adapters], schedules))
+        found = {a.name: problems_by_type[a.name.split("[", 1)[1][:-1]] for a in adapters}
+        for name, p in found.items():
+            progress(name, p)
+        return found
+
+    monkeypatch.setattr(census, "check_model_type", check_model_type)
+    monkeypatch.setattr(step, "distributed_step_problems", problems)
+    return ran
+
+
+def test_zoo_step_reports_a_wrong_step_as_wrong_and_exits_one(capsys, monkeypatch):
+    ran = _step_verdicts(
+        monkeypatch,
+        {"gpt2": [], "opt": ["1F1B rank 1: loss 4.60000000 != reference 4.50000000"]},
+    )
+    assert main(["zoo", "--types", "gpt2,opt,dory", "--in-process", "--step", "--markdown"]) == 1
+    out, err = capsys.readouterr()
+    # only the exact types step, in one group, under 1F1B and ZBVZeroBubble
+    assert ran == [(["native[gpt2]", "native[opt]"], ("1F1B", "ZBVZeroBubble"))]
+    assert "| model type | adapter | result | step | detail |" in out
+    assert "| gpt2 | native | exact | exact |  |" in out
+    assert (
+        "| opt | native | wrong | wrong | the 2-rank step differs: 1F1B rank 1: loss 4.60000000 != reference "
+        "4.50000000 |" in out
+    )
+    assert "| dory | native | refused | - |  |" in out
+    assert out.rstrip().endswith(
+        "3 model types: 1 exact, 1 refused, 1 wrong, 0 error (exact by adapter: native 1); "
+        "2-rank step (1F1B, ZBVZeroBubble): 1 exact, 1 wrong, 0 error, 1 not run"
+    )
+    assert "[step 1/2] gpt2: exact" in err and "[step 2/2] opt: wrong" in err
+
+
+def test_a_schedule_the_pipeline_refuses_is_named_not_counted_as_a_failed_step(capsys, monkeypatch):
+    from ppzoo.testing.step import REFUSED
+
+    refusal = f"{REFUSED} under ZBVZeroBubble: decoder layer 0 uses a weight twice; use 1F1B"
+    _step_verdicts(monkeypatch, {"gpt2": [refusal], "opt": [refusal.replace("ZBVZeroBubble", "1F1B"), refusal]})
+    assert main(["zoo", "--types", "gpt2,opt", "--in-process", "--step", "--markdown"]) == 1
+    out = capsys.readouterr().out
+    assert f"| gpt2 | native | exact | exact | {refusal} |" in out
+    # refused under every schedule: no step ran, so the type is not exact
+    assert "| opt | native | wrong | wrong | the 2-rank step differs: refused under 1F1B" in out
+
+
+def test_zoo_step_reports_a_crashed_step_as_an_error_in_json(capsys, monkeypatch):
+    from ppzoo.testing.step import CRASHED
+
+    traceback = "--- rank 0 ---\nTraceback (most recent call last):\n  ...\nRuntimeError: boom\n"
+    _step_verdicts(monkeypatch, {"gpt2": [f"{CRASHED}:\n{traceback}"]})
+    assert main(["zoo", "--types", "gpt2", "--in-process", "--step", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["results"]
+    assert (row["result"], row["step"], row["step_detail"]) == ("error", "error", "rank 0: RuntimeError: boom")
+    assert report["totals"] == {"exact": 0, "refused": 0, "wrong": 0, "error": 1}
+    assert report["step_totals"] == {"exact": 0, "wrong": 0, "error": 1, "not run": 0}
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -153,22 +253,49 @@ def test_newly_covered_types_train_through_the_pipeline():
     assert problems == {a.name: [] for a in adapters}
 
 
-#: native-adapter families (and StarCoder2, generic) whose 2-rank step is checked in one group
-STEPPED = ("gpt2", "opt", "bloom", "falcon", "gpt_neox", "phi", "starcoder2")
+#: families whose 2-rank step is checked in one group: native-adapter dense families (and
+#: StarCoder2, generic), Falcon's variants, and mixtures of experts with their router aux loss
+STEPPED = (
+    "gpt2",
+    "opt",
+    "bloom",
+    "falcon",
+    "falcon[new_decoder]",
+    "falcon[alibi]",
+    "gpt_neox",
+    "phi",
+    "starcoder2",
+    "olmoe",  # router aux loss
+    "granitemoe",  # router aux loss, multipliers
+    "gpt_oss",  # attention sinks, alternating sliding window, biased experts, router aux loss
+    "deepseek_v3",  # MLA, first_k_dense_replace dense layers, shared experts, group-limited routing
+)
 
 
 @pytest.mark.distributed
-def test_dense_families_step_under_1f1b_and_zbv():
+def test_families_step_under_1f1b_and_zbv():
     """One spawned 2-rank group: ``step`` under 1F1B (one stage a rank) and ZBVZeroBubble (V
-    placement, tied head on rank 0) gives the unsplit model's loss and gradients, in train mode
-    with the class defaults' dropout (GPT-2, OPT: 0.1) drawn microbatch by microbatch alike, and
-    its eval logits."""
+    placement, tied head on rank 0) gives the unsplit model's loss (with each stage's router aux
+    term, as the forward writes it) and gradients, in train mode with the class defaults' dropout
+    (GPT-2, OPT: 0.1) drawn microbatch by microbatch alike, and its eval logits."""
     from ppzoo.testing.step import distributed_step_problems
 
     adapters = [census.zoo_adapter(t) for t in STEPPED]
     assert tiny_config("gpt2").resid_pdrop > 0  # the zoo keeps the class defaults' dropout
+    assert tiny_config("olmoe").output_router_logits and tiny_config("gpt_oss").output_router_logits
     problems = distributed_step_problems(adapters, schedules=("1F1B", "ZBVZeroBubble"))
     assert problems == {a.name: [] for a in adapters}
+
+
+@pytest.mark.distributed
+def test_zoo_step_runs_the_two_rank_step_of_exact_types(capsys):
+    assert main(["zoo", "--types", "gpt2,dory", "--in-process", "--step", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["model_type"], r["result"], r["step"]) for r in report["results"]] == [
+        ("gpt2", "exact", "exact"),
+        ("dory", "refused", None),
+    ]
+    assert report["step_totals"] == {"exact": 1, "wrong": 0, "error": 0, "not run": 1}
 
 
 def test_a_z_loss_added_to_the_loss_is_refused_while_on():

@@ -45,8 +45,9 @@ def natural_order(keys: Iterable[str]) -> list[str]:
     return sorted(keys, key=dot_natural_key)
 
 
-def _transforms(model: nn.Module, *, saving: bool) -> list[Any]:
-    """transformers' conversion rules for ``model`` (fresh copies: rules keep state while matching)."""
+def _transforms(model: nn.Module, *, saving: bool, quantizer: Any = None) -> list[Any]:
+    """transformers' conversion rules for ``model`` (fresh copies: rules keep state while matching),
+    with the dequantizing converters of ``quantizer`` (:mod:`ppzoo.checkpoint.quantized`) when given."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import PrefixChange
@@ -60,7 +61,7 @@ def _transforms(model: nn.Module, *, saving: bool) -> list[Any]:
             # legacy renames, and no prefix changes (whether the prefix was there is not known)
             rules = get_model_conversion_mapping(model, add_legacy=False)
             return [r for r in rules if not isinstance(r, PrefixChange)]
-        return get_model_conversion_mapping(model)
+        return get_model_conversion_mapping(model, hf_quantizer=quantizer)
 
 
 @contextlib.contextmanager
@@ -163,7 +164,9 @@ class Group:
         return missing
 
 
-def loading_plan(model: nn.Module, keys: Iterable[str], names: Iterable[str]) -> dict[str, Group]:
+def loading_plan(
+    model: nn.Module, keys: Iterable[str], names: Iterable[str], *, quantizer: Any = None
+) -> dict[str, Group]:
     """Which checkpoint keys make each of ``names``, by transformers' conversion rules for ``model``.
 
     Only key names are looked at; nothing is read.
@@ -172,6 +175,8 @@ def loading_plan(model: nn.Module, keys: Iterable[str], names: Iterable[str]) ->
         model: the model (or a stage of it: rules are found from its classes and config).
         keys: every key of the checkpoint.
         names: the parameter FQNs wanted (a stage's, and the sources of its tied copies).
+        quantizer: transformers' quantizer set to dequantize (:func:`ppzoo.checkpoint.quantized.dequantizer`)
+            for a quantized checkpoint: a weight's group then holds its scales too.
 
     Returns:
         ``{fqn: group}`` for each of ``names`` some checkpoint keys convert to (the parameters of
@@ -180,7 +185,7 @@ def loading_plan(model: nn.Module, keys: Iterable[str], names: Iterable[str]) ->
     from transformers.core_model_loading import rename_source_key
 
     known = dict.fromkeys(names, True)
-    renamings, converters = _split_rules(_transforms(model, saving=False))
+    renamings, converters = _split_rules(_transforms(model, saving=False, quantizer=quantizer))
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     prefix = getattr(model, "base_model_prefix", None) or None
     groups: dict[str, Group] = {}

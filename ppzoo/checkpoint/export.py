@@ -18,7 +18,6 @@ own stages. The whole directory is written atomically (see :mod:`ppzoo.checkpoin
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import os
@@ -34,6 +33,7 @@ from torch import nn
 from ppzoo.checkpoint.atomic import write_atomically
 from ppzoo.checkpoint.conversion import saving_groups
 from ppzoo.checkpoint.errors import CheckpointError
+from ppzoo.checkpoint.quantized import unquantized_config
 from ppzoo.checkpoint.reading import INDEX_FILE
 from ppzoo.checkpoint.tensors import persistent_tensors
 
@@ -260,7 +260,8 @@ def _finish(
         "weight_map": dict(sorted(weight_map.items())),
     }
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = copy.deepcopy(config)
+    # NOTE: a checkpoint loaded dequantized is written plain: no quantization_config
+    config = unquantized_config(config)
     config.dtype = dtype  # the dtype the tensors were written in
     config.save_pretrained(tmp)
     if source is not None and source.is_dir():

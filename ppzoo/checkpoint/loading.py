@@ -7,7 +7,8 @@ Checkpoint keys become parameter FQNs through transformers' own conversion rules
 fused parameter reads exactly the tensors it is made of. An adapter's :class:`~ppzoo.KeyMap` is
 asked first and decides where it says more than the identity (what transformers does not
 describe). A tied copy (a head tied to the embedding) is read from the embedding's tensors when
-the checkpoint has none of its own.
+the checkpoint has none of its own. A quantized checkpoint (FP8 block scales, MXFP4) is dequantized
+on the way, each weight read with its scales (:mod:`ppzoo.checkpoint.quantized`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ppzoo.adapter import Adapter
 from ppzoo.checkpoint.conversion import Group, loading_plan
 from ppzoo.checkpoint.errors import CheckpointError
+from ppzoo.checkpoint.quantized import dequantizer, packed
 from ppzoo.checkpoint.reading import Checkpoint, Reader
 from ppzoo.checkpoint.tensors import persistent_tensors
 from ppzoo.parallelize import local_slice
@@ -56,10 +58,14 @@ def load_stage_weights(module: nn.Module, checkpoint: Checkpoint, *, adapter: Ad
     tensors = list(persistent_tensors(module))
     names = {fqn for fqn, *_ in tensors}
     names |= {tied[fqn] for fqn in names if fqn in tied}
-    plan = loading_plan(module, checkpoint.weight_map, names)
+    # NOTE: a quantized checkpoint's weights are dequantized by transformers' own converters, read
+    # with their scales (ppzoo.checkpoint.quantized)
+    quantizer = dequantizer(config)
+    plan = loading_plan(module, checkpoint.weight_map, names, quantizer=quantizer)
     device = next((t.device for _, _, _, t in tensors), torch.device("cpu"))
     reader = checkpoint.open(device)
     loader = _Loader(module, checkpoint, reader, plan)
+    loader.quantized = quantizer is not None
     done: set[int] = set()
     try:
         for fqn, _owner, _name, target in tensors:
@@ -99,6 +105,8 @@ class _Loader:
         #: parameters a group built that no parameter has taken yet (one tensor split into several)
         self.built: dict[str, torch.Tensor] = {}
         self.read: list[str] = []
+        #: the checkpoint is quantized: a packed tensor must not be read as it is
+        self.quantized = False
 
     def missing(self, key: str, fqn: str) -> CheckpointError:
         c = self.checkpoint
@@ -124,6 +132,7 @@ class _Loader:
 
     def read_key(self, fqn: str, key: str, target: torch.Tensor, local: torch.Tensor, part) -> None:
         """Read the checkpoint tensor ``key``, the parameter ``fqn`` as it is (or this rank's ``part``)."""
+        self._check_plain(fqn, key)
         if self.reader.shape(key) != tuple(target.shape):
             raise CheckpointError(
                 f"tensor {key!r} in {self.checkpoint.file_of(key).name!r} has shape {self.reader.shape(key)}, "
@@ -141,8 +150,18 @@ class _Loader:
             key = group.keys[0]
         elif not self.checkpoint.has(key):
             raise self.missing(key, fqn)
+        self._check_plain(fqn, key)
         self.read.append(key)
         return self.reader.read(key)
+
+    def _check_plain(self, fqn: str, key: str) -> None:
+        """Refuse to read a quantized tensor (or a scale) as a plain one: it would load as garbage."""
+        if self.quantized and packed(key, self.checkpoint.has):
+            raise CheckpointError(
+                f"tensor {key!r} (needed for {fqn!r}) is stored quantized, but the adapter's key map reads it "
+                "as it is, past transformers' dequantizing converters; load a bf16 checkpoint, or make the key "
+                "map leave this parameter to transformers' rules"
+            )
 
     def copy(self, fqn: str, value: torch.Tensor, sources: list[str], shape: tuple, local, part) -> None:
         """Copy the built ``value`` (expected of ``shape``), or its ``part``, into ``local``."""

@@ -148,12 +148,16 @@ class Checkpoint:
     def has(self, key: str) -> bool:
         return key in self.weight_map
 
-    def check_layer_count(self, container: str, num_layers: int) -> None:
+    def check_layer_count(self, container: str, num_layers: int, *, extra_layers: int | None = None) -> None:
         """Refuse a checkpoint that holds more layers of ``container`` than the config's ``num_layers``.
 
         Read from the tensor names alone: the keys ``<prefix>.<i>.*`` whose prefix is ``container``,
         or a dotted suffix of it, or ends with it (``h.3.*`` for ``transformer.h``). NOTE: without
         this, the layers past ``num_layers`` would be silently left out of the model.
+
+        ``extra_layers`` more are allowed: multi-token prediction layers, which the model never
+        calls (DeepSeek-V3's ``model.layers.61``); default: ``num_nextn_predict_layers`` of the
+        directory's ``config.json``.
 
         Raises:
             CheckpointError: the checkpoint holds more layers, naming both counts and the fix.
@@ -168,7 +172,9 @@ class Checkpoint:
                     counts[prefix] = max(counts.get(prefix, 0), int(parts[j]) + 1)
                     break
         matches = [p for p in counts if p == container or container.endswith(f".{p}") or p.endswith(f".{container}")]
-        if len(matches) != 1 or counts[matches[0]] <= num_layers:
+        if extra_layers is None:
+            extra_layers = self._mtp_layers()
+        if len(matches) != 1 or counts[matches[0]] <= num_layers + extra_layers:
             return
         prefix, count = matches[0], counts[matches[0]]
         raise CheckpointError(
@@ -176,6 +182,17 @@ class Checkpoint:
             f"{self.listing}), but the config has {num_layers} (num_hidden_layers): the other {count - num_layers} "
             f"would be left out; use the checkpoint's own config.json, or set num_hidden_layers={count}"
         )
+
+    def _mtp_layers(self) -> int:
+        """``num_nextn_predict_layers`` of the directory's config (0 without one)."""
+        try:
+            with open(self.directory / "config.json", encoding="utf-8") as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            return 0
+        cfg = found.get("text_config", found) if isinstance(found, dict) else {}
+        count = cfg.get("num_nextn_predict_layers") if isinstance(cfg, dict) else None
+        return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
 
     def file_of(self, key: str) -> Path:
         try:

@@ -13,6 +13,17 @@ turned on, train mode against train mode; :mod:`ppzoo.dropout`). The result is o
 - ``wrong``: the stage chain differs from the unsplit model;
 - ``error``: anything else broke (the tiny config, the build, the forward).
 
+With ``step=True`` every type found exact then also runs ``Pipeline.step`` (and ``eval``) on two
+ranks under 1F1B and ZBVZeroBubble against the Hugging Face reference
+(:func:`~ppzoo.testing.step.distributed_step_problems`, 32 types to a 2-rank gloo group). The
+step verdict is kept in :attr:`ZooResult.step`; a type whose step differs becomes ``wrong``, and
+one whose step crashes ``error``, so ``exact`` always means both.
+
+Besides model types, the zoo checks named *variants* (``falcon[alibi]``,
+:data:`~ppzoo.testing.tiny_configs.VARIANTS`): a model type's tiny config with the settings of
+released checkpoints its defaults do not exercise. A variant is a row of its own; :func:`totals`
+counts model types only and :func:`variant_totals` the variants.
+
 :func:`zoo` runs many types, each in a worker process by default, so that one crash or hang costs
 that type only. ``ppzoo zoo`` is the command line (see docs/zoo.md); the registry in use is the
 environment's, so ``PPZOO_BLOCK_PLUGINS=native ppzoo zoo`` measures the zoo without the native
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -35,10 +47,32 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
-__all__ = ["RESULTS", "ZooResult", "check_model_type", "render", "summary", "totals", "zoo", "zoo_adapter"]
+__all__ = [
+    "RESULTS",
+    "STEP_RESULTS",
+    "STEP_SCHEDULES",
+    "ZooResult",
+    "check_model_type",
+    "check_steps",
+    "is_variant",
+    "render",
+    "step_totals",
+    "summary",
+    "totals",
+    "variant_totals",
+    "zoo",
+    "zoo_adapter",
+]
 
 #: the results a model type can have, best first
 RESULTS = ("exact", "refused", "wrong", "error")
+#: the step verdicts a model type can have ("not run": the step did not run, :attr:`ZooResult.step` None)
+STEP_RESULTS = ("exact", "wrong", "error", "not run")
+#: the schedules the zoo's step runs under: one stage a rank, and V placement (tied head on rank 0)
+STEP_SCHEDULES = ("1F1B", "ZBVZeroBubble")
+#: model types whose step runs in one 2-rank process group; a group's time limit is the zoo's
+#: per-type timeout, and gloo's collective timeout with it, so a hang is found within that
+STEP_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -46,11 +80,15 @@ class ZooResult:
     """The zoo's verdict on one model type.
 
     Attributes:
-        model_type: the transformers model type.
+        model_type: the transformers model type, or a variant's name (``falcon[alibi]``).
         adapter: the adapter the registry picked, or None when none takes the config.
-        result: one of :data:`RESULTS`.
+        result: one of :data:`RESULTS`; with the step run, ``exact`` only if the step is too.
         detail: why it was refused, how it differs, or what broke; empty when exact.
         seconds: how long the check took.
+        step: the 2-rank step's verdict, ``exact``, ``wrong`` or ``error``; None when it did not run.
+        step_detail: how the step differs, or what broke; when exact, the schedules the pipeline
+            refused for the type (a validation rule, with its reason), if any.
+        step_seconds: how long the step check took.
     """
 
     model_type: str
@@ -58,6 +96,9 @@ class ZooResult:
     result: str
     detail: str = ""
     seconds: float = 0.0
+    step: str | None = None
+    step_detail: str = ""
+    step_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,9 +191,29 @@ def check_model_type(model_type: str) -> ZooResult:
         return result(adapter, "exact")
 
 
+def is_variant(name: str) -> bool:
+    """Whether ``name`` is a variant (:data:`~ppzoo.testing.tiny_configs.VARIANTS`), not a model type."""
+    from ppzoo.testing.tiny_configs import VARIANTS
+
+    return name in VARIANTS
+
+
 def totals(results: Sequence[ZooResult]) -> dict[str, int]:
-    """How many model types got each result (every result of :data:`RESULTS`, zeros included)."""
-    return {r: sum(1 for x in results if x.result == r) for r in RESULTS}
+    """How many model types got each result (every result of :data:`RESULTS`, zeros included);
+    variants are not counted here (:func:`variant_totals`)."""
+    types_ = [x for x in results if not is_variant(x.model_type)]
+    return {r: sum(1 for x in types_ if x.result == r) for r in RESULTS}
+
+
+def variant_totals(results: Sequence[ZooResult]) -> dict[str, int]:
+    """How many variants (:data:`~ppzoo.testing.tiny_configs.VARIANTS`) got each result."""
+    variants = [x for x in results if is_variant(x.model_type)]
+    return {r: sum(1 for x in variants if x.result == r) for r in RESULTS}
+
+
+def step_totals(results: Sequence[ZooResult]) -> dict[str, int]:
+    """How many rows (model types and variants) got each step verdict of :data:`STEP_RESULTS`."""
+    return {v: sum(1 for x in results if (x.step or "not run") == v) for v in STEP_RESULTS}
 
 
 # -- running many types ------------------------------------------------------------------------
@@ -200,18 +261,24 @@ def zoo(
     isolate: bool = True,
     jobs: int = 1,
     timeout_s: float = 600.0,
+    step: bool = False,
     progress: Callable[[int, int, ZooResult], None] | None = None,
 ) -> list[ZooResult]:
-    """Check every decoder model type of the installed transformers (or ``model_types``).
+    """Check every decoder model type of the installed transformers and every variant (or
+    ``model_types``).
 
     Args:
-        model_types: the types to check, in this order; default
-            :func:`~ppzoo.testing.tiny_configs.decoder_model_types`.
+        model_types: the types (or variants) to check, in this order; default
+            :func:`~ppzoo.testing.tiny_configs.decoder_model_types`, then
+            :data:`~ppzoo.testing.tiny_configs.VARIANTS`.
         isolate: check each type in a worker process (a crash or hang costs that type only);
             False checks them in this process, which is faster for a few types.
         jobs: worker processes working at once (with ``isolate``).
-        timeout_s: a type still running after this long is an ``error`` (with ``isolate``).
-        progress: called as ``progress(done, total, result)`` after each type.
+        timeout_s: a type still running after this long is an ``error`` (with ``isolate``); with
+            ``step``, also the time limit of each 2-rank process group (:func:`check_steps`).
+        step: then run the 2-rank step of every type found exact (:func:`check_steps`).
+        progress: called as ``progress(done, total, result)`` after each type, and again, with
+            ``result.step`` set, after each type's step.
 
     Returns:
         One :class:`ZooResult` per type, in the order of ``model_types``.
@@ -220,15 +287,15 @@ def zoo(
         ValueError: ``model_types`` names a type the installed transformers does not know, or
             ``jobs`` is below 1.
     """
-    from ppzoo.testing.tiny_configs import decoder_model_types
+    from ppzoo.testing.tiny_configs import VARIANTS, decoder_model_types
 
     known = decoder_model_types()
-    types_ = list(dict.fromkeys(model_types)) if model_types is not None else known
-    unknown = [t for t in types_ if t not in known]
+    types_ = list(dict.fromkeys(model_types)) if model_types is not None else known + list(VARIANTS)
+    unknown = [t for t in types_ if t not in known and t not in VARIANTS]
     if unknown:
         raise ValueError(
-            f"model types {unknown} are not decoder causal-LM types of the installed transformers; "
-            "see `ppzoo zoo --list` for those it has"
+            f"model types {unknown} are not decoder causal-LM types of the installed transformers "
+            f"nor variants ({', '.join(VARIANTS)}); see `ppzoo zoo --list` for those it has"
         )
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -244,7 +311,113 @@ def zoo(
             record(check_model_type(model_type))
     else:
         _run_isolated(types_, jobs=jobs, timeout_s=timeout_s, record=record)
-    return [done[t] for t in types_]
+    results = [done[t] for t in types_]
+    return check_steps(results, timeout_s=timeout_s, progress=progress) if step else results
+
+
+def check_steps(
+    results: Sequence[ZooResult],
+    *,
+    schedules: Sequence[str] = STEP_SCHEDULES,
+    timeout_s: float = 600.0,
+    progress: Callable[[int, int, ZooResult], None] | None = None,
+) -> list[ZooResult]:
+    """Run the 2-rank ``Pipeline.step`` of every ``exact`` result against the Hugging Face reference.
+
+    Each type runs ``step`` (loss and every gradient) and ``eval`` (logits) under each of
+    ``schedules`` (:func:`~ppzoo.testing.step.distributed_step_problems`), :data:`STEP_GROUP`
+    types to a spawned 2-rank gloo group; a group restarts after a crash, charging the type it was
+    on. A type whose step differs becomes ``wrong`` and one whose step crashed ``error``, with the
+    step's problems in the detail.
+
+    Args:
+        results: the census results; only ``exact`` ones run.
+        schedules: the schedules each type runs under.
+        timeout_s: each process group's time limit (gloo's collective timeout too).
+        progress: called as ``progress(done, total, result)`` after each type's step.
+
+    Returns:
+        ``results`` with :attr:`ZooResult.step` set on the exact ones (and their verdicts updated).
+    """
+    from ppzoo.testing.step import CRASHED, REFUSED, distributed_step_problems
+
+    order = [r.model_type for r in results if r.result == "exact"]
+    updated = {r.model_type: r for r in results}
+    views: dict[str, str] = {}  # adapter view name -> model type
+    adapters = []
+    with _quiet():
+        for model_type in order:
+            try:
+                view = zoo_adapter(model_type)
+            except Exception as exc:  # noqa: BLE001
+                problem = f"its adapter could not be copied for the step: {type(exc).__name__}: {exc}"
+                updated[model_type] = _with_step(updated[model_type], [problem], 0.0, crashed=True)
+                continue
+            views[view.name] = model_type
+            adapters.append(view)
+    count, since = 0, time.monotonic()
+
+    def finish(name: str, problems: list[str]) -> None:
+        nonlocal count, since
+        now = time.monotonic()
+        model_type = views[name]
+        crashed = any(p.startswith(CRASHED) for p in problems)
+        # NOTE: a schedule the pipeline refuses for the type (a validation rule, with its reason)
+        # is not a failed step; the type is exact under the schedules that ran
+        refused = [p for p in problems if p.startswith(REFUSED)]
+        problems = [p for p in problems if not p.startswith(REFUSED)]
+        if len(refused) == len(schedules):
+            problems = refused
+        updated[model_type] = _with_step(
+            updated[model_type], problems, round(now - since, 2), crashed=crashed, refused=refused
+        )
+        count, since = count + 1, now
+        if progress is not None:
+            progress(count, len(adapters), updated[model_type])
+
+    for start in range(0, len(adapters), STEP_GROUP):
+        since = time.monotonic()
+        with _quiet():
+            distributed_step_problems(
+                adapters[start : start + STEP_GROUP], schedules=tuple(schedules), timeout_s=timeout_s, progress=finish
+            )
+    return [updated[r.model_type] for r in results]
+
+
+def _with_step(
+    result: ZooResult, problems: list[str], seconds: float, *, crashed: bool, refused: Sequence[str] = ()
+) -> ZooResult:
+    """``result`` with the step's verdict; a step that is not exact makes the result not exact.
+    Schedules the pipeline ``refused`` for the type are named in the step's detail."""
+    if not problems:
+        return dataclasses.replace(
+            result, step="exact", step_detail=_one_line("; ".join(refused)), step_seconds=seconds
+        )
+    if crashed:
+        detail = "; ".join(_crash_summary(p) for p in problems)
+        verdict = "error"
+    else:
+        detail = "; ".join(problems)
+        verdict = "wrong"
+    detail = _one_line(detail)
+    return dataclasses.replace(
+        result,
+        result=verdict,
+        detail=f"the 2-rank step {'differs' if verdict == 'wrong' else 'failed'}: {detail}",
+        step=verdict,
+        step_detail=detail,
+        step_seconds=seconds,
+    )
+
+
+def _crash_summary(problem: str) -> str:
+    """The last line of each rank's traceback in a crashed step's problem (the exception)."""
+    lines: list[str] = []
+    for block in problem.split("--- rank ")[1:]:
+        rank, _, text = block.partition(" ---")
+        last = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        lines.append(f"rank {rank}: {last[-1] if last else '?'}")
+    return "; ".join(lines) if lines else problem
 
 
 def _run_isolated(types_: list[str], *, jobs: int, timeout_s: float, record: Callable[[ZooResult], None]) -> None:
@@ -286,28 +459,43 @@ def _run_isolated(types_: list[str], *, jobs: int, timeout_s: float, record: Cal
 
 # -- reporting ---------------------------------------------------------------------------------
 def summary(results: Sequence[ZooResult]) -> str:
-    """One line: the totals, and the exact types per adapter."""
+    """The totals (model types; then variants and step verdicts, where there are any), and the
+    exact model types per adapter."""
     counts = totals(results)
     by_adapter: dict[str, int] = {}
     for r in results:
-        if r.result == "exact":
+        if r.result == "exact" and not is_variant(r.model_type):
             by_adapter[r.adapter or "-"] = by_adapter.get(r.adapter or "-", 0) + 1
     shown = ", ".join(f"{name} {n}" for name, n in sorted(by_adapter.items(), key=lambda kv: -kv[1]))
-    head = f"{len(results)} model types: " + ", ".join(f"{n} {r}" for r, n in counts.items())
-    return head + (f" (exact by adapter: {shown})" if shown else "")
+    types_ = sum(counts.values())
+    head = f"{types_} model types: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+    head += f" (exact by adapter: {shown})" if shown else ""
+    variants = variant_totals(results)
+    if sum(variants.values()):
+        head += f"; {sum(variants.values())} variants: " + ", ".join(f"{n} {r}" for r, n in variants.items())
+    if any(r.step is not None for r in results):
+        steps = step_totals(results)
+        head += f"; 2-rank step ({', '.join(STEP_SCHEDULES)}): " + ", ".join(f"{n} {v}" for v, n in steps.items())
+    return head
 
 
 def render(results: Sequence[ZooResult], *, markdown: bool = False, width: int = 110) -> str:
-    """The results as a table (model type, adapter, result, detail) and the :func:`summary`."""
-    rows = [(r.model_type, r.adapter or "-", r.result, r.detail) for r in results]
+    """The results as a table (model type, adapter, result, the step's verdict where it ran,
+    detail) and the :func:`summary`."""
+    stepped = any(r.step is not None for r in results)
+    header = ["model type", "adapter", "result", *(["step"] if stepped else []), "detail"]
+    rows = [
+        [r.model_type, r.adapter or "-", r.result, *([r.step or "-"] if stepped else []), r.detail or r.step_detail]
+        for r in results
+    ]
     if markdown:
-        lines = ["| model type | adapter | result | detail |", "| --- | --- | --- | --- |"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in (t, a, res, d)) + " |" for t, a, res, d in rows]
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         return "\n".join(lines + ["", summary(results)])
-    w_type = max([len("model type")] + [len(r[0]) for r in rows])
-    w_adapter = max([len("adapter")] + [len(r[1]) for r in rows])
-    lines = [f"{'model type':<{w_type}}  {'adapter':<{w_adapter}}  {'result':<7}  detail"]
-    for t, a, res, d in rows:
-        d = d if len(d) <= width else d[: width - 3] + "..."
-        lines.append(f"{t:<{w_type}}  {a:<{w_adapter}}  {res:<7}  {d}".rstrip())
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(len(header) - 1)]
+    widths = [max(w, 7) if header[i] in ("result", "step") else w for i, w in enumerate(widths)]
+    lines = ["  ".join(f"{h:<{w}}" for h, w in zip(header, widths)) + "  detail"]
+    for row in rows:
+        d = row[-1] if len(row[-1]) <= width else row[-1][: width - 3] + "..."
+        lines.append(("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + f"  {d}").rstrip())
     return "\n".join(lines + [summary(results)])

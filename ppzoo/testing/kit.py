@@ -51,6 +51,7 @@ CHECKS: tuple[Check, ...] = (
     Check("dropout", check_dropout),
     Check("tied_weights", _checks.check_tied_weights, frozenset({Capability.TIED_EMBEDDINGS})),
     Check("distributed_step", check_distributed_step),
+    Check("generate", _checks.check_generate),
 )
 _BY_NAME = {check.name: check for check in CHECKS}
 
@@ -105,6 +106,10 @@ def _skip_reason(adapter: Adapter, check: Check) -> str | None:
     missing = _capability_skip(adapter, check)
     if missing:
         return missing
+    if check.function is _checks.check_generate:
+        problem = adapter.generation_problem(adapter.tiny_config())
+        if problem is not None:
+            return f"adapter {adapter.name!r} does not support generation: {problem}"
     if check.function is check_distributed_step:
         import torch.distributed as dist
 

@@ -10,6 +10,10 @@ stages in train mode with the unsplit model in train mode, both drawing their ma
 keyed by seed, layer and microbatch (:mod:`ppzoo.dropout`). Layer drop (:data:`ppzoo.dropout.LAYER_DROP`,
 OPT's, XGLM's and BioGPT's ``layerdrop``) is turned off: it skips whole layers at random from the
 base model's layer loop, which would skip a stage's entry or exit; every default has it at 0.
+
+:data:`VARIANTS` names the settings of released checkpoints that a type's defaults do not exercise
+(``falcon[alibi]``: Falcon-RW's ALiBi): :func:`tiny_config` takes a variant's name as it takes a
+model type, and the zoo checks each variant as a row of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "ROUTER_AUX_LOSS",
     "SHRINK",
     "UNSHRUNK",
+    "VARIANTS",
     "decoder_model_types",
     "encoder_decoder_model_types",
     "tiny_config",
@@ -218,8 +223,13 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     **{
         t: ({"head_dim": DROP}, "head_dim is a per-layer attribute of its config")
-        for t in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+        for t in ("gemma4", "gemma4_unified", "gemma4_unified_text")
     },
+    "gemma4_text": (
+        {"head_dim": DROP, "vocab_size_per_layer_input": 100, "hidden_size_per_layer_input": 8},
+        "head_dim is a per-layer attribute of its config, and its per-layer inputs default to a vocabulary of "
+        "262144 (a 268M-parameter embedding at 4 layers)",
+    ),
     **{
         t: (
             {"output_router_logits": True},
@@ -229,6 +239,45 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
     },
 }
 
+
+#: variant name -> (model type, settings on top of its tiny config, the released checkpoints that
+#: use them and what they exercise that the defaults do not)
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "doge[moe]": (
+        "doge",
+        {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4},
+        "Doge with its cross-domain mixture of experts (is_moe=True) and router aux loss (the default is dense; "
+        "16 experts, as its router takes their square root as a key count)",
+    ),
+    "falcon[new_decoder]": (
+        "falcon",
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+        "Falcon-40B and -180B: the new decoder architecture, grouped key/value heads in one fused "
+        "projection, separate attention and MLP layer norms",
+    ),
+    "falcon[new_decoder_one_norm]": (
+        "falcon",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+        "Falcon2-11B: the new decoder architecture with one layer norm for attention and MLP",
+    ),
+    "falcon[alibi]": (
+        "falcon",
+        {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True},
+        "Falcon-RW-1B and -7B: ALiBi instead of rotary, multi-head attention, sequential residual, biases",
+    ),
+    "opt[projected]": (
+        "opt",
+        {"word_embed_proj_dim": 16, "do_layer_norm_before": False},
+        "OPT-350M: embeddings narrower than the hidden size (project_in and project_out), layer norm after",
+    ),
+    "stablelm[parallel_qk_norm]": (
+        "stablelm",
+        {"use_parallel_residual": True, "qk_layernorm": True, "num_attention_heads": 2, "num_key_value_heads": 2},
+        "StableLM 2 12B: parallel residual and per-head query/key layer norms (2 heads: with as many "
+        "query heads as layers the per-head norm lists look like a second layer list, which the native "
+        "adapter refuses as ambiguous, native-layers)",
+    ),
+}
 
 #: model types built at their default sizes (layer drop off), with why they cannot be shrunk; the
 #: zoo only reads their layout on the meta device unless an adapter accepts them
@@ -292,20 +341,24 @@ def _quiet(config: Any, cls: type) -> None:
 def tiny_config(model_type: str) -> Any:
     """A tiny config of ``model_type``: the class defaults (dropout included), shrunk, layer drop
     off, :data:`FIXES` applied (or, for :data:`UNSHRUNK` types, the defaults with layer drop off).
+    A variant's name (:data:`VARIANTS`) gives its model type's tiny config with its settings.
 
     Raises:
-        KeyError: ``model_type`` is not a config type of the installed transformers.
+        KeyError: ``model_type`` is not a config type of the installed transformers nor a variant.
         Exception: whatever the config class raises for the shrunk settings.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    variant: dict[str, Any] = {}
+    if model_type in VARIANTS:
+        model_type, variant, _ = VARIANTS[model_type]
     cls = CONFIG_MAPPING[model_type]
     if model_type in UNSHRUNK:
-        config = cls()
+        config = cls(**variant)
         _quiet(config, cls)
         return config
     extra, _ = FIXES.get(model_type, ({}, ""))
-    return _shrunk(cls, dict(extra))
+    return _shrunk(cls, {**extra, **variant})
 
 
 def _causal_types() -> list[str]:

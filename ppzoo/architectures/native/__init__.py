@@ -8,9 +8,11 @@ ALiBi, multipliers, soft-caps and ``layer_types`` stay the model's own code, so 
 
 The layout (input modules, the layer list, output modules) is read from the module tree and one
 forward on the meta device (:mod:`.layout`, :mod:`.trace`), which also shows what cannot cross a
-stage boundary. Such configs are refused before any weight is read, with the reason: per-layer
-inputs computed from the token ids, state one layer hands to another, blocks shared by several
-layers, a router aux loss the forward computes in a form ppzoo cannot read, quantized weights.
+stage boundary. What later layers read besides the hidden states (per-layer inputs computed
+from the token ids, keys and values one layer stores for later ones) crosses the boundary packed
+with them (:mod:`.boundary`). Configs are refused before any weight is read, with the reason,
+when something cannot be carried that way: blocks shared by several layers, a router aux loss
+the forward computes in a form ppzoo cannot read.
 
 Mixtures of experts run as the model defines them; each stage records its own layers' router
 logits with transformers' output recorders, and :meth:`NativeAdapter.aux_loss` adds the router
@@ -41,8 +43,9 @@ from ppzoo.validation import Problem
 
 __all__ = ["NativeAdapter"]
 
-#: config sizes ppzoo's planner and cost model read
-PLANNED_SIZES = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "num_hidden_layers", "sliding_window")
+#: config sizes ppzoo's planner, cost model and runtime read from the config itself; a size that
+#: varies per layer (Gemma 4's ``head_dim``) is measured on the layers (``Adapter.layer_shape``)
+PLANNED_SIZES = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers", "sliding_window")
 
 
 class NativeAdapter(Adapter):
@@ -103,6 +106,16 @@ class NativeAdapter(Adapter):
         found = self._found(config)
         return _keys.CheckpointKeys(found.local_ties) if found.local_ties else KeyMap()
 
+    def boundary_width(self, config: Any) -> int:
+        """The last dimension of what one stage hands the next, ``(microbatch, seq, width)``.
+
+        ``hidden_size``, unless the model's layers read more than the previous layer's hidden
+        states (per-layer inputs, shared keys and values, AltUp's stacked hidden states), which
+        cross the boundary with them (:mod:`.boundary`).
+        """
+        boundary = self._found(config).boundary
+        return boundary.width if boundary.carries else int(self.text_config(config).hidden_size)
+
     def tp_plan(self, config: Any) -> dict[str, str]:
         plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}
         base = self._found(config).base
@@ -132,29 +145,20 @@ class NativeAdapter(Adapter):
                         f"{kind}: ppzoo's planner reads config.{attr}, which the config refuses ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
                     )
                 )
-        quantized = getattr(config, "quantization_config", None) or getattr(cfg, "quantization_config", None)
-        if quantized:
-            method = (
-                quantized.get("quant_method")
-                if isinstance(quantized, dict)
-                else getattr(quantized, "quant_method", quantized)
-            )
-            problems.append(
-                Problem(
-                    "native-quantized",
-                    f"{kind} ships quantized weights (quant_method={method!r}); dequantize the checkpoint first",
-                )
-            )
         if not problems:
             found = _layout.discover(config)
             if isinstance(found, list):
                 problems += found
+            else:
+                problems += _split_backward_problems(found, plan, kind)
         return problems
 
     def validation_cases(self):
+        # NOTE: fp8 and mxfp4 checkpoints are dequantized on load (ppzoo.checkpoint.quantized);
+        # every other method is refused by ppzoo's own rules, this adapter's configs included
         quantized = self.tiny_config()
-        quantized.quantization_config = {"quant_method": "fp8"}
-        return [(quantized, "native-quantized")]
+        quantized.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+        return [(quantized, "quantized-unsupported")]
 
     # -- the stage -------------------------------------------------------------------------------
     def init_buffers(self, model, module) -> None:
@@ -194,6 +198,38 @@ class NativeAdapter(Adapter):
     def aux_loss(self, config: Any, stages, attention_mask=None):
         """The CausalLM forward's router aux term, read from transformers' code (``ppzoo.architectures.moe``)."""
         return router_aux_loss(config, stages, attention_mask, routers=stages[0]._ppzoo_routers)
+
+
+#: schedules that split a stage's backward into an input pass and a later weight pass
+SPLIT_BACKWARD = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
+
+
+def _split_backward_problems(found: _layout.NativeLayout, plan: Any, kind: str) -> list[Problem]:
+    """A layer parameter used again downstream of its own use cannot go through torch's weight pass.
+
+    NOTE: torch's weight pass computes each parameter group's gradient from the nodes the input
+    pass saved, without keeping the graph; a parameter used again on a value computed with it
+    (Gemma 3n's AltUp router) reaches its first use through nodes an earlier group has freed.
+    """
+    from ppzoo.schedule import schedule_kind
+
+    schedule = getattr(plan, "schedule", None)
+    if not found.reused or schedule is None:
+        return []
+    try:
+        if schedule_kind(schedule)[0] not in SPLIT_BACKWARD:
+            return []
+    except ValueError:  # NOTE: an unknown schedule is ppzoo's own rules' to report
+        return []
+    index, _, name = sorted(found.reused)[0].partition(".")
+    return [
+        Problem(
+            "native-split-backward",
+            f"{kind}: decoder layer {index} uses {name} again on a value computed with it, which torch's "
+            f"zero-bubble weight pass cannot differentiate (schedule {schedule}); use a schedule without a "
+            "split backward (1F1B, GPipe, Interleaved1F1B, LoopedBFS)",
+        )
+    ]
 
 
 def _causal_lm_class(config: Any) -> type:

@@ -43,20 +43,31 @@ def tied_parameters(
     except AttributeError:  # NOTE: older transformers name the ties differently; none then
         expanded = {}
     inside = lambda fqn, units: any(fqn.startswith(u + ".") for u in units)  # noqa: E731
-    across, local, problems = {}, {}, []
+    across, local, other = {}, {}, []
     for copy_, source in expanded.items():
         if inside(copy_, outputs) and inside(source, inputs):
             across[copy_] = source
         elif (inside(copy_, outputs) and inside(source, outputs)) or (inside(copy_, inputs) and inside(source, inputs)):
             local[copy_] = source  # NOTE: all inputs are on the first stage, all outputs on the last
         else:
-            problems.append(
-                Problem(
-                    "native-tied",
-                    f"{kind} ties {copy_!r} to {source!r}; ppzoo ties parameters of input and output modules only",
-                )
+            other.append((copy_, source))
+    if not other:
+        return across, local, []
+    # NOTE: one problem for the whole tie (Zamba's shared block ties every parameter of a block)
+    copy_, source = other[0]
+    more = f" and {len(other) - 1} more parameters" if len(other) > 1 else ""
+    return (
+        across,
+        local,
+        [
+            Problem(
+                "native-tied",
+                f"{kind} ties {copy_!r} to {source!r}{more}; ppzoo ties an output module's parameters to an input "
+                "module's only (their gradients summed between the first and the last stage), not a block "
+                "that layers on any stage share",
             )
-    return across, local, problems
+        ],
+    )
 
 
 def checkpoint_renames(model: nn.Module, kind: str) -> tuple[dict[str, str], list[Problem]]:

@@ -5,9 +5,9 @@
 parameters or persistent buffers as a *unit*, runs the forward once (:mod:`.trace`) and sorts the
 units into inputs (run before the first layer) and outputs (run after the last). It refuses, with
 the reason, whatever would not split exactly at a layer boundary: a unit that runs between layers
-or on both sides, a layer argument that only the first stage could compute, state one layer hands
-to another, a head that reads the embeddings again, parameters shared between modules, checkpoint
-tensors that transformers merges or splits at load.
+or on both sides, a layer argument or state that cannot be carried across the boundary
+(:mod:`.boundary`), a head that reads the embeddings again, parameters shared between modules,
+checkpoint tensors that transformers merges or splits at load.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppzoo.architectures.native.boundary import Boundary, plan_boundary
 from ppzoo.architectures.native.keys import checkpoint_renames, tied_parameters
 from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, layer_tag, unit_tag, watch
 from ppzoo.layout import Layout
@@ -62,6 +63,8 @@ class NativeLayout:
         local_ties: ``{copy: source}`` tied parameters on one stage (both in inputs, or both in
             outputs: a head's bias tied to another of its biases).
         renames: ``{fqn: checkpoint key}`` where transformers saves a parameter under another name.
+        boundary: what a stage hands the next one (:mod:`.boundary`).
+        reused: layer parameters used again on a value computed with them (``"index.name"``).
     """
 
     layout: Layout
@@ -72,6 +75,8 @@ class NativeLayout:
     tied: dict[str, str]
     local_ties: dict[str, str]
     renames: dict[str, str]
+    boundary: Boundary
+    reused: frozenset[str] = frozenset()
 
 
 #: discovered layouts by config (its class and JSON): the planner, the loader and every stage ask
@@ -179,7 +184,8 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
                 )
             )
     inputs_, outputs_ = [f for _, f in sorted(inputs)], [f for _, f in sorted(outputs)]
-    problems += _flow_problems(seen, inputs_, outputs_, n, kind)
+    boundary, flow_problems = _flow_problems(seen, inputs_, outputs_, n, kind)
+    problems += flow_problems
     standins = {}
     for fqn in inputs_:
         made = _standin(seen.unit_shapes.get(fqn))
@@ -206,7 +212,9 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
         return problems
     base = next((name for name, m in model.named_modules() if m is model.base_model), "")
     layout = Layout(inputs=tuple(inputs_), layers=container, num_layers=n, outputs=tuple(outputs_))
-    return NativeLayout(layout, base, seen.hidden_name, formats.pop(), standins, tied, local_ties, renames)
+    return NativeLayout(
+        layout, base, seen.hidden_name, formats.pop(), standins, tied, local_ties, renames, boundary, seen.reused
+    )
 
 
 def _units(model: nn.Module, container: str, kind: str) -> tuple[list[str], list[Problem]]:
@@ -349,32 +357,13 @@ def _shared_parameters(model: nn.Module, kind: str) -> list[Problem]:
     ]
 
 
-def _flow_problems(seen, inputs: list[str], outputs: list[str], n: int, kind: str) -> list[Problem]:
-    """What crosses a layer boundary besides the hidden states (reported for the first layer it
-    reaches), and what reaches the logits besides the last layer's output."""
-    first_only = {IDS} | {unit_tag(f) for f in inputs}
-    problems = []
-    for i in range(n):
-        allowed = first_only if i == 0 else {layer_tag(i - 1)}
-        stray = sorted(seen.hidden_tags.get(i, frozenset()) - allowed)
-        if stray:
-            problems.append(
-                Problem(
-                    "native-layer-input",
-                    f"{kind}: the hidden states decoder layer {i} receives also come from {_origins(stray)}, "
-                    "and only the previous layer's output crosses a stage boundary",
-                )
-            )
-        for arg, tags in seen.other_tags.get(i, {}).items():
-            problems.append(
-                Problem(
-                    "native-layer-input",
-                    f"{kind}: decoder layer {i}'s argument {arg!r} is computed from {_origins(sorted(tags))}; "
-                    "only the hidden states cross a stage boundary",
-                )
-            )
-        if problems:
-            break
+def _flow_problems(
+    seen, inputs: list[str], outputs: list[str], n: int, kind: str
+) -> tuple[Boundary | None, list[Problem]]:
+    """What crosses a layer boundary besides the hidden states (:func:`.boundary.plan_boundary`),
+    and what reaches the logits besides the last layer's output."""
+    found = plan_boundary(seen, inputs, n, kind)
+    problems = found if isinstance(found, list) else []
     stray = sorted(seen.logits_tags - {layer_tag(n - 1)} - {unit_tag(f) for f in outputs})
     if stray:
         problems.append(
@@ -384,7 +373,7 @@ def _flow_problems(seen, inputs: list[str], outputs: list[str], n: int, kind: st
                 "only the hidden states reach the last stage",
             )
         )
-    return problems
+    return (None if isinstance(found, list) else found), problems
 
 
 def _origins(tags: list[str]) -> str:

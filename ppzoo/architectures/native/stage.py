@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from collections import UserDict
 from typing import Any
 
 import torch
 from torch import nn
 
 from ppzoo.architectures.moe import RouterLoss, router_loss_of, router_modules
+from ppzoo.architectures.native.boundary import Boundary
 from ppzoo.architectures.native.layout import NativeLayout, StandIn
 
 __all__ = ["StageLayers", "patch_forward", "prune"]
@@ -45,10 +47,61 @@ class _StageExit(Exception):
 class _Run:
     """What one stage's forward shares with its stand-ins and hooks."""
 
-    def __init__(self, *, first: bool, last: bool, dtype: torch.dtype, layer_output: tuple[str, int], hidden_name: str):
+    def __init__(
+        self,
+        *,
+        first: bool,
+        last: bool,
+        dtype: torch.dtype,
+        layer_output: tuple[str, int],
+        hidden_name: str,
+        boundary: Boundary,
+        begin: int,
+        num_layers: int,
+    ):
         self.first, self.last, self.dtype = first, last, dtype
         self.layer_output, self.hidden_name = layer_output, hidden_name
+        self.boundary, self.begin, self.num_layers = boundary, begin, num_layers
+        #: a first stage that is not the last computes the carried values of the later stages'
+        #: layers: the stand-ins after its own layers read them from their arguments
+        self.collecting = first and not last and any(s.kind == "argument" for s in boundary.slots)
+        self.reset()
+
+    def reset(self) -> None:
         self.incoming: torch.Tensor | None = None
+        self.carried: list[torch.Tensor] | None = None
+        self.values: dict[int, torch.Tensor] = {}
+        self.states: dict[str, Any] = {}
+        self.exit_hidden: torch.Tensor | None = None
+
+    def see(self, index: int, args: tuple, kwargs: dict) -> None:
+        """Note the dict-like state arguments, and on a collecting stage the carried arguments of layer ``index``."""
+        for slot in self.boundary.slots:
+            if slot.kind == "state" and slot.name in kwargs:
+                self.states[slot.name] = kwargs[slot.name]
+        if not self.collecting:
+            return
+        for k, slot in enumerate(self.boundary.slots):
+            for layer, name, position in slot.uses:
+                if layer == index:
+                    value = args[position] if position is not None and position < len(args) else kwargs.get(name)
+                    if isinstance(value, torch.Tensor):
+                        self.values[k] = value
+
+    def outgoing(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What this stage hands the next: ``hidden`` and, when the model carries values, those."""
+        if not self.boundary.carries:
+            return hidden
+        values: list[torch.Tensor | None] = []
+        for k, slot in enumerate(self.boundary.slots):
+            value = self.values.get(k)
+            if slot.kind == "state":
+                entry = self.states.get(slot.name, {}).get(slot.key) if slot.name in self.states else None
+                value = entry[slot.element] if entry is not None else None
+            if value is None and self.carried is not None:
+                value = self.carried[k]
+            values.append(value)
+        return self.boundary.pack(hidden, values)
 
     def as_layer_output(self, hidden: torch.Tensor) -> Any:
         kind, n = self.layer_output
@@ -112,12 +165,24 @@ class _LayerStandIn(nn.Module):
             raise
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.role == "exit":
-            raise _StageExit(self.run.hidden_of(args, kwargs))
+        run = self.run
         if self.role == "before":
-            incoming = self.run.incoming
-            return self.run.as_layer_output(incoming if incoming is not None else self.run.hidden_of(args, kwargs))
-        raise RuntimeError(f"ppzoo: decoder layer {self.index} was reached on a stage that does not hold it")
+            incoming = run.incoming
+            return run.as_layer_output(incoming if incoming is not None else run.hidden_of(args, kwargs))
+        if self.role == "exit":
+            run.see(self.index, args, kwargs)
+            if not run.collecting:
+                raise _StageExit(run.hidden_of(args, kwargs))
+            run.exit_hidden = run.hidden_of(args, kwargs)
+        elif not run.collecting:
+            raise RuntimeError(f"ppzoo: decoder layer {self.index} was reached on a stage that does not hold it")
+        else:
+            run.see(self.index, args, kwargs)
+        # NOTE: a collecting stage runs on through the stand-ins (passing the hidden states on) to
+        # read every later layer's carried arguments, and leaves at the last one
+        if self.index == run.num_layers - 1:
+            raise _StageExit(run.exit_hidden)
+        return run.as_layer_output(run.hidden_of(args, kwargs))
 
 
 class StageLayers(nn.ModuleDict):
@@ -148,9 +213,36 @@ class StageLayers(nn.ModuleDict):
         return self._total
 
 
+class _ListWithStandIns(nn.ModuleList):
+    """A ``ModuleList`` of input or output modules (Gemma 3n's AltUp projections) some of which are
+    stand-ins: the forward indexes and iterates all of them, ppzoo sees only the registered ones."""
+
+    def _all(self) -> list[nn.Module]:
+        standins = self.__dict__["_ppzoo_standins"]
+        return [self._modules[k] if k in self._modules else standins[k] for k in self.__dict__["_ppzoo_order"]]
+
+    def __getitem__(self, index: Any) -> Any:
+        members = self._all()
+        return members[index]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self.__dict__["_ppzoo_order"])
+
+
 def _replace(model: nn.Module, fqn: str, standin: nn.Module) -> None:
     parent_name, _, name = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if type(parent) in (nn.ModuleList, _ListWithStandIns):
+        if not isinstance(parent, _ListWithStandIns):
+            parent.__dict__["_ppzoo_order"] = list(parent._modules)
+            parent.__dict__["_ppzoo_standins"] = {}
+            parent.__class__ = _ListWithStandIns
+        parent.__dict__["_ppzoo_standins"][name] = standin
+        del parent._modules[name]
+        return
     del parent._modules[name]
     object.__setattr__(parent, name, standin)  # NOTE: unregistered: no parameters, no state
 
@@ -168,7 +260,19 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
     object.__setattr__(model, "_ppzoo_routers", len(router_modules(model)))
     first, last = set(layout.inputs) <= held, set(layout.outputs) <= held
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    run = _Run(first=first, last=last, dtype=dtype, layer_output=found.layer_output, hidden_name=found.hidden_name)
+    n = layout.num_layers
+    begin = own[0] if own else (n if last else 0)
+    stop = own[-1] + 1 if own else begin  # the first layer after the stage's own
+    run = _Run(
+        first=first,
+        last=last,
+        dtype=dtype,
+        layer_output=found.layer_output,
+        hidden_name=found.hidden_name,
+        boundary=found.boundary,
+        begin=begin,
+        num_layers=n,
+    )
     for copy_, source in found.local_ties.items():
         owner = next((m for m in modules if source.startswith(m + ".")), None)
         if owner is not None:
@@ -182,9 +286,6 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
         if fqn not in held:
             _replace(model, fqn, _OutputStandIn(fqn))
     container = model.get_submodule(layout.layers)
-    n = layout.num_layers
-    begin = own[0] if own else (n if last else 0)
-    stop = own[-1] + 1 if own else begin  # the first layer after the stage's own
     standins = {}
     for i in sorted(set(range(n)) - set(own)):
         role = "before" if i < begin else ("exit" if i == stop and not last else "after")
@@ -194,6 +295,17 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
     setattr(model.get_submodule(parent_name) if parent_name else model, name, layers)
     if own and not first:
         layers[own[0]].register_forward_pre_hook(functools.partial(_enter, run=run), with_kwargs=True)
+        for i in own:
+            uses = [
+                (k, name, position)
+                for k, s in enumerate(found.boundary.slots)
+                for layer, name, position in s.uses
+                if layer == i
+            ]
+            if uses:
+                layers[i].register_forward_pre_hook(functools.partial(_give, run=run, uses=uses), with_kwargs=True)
+    elif own and found.boundary.slots:
+        layers[own[0]].register_forward_pre_hook(functools.partial(_note_states, run=run), with_kwargs=True)
     if own and not last and stop == n:
         layers[own[-1]].register_forward_hook(_leave)
     base = model.base_model
@@ -213,9 +325,37 @@ def _dtype_probe(model: nn.Module, recurse: bool = True):
 def _enter(module: nn.Module, args: tuple, kwargs: dict, *, run: _Run):
     if run.incoming is None:
         return None
+    if run.carried is not None:
+        # NOTE: state entries (keys and values to reuse) stored by layers before this stage
+        for k, slot in enumerate(run.boundary.slots):
+            if slot.kind == "state" and slot.since <= run.begin and isinstance(kwargs.get(slot.name), UserDict):
+                entry = list(kwargs[slot.name].get(slot.key, ()))
+                entry += [None] * (slot.element + 1 - len(entry))
+                entry[slot.element] = run.carried[k]
+                kwargs[slot.name][slot.key] = tuple(entry)
+        _note_states(module, args, kwargs, run=run)
     if args:
         return (run.incoming, *args[1:]), kwargs
     return args, {**kwargs, run.hidden_name: run.incoming}
+
+
+def _note_states(module: nn.Module, args: tuple, kwargs: dict, *, run: _Run):
+    for slot in run.boundary.slots:
+        if slot.kind == "state" and slot.name in kwargs:
+            run.states[slot.name] = kwargs[slot.name]
+
+
+def _give(module: nn.Module, args: tuple, kwargs: dict, *, run: _Run, uses: list):
+    """Give a layer of a later stage the carried arguments the first stage computed."""
+    if run.carried is None:
+        return None
+    args, kwargs = list(args), dict(kwargs)
+    for k, name, position in uses:
+        if position is not None and position < len(args):
+            args[position] = run.carried[k]
+        else:
+            kwargs[name] = run.carried[k]
+    return tuple(args), kwargs
 
 
 def _leave(module: nn.Module, args: tuple, out: Any):
@@ -245,8 +385,14 @@ def _stage_forward(
             kwargs[name] = value
         elif value is not None:
             raise ValueError(f"{type(lm).__name__}.forward takes no {name}; run this model without passing one")
+    run.reset()
     if run.first:
         kwargs["input_ids"] = x
+    elif run.boundary.carries:
+        # NOTE: token ids of zeros: every input module is a stand-in here, and a forward that
+        # computes per-layer inputs from the ids (Gemma 4) cannot compute them from embeddings
+        run.incoming, run.carried = run.boundary.unpack(x)
+        kwargs["input_ids"] = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
     else:
         # NOTE: only shape, dtype and device of inputs_embeds matter here (the first own layer
         # gets ``x``); zeros, so that no in-place op of the forward can touch the incoming tensor.
@@ -255,9 +401,9 @@ def _stage_forward(
     try:
         out = type(lm).forward(lm, **kwargs)
     except _StageExit as stop:
-        return _owned(stop.hidden)
+        return _owned(run.outgoing(stop.hidden))
     finally:
-        run.incoming = None
+        run.reset()
     if not run.last:
         raise RuntimeError("ppzoo: a stage that does not hold the head ran past its last layer")
     return _owned(out.logits if hasattr(out, "logits") else out[0])

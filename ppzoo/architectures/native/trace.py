@@ -16,7 +16,9 @@ on the meta device (no memory, no weights) and records
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+from collections import UserDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,8 @@ __all__ = ["IDS", "Observed", "layer_tag", "unit_tag", "watch"]
 #: the tag of the token ids and of everything computed from them
 IDS = "ids"
 #: the traced batch: sizes no model dimension has, so that shapes tell batch and sequence apart
-TRACE_BATCH, TRACE_SEQ = 2, 5
+#: (NOTE: not 2, which a tiny model's key/value heads often are)
+TRACE_BATCH, TRACE_SEQ = 3, 7
 
 
 def unit_tag(fqn: str) -> str:
@@ -58,6 +61,16 @@ class Observed:
             ``(shape, dtype)`` pair; the argument is None when there was none, the output the
             name of its type when it is not a tensor.
         logits_tags: the origins of the logits.
+        hidden_shape: the shape and dtype of layer 0's hidden-state argument.
+        arguments: per layer, each tagged tensor argument other than the hidden states:
+            ``(position, shape, dtype, identity)``, the position None for a keyword argument, the
+            identity the same for one tensor given to several layers.
+        states: per layer, each dict-like argument whose entries hold tensors (transformers'
+            ``KVSharingDict``, filled by one layer and read by later ones): ``{key: (tags,
+            ((shape, dtype), ...))}`` as it stood when the layer was called.
+        state_reads: ``(layer, argument name, key)`` for each entry a layer read from such an argument.
+        reused: layer parameters (``"index.name"``) used again on a value computed with them
+            (Gemma 3n's AltUp router, in its prediction and then its correction).
     """
 
     order: list[str] = field(default_factory=list)
@@ -67,6 +80,23 @@ class Observed:
     other_tags: dict[int, dict[str, frozenset[str]]] = field(default_factory=dict)
     unit_shapes: dict[str, Any] = field(default_factory=dict)
     logits_tags: frozenset[str] = frozenset()
+    hidden_shape: tuple[tuple[int, ...], torch.dtype] | None = None
+    arguments: dict[int, dict[str, tuple[int | None, tuple[int, ...], torch.dtype, int]]] = field(default_factory=dict)
+    states: dict[int, dict[str, dict[Any, tuple[frozenset[str], tuple]]]] = field(default_factory=dict)
+    state_reads: set[tuple[int, str, Any]] = field(default_factory=set)
+    reused: frozenset[str] = frozenset()
+
+
+class _Reads(dict):
+    """A dict that reports each key read (the storage of a watched ``UserDict``)."""
+
+    def __init__(self, data: dict, report) -> None:
+        super().__init__(data)
+        self.report = report
+
+    def __getitem__(self, key: Any) -> Any:
+        self.report(key)
+        return super().__getitem__(key)
 
 
 class _Flow(TorchDispatchMode):
@@ -75,6 +105,11 @@ class _Flow(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        #: the layer parameters each tensor was computed with, and the parameters found used
+        #: again on a value computed with them (see :attr:`Observed.reused`)
+        self.params: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.used: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.reused: set[str] = set()
 
     def of(self, tree: Any) -> frozenset[str]:
         found: frozenset[str] = frozenset()
@@ -97,6 +132,14 @@ class _Flow(TorchDispatchMode):
             for leaf in tree_flatten(out)[0]:
                 if isinstance(leaf, torch.Tensor):
                     self.tags[leaf] = self.tags.get(leaf, frozenset()) | tags
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        direct = {self.params[t] for t in leaves if t in self.params}
+        upstream = frozenset().union(*(self.used.get(t, frozenset()) for t in leaves))
+        self.reused |= direct & upstream
+        if direct or upstream:
+            for leaf in tree_flatten(out)[0]:
+                if isinstance(leaf, torch.Tensor):
+                    self.used[leaf] = self.used.get(leaf, frozenset()) | direct | upstream
         return out
 
 
@@ -154,6 +197,11 @@ def watch(
     handles = []
 
     first_args: dict[str, Any] = {}
+    alive: list[torch.Tensor] = []
+    current = [0]  # the layer running
+
+    def read(name: str, key: Any) -> None:
+        seen.state_reads.add((current[0], name, key))
 
     def unit_pre(fqn):
         def hook(module, args, kwargs):
@@ -175,13 +223,40 @@ def watch(
     def layer_pre(module, args, kwargs):
         i = index_of[id(module)]
         seen.order.append(f"layer {i}")
-        bound = dict(kwargs)
+        bound, positions = dict(kwargs), {}
         if args:
             bound[seen.hidden_name] = args[0]
             for j, value in enumerate(args[1:], 1):
-                bound[positional[j] if j < len(positional) else f"positional argument {j}"] = value
-        seen.hidden_tags[i] = flow.of(bound.pop(seen.hidden_name, None))
+                name = positional[j] if j < len(positional) else f"positional argument {j}"
+                bound[name], positions[name] = value, j
+        hidden = bound.pop(seen.hidden_name, None)
+        if i == 0 and isinstance(hidden, torch.Tensor):
+            seen.hidden_shape = (tuple(hidden.shape), hidden.dtype)
+        seen.hidden_tags[i] = flow.of(hidden)
         seen.other_tags[i] = {name: tags for name, value in bound.items() if (tags := flow.of(value))}
+        seen.arguments[i] = {}
+        for name, value in bound.items():
+            if isinstance(value, torch.Tensor) and name in seen.other_tags[i]:
+                alive.append(value)  # NOTE: kept alive, so that no other tensor reuses its id
+                seen.arguments[i][name] = (positions.get(name), tuple(value.shape), value.dtype, id(value))
+        # NOTE: pytree does not look into a UserDict (transformers' KVSharingDict): its entries,
+        # which earlier layers filled, are read here
+        for name, value in bound.items():
+            if isinstance(value, UserDict):
+                value.data = _Reads(value.data, functools.partial(read, name))
+        current[0] = i
+        seen.states[i] = {
+            name: {
+                key: (flow.of(list(entry)), tuple((tuple(t.shape), t.dtype) for t in entry))
+                for key, entry in dict.items(value.data)  # NOTE: not a read
+            }
+            for name, value in bound.items()
+            if isinstance(value, UserDict)
+        }
+        for name, entries in seen.states[i].items():
+            tags = frozenset().union(*(tags for tags, _ in entries.values()))
+            if tags:
+                seen.other_tags[i][name] = tags
 
     def layer_post(module, args, kwargs, out):
         i = index_of[id(module)]
@@ -193,6 +268,9 @@ def watch(
             seen.layer_output[i] = type(out).__name__
         # NOTE: what a layer returns comes from that layer only (its inputs were checked above)
         flow.set(out, frozenset({layer_tag(i)}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                flow.used.pop(leaf, None)
 
     try:
         for fqn, unit in units.items():
@@ -201,8 +279,9 @@ def watch(
             handles.append(unit.register_forward_pre_hook(unit_pre(fqn), with_kwargs=True))
             handles.append(unit.register_forward_hook(unit_post(fqn), with_kwargs=True))
         for i, layer in enumerate(layers):
-            for p in layer.parameters():
+            for name, p in layer.named_parameters():
                 flow.tags[p] = frozenset({layer_tag(i)})
+                flow.params[p] = f"{i}.{name}"
             handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(layer_post, with_kwargs=True))
         ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
@@ -218,6 +297,7 @@ def watch(
             out = model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         seen.logits_tags = flow.of(logits)
+        seen.reused = frozenset(flow.reused)
     finally:
         for handle in handles:
             handle.remove()
