@@ -116,3 +116,68 @@ def test_tensor_parallel_reads_a_per_layer_head_count_per_layer():
     assert [str(p.message) for p in raised.value.problems] == [
         "tp=2 must divide num_key_value_heads=1; choose a tp that divides them"
     ]
+
+
+# -- the lookup on a real-size config ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen3-next-80b-a3b", "jamba-v0.1"])
+def test_the_key_check_on_fewer_experts_finds_what_the_full_model_does(monkeypatch, name):
+    from test_real_size_plans import config_of
+
+    config = config_of(name)
+    checked = []
+    check_keys = layout.checkpoint_renames
+
+    def spy(model, kind, *, check=None):
+        checked.append(check)
+        return check_keys(model, kind, check=check)
+
+    monkeypatch.setattr(layout, "checkpoint_renames", spy)
+    shrunk = layout._discover(config)
+    monkeypatch.setattr(layout, "_fewer_experts_model", lambda config: None)
+    full = layout._discover(config)
+    assert checked[0] is not None and checked[1] is None  # the key check ran on fewer experts, then all
+    assert isinstance(full, layout.NativeLayout)
+    assert shrunk == full
+
+
+def test_fewer_experts_changes_the_expert_count_only():
+    from test_real_size_plans import config_of
+
+    config = config_of("deepseek-v3")
+    fewer = layout._fewer_experts(config)
+    # the routing still works: 8 groups of 2, top-8 from the 4 groups kept
+    assert fewer.n_routed_experts == 16 and config.n_routed_experts == 256
+    assert {k: v for k, v in fewer.to_dict().items() if k != "n_routed_experts"} == {
+        k: v for k, v in config.to_dict().items() if k != "n_routed_experts"
+    }
+
+
+def test_fewer_experts_keeps_the_routing_valid_and_the_layer_list_unique():
+    from transformers import AutoConfig
+
+    assert layout._fewer_experts(tiny_config("gpt2")) is None  # no experts
+    mixtral = AutoConfig.for_model("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=4)
+    assert layout._fewer_experts(mixtral).num_local_experts == 2
+    # 2 experts would make a second list of num_hidden_layers modules
+    mixtral = AutoConfig.for_model("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    assert layout._fewer_experts(mixtral).num_local_experts == 3
+    few = AutoConfig.for_model("mixtral", num_local_experts=2, num_experts_per_tok=2, num_hidden_layers=6)
+    assert layout._fewer_experts(few) is None  # no fewer to go to
+    grouped = AutoConfig.for_model(
+        "deepseek_v3", n_routed_experts=64, n_group=4, topk_group=2, num_experts_per_tok=6, num_hidden_layers=8
+    )
+    # 3 per group so that the 2 groups kept hold the top-6
+    assert layout._fewer_experts(grouped).n_routed_experts == 12
+
+
+def test_the_watched_forward_finds_the_tensors_pytree_finds():
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    from ppzoo.architectures.native.trace import _tensors
+
+    a, b, c = torch.ones(1), torch.ones(2), torch.ones(3)
+    tree = ((a, [b, 2, None], "x"), {"out": c, "dim": 1}, torch.return_types.max((a, b)))
+    assert [id(t) for t in _tensors(tree)] == [id(t) for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]

@@ -287,7 +287,7 @@ def test_a_save_on_one_rank_while_the_other_steps_is_refused(group):
     _no_problems(results, "different-calls")
     message = (
         "RankError: ranks make different collective calls: step on rank 1; save_pretrained on rank 0. Every rank "
-        "must call step, eval, save_pretrained, save_state, load_state together and in the same order (the same "
+        "must call step, eval, save_pretrained, save_state, load_state, generate together and in the same order (the same "
         "number of steps, and saves on every rank)"
     )
     for per_rank in results:

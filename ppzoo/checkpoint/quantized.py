@@ -39,7 +39,11 @@ def _settings(config: Any) -> Any:
     """The config's ``quantization_config`` (top level, else the text config's), or None."""
     found = getattr(config, "quantization_config", None)
     if not found and hasattr(config, "get_text_config"):
-        found = getattr(config.get_text_config(decoder=True), "quantization_config", None)
+        try:
+            text = config.get_text_config(decoder=True)
+        except Exception:  # noqa: BLE001 - a config transformers cannot serialise (other rules name it)
+            text = None
+        found = getattr(text, "quantization_config", None)
     return found or None
 
 

@@ -70,24 +70,40 @@ def tied_parameters(
     )
 
 
-def checkpoint_renames(model: nn.Module, kind: str) -> tuple[dict[str, str], list[Problem]]:
+def checkpoint_renames(
+    model: nn.Module, kind: str, *, check: nn.Module | None = None
+) -> tuple[dict[str, str], list[Problem]]:
     """Where transformers saves a parameter under another key, one for one (``{fqn: key}``).
 
     Its conversion rules run both ways on the meta model: what ``save_pretrained`` writes, then
     how ppzoo's loader reads that back; a parameter no saved key converts back to is a problem.
+
+    Args:
+        model: the meta model; the renames are its own.
+        kind: how problems name the model.
+        check: the model the round trip runs on, when not ``model``: the same architecture with
+            fewer routed experts (see :func:`.layout.discover`), whose keys differ from
+            ``model``'s only in how many per-expert keys there are.
     """
     from ppzoo.checkpoint.conversion import loading_plan, saving_groups
 
-    state = dict(model.state_dict())
     try:
-        renames, saved = {}, []
-        for group in saving_groups(model, list(state)):
+        state = dict(model.state_dict())
+        groups = saving_groups(model, list(state))
+        renames = {
+            fqn: key for group in groups if group.converter is None for fqn, key in group.keys.items() if fqn != key
+        }
+        if check is not None:
+            state = dict(check.state_dict())
+            groups = saving_groups(check, list(state))
+        check = model if check is None else check
+        saved = []
+        for group in groups:
             if group.converter is None:
-                renames.update({fqn: key for fqn, key in group.keys.items() if fqn != key})
                 saved += group.keys.values()
             else:
-                saved += group.convert({fqn: state[fqn] for fqn in group.fqns}, model=model)
-        plan = loading_plan(model, saved, state)
+                saved += group.convert({fqn: state[fqn] for fqn in group.fqns}, model=check)
+        plan = loading_plan(check, saved, state)
     except Exception as exc:  # noqa: BLE001
         return {}, [
             Problem(

@@ -126,21 +126,39 @@ class _Flow(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        tags = self.of((args, kwargs))
+        leaves = _tensors((args, kwargs))
+        tags = frozenset().union(*(self.tags.get(t, _NONE) for t in leaves))
+        outs = _tensors(out) if leaves else []
         if tags:
             # NOTE: an in-place op returns its (already tagged) input: the tags are merged.
-            for leaf in tree_flatten(out)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    self.tags[leaf] = self.tags.get(leaf, frozenset()) | tags
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            for leaf in outs:
+                self.tags[leaf] = self.tags.get(leaf, _NONE) | tags
         direct = {self.params[t] for t in leaves if t in self.params}
-        upstream = frozenset().union(*(self.used.get(t, frozenset()) for t in leaves))
+        upstream = frozenset().union(*(self.used.get(t, _NONE) for t in leaves))
         self.reused |= direct & upstream
         if direct or upstream:
-            for leaf in tree_flatten(out)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    self.used[leaf] = self.used.get(leaf, frozenset()) | direct | upstream
+            for leaf in outs:
+                self.used[leaf] = self.used.get(leaf, _NONE) | direct | upstream
         return out
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an operator's arguments or results, in order.
+
+    NOTE: what ``tree_flatten`` finds there, without its per-node registry lookups (which cost
+    as much as the meta kernels of a watched forward): at the dispatch level arguments and
+    results are tensors, scalars, and tuples (named ones too), lists and dicts of them.
+    """
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    return []
 
 
 @contextlib.contextmanager
