@@ -11,7 +11,11 @@ tokens and for one token (the prefill alone), greedy, with no eos (every row run
 
     decode tokens/s = batch × (new − 1) / (time for new tokens − time for one token)
 
-The median over the rounds is reported, and whether ppzoo's ids equal Hugging Face's.
+The median over the rounds is reported with the spread of the rounds' decode rates (each round's
+rate from its own two timings), the ratios to the unsplit model and to one microbatch round by
+round (median and range: the runs of one round follow each other, so a burst of load from other
+jobs falls on them more alike than on runs of different rounds), and whether ppzoo's ids equal
+Hugging Face's.
 """
 
 from __future__ import annotations
@@ -107,30 +111,49 @@ def run_case(name: str, case: dict[str, Any], *, rounds: int, root: Path, attn: 
 
     directory = float32_checkpoint(root, case["shape"])
     result = run_distributed(_rank_main, 2, str(directory), case, rounds, attn, timeout_s=3600)[0]
-    med = result["medians"]
+    rows = case_rows(name, case, result["times"], result["equal"])
+    return {"case": name, "settings": case, "rows": rows, "times": result["times"], "equal": result["equal"]}
+
+
+def case_rows(name: str, case: dict[str, Any], times: dict[str, list[float]], equal: dict) -> list[dict[str, Any]]:
+    """The table rows of one case from its timings: median rates, the spread of the rounds' rates,
+    and each run against the unsplit model and against one microbatch *round by round* (the runs
+    of a round follow each other, so the ratio of two of them is less at the mercy of the load
+    than the ratio of two medians), as the median and the range of the rounds' ratios."""
     decoded = case["batch"] * (case["new"] - 1)
+    med = {key: statistics.median(value) for key, value in times.items()}
 
-    def decode_rate(key: str) -> float:
-        return decoded / (med[key] - med[key + "_1"])
+    def rates(key: str) -> list[float]:
+        return [
+            decoded / (full - one) if full > one else float("nan") for full, one in zip(times[key], times[key + "_1"])
+        ]
 
-    hf_rate = decode_rate("hf")
-    one = decode_rate("pp1")
+    def ratio(key: str, base: str) -> tuple[float, str]:
+        pairs = [a / b for a, b in zip(rates(key), rates(base)) if a == a and b == b]
+        return statistics.median(pairs), f"{min(pairs):.2f}–{max(pairs):.2f}"
+
     rows = []
     for label, key in [("hf (unsplit)", "hf")] + [(f"pp=2, {m} microbatches", f"pp{m}") for m in MICROBATCHES]:
-        rate = decode_rate(key)
+        own = [r for r in rates(key) if r == r]
+        vs_hf, vs_hf_range = ratio(key, "hf") if key != "hf" else (1.0, "")
+        vs_one, vs_one_range = ratio(key, "pp1") if key not in ("hf", "pp1") else (float("nan"), "")
         rows.append(
             {
                 "case": name,
                 "run": label,
                 "total_s": med[key],
                 "prefill_s": med[key + "_1"],
-                "decode_tokens_per_s": rate,
-                "vs_unsplit": rate / hf_rate,
-                "vs_one_microbatch": rate / one if key != "hf" else float("nan"),
-                "equal_to_hf": True if key == "hf" else result["equal"][int(key[2:])],
+                "decode_tokens_per_s": decoded / (med[key] - med[key + "_1"]),
+                "rounds_spread": f"{min(own):.0f}–{max(own):.0f}",
+                "vs_unsplit": vs_hf,
+                "vs_unsplit_range": vs_hf_range,
+                "vs_one_microbatch": vs_one,
+                "vs_one_range": vs_one_range,
+                # NOTE: keys are ints as returned, strings once read back from the JSON
+                "equal_to_hf": key == "hf" or bool(equal.get(int(key[2:]), equal.get(key[2:]))),
             }
         )
-    return {"case": name, "settings": case, "rows": rows, "times": result["times"]}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 "total_s",
                 "prefill_s",
                 "decode_tokens_per_s",
+                "rounds_spread",
                 "vs_unsplit",
+                "vs_unsplit_range",
                 "vs_one_microbatch",
+                "vs_one_range",
                 "equal_to_hf",
             ],
         )

@@ -1,16 +1,26 @@
 """ppzoo: pipeline-parallel training of Hugging Face causal LMs, for any architecture, through plugins."""
 
-from ppzoo.adapter import Adapter, KeyMap
-from ppzoo.capabilities import Capability
-from ppzoo.hookspecs import hookimpl
-from ppzoo.layout import Layout
-from ppzoo.planner import Plan, StagePlan, plan
-from ppzoo.registry import adapter_for, adapters
-from ppzoo.validation import Problem, Settings, ValidationError
-
-#: public names loaded on first use: the runtime imports torch.distributed.pipelining (and with it
-#: torch._dynamo), which ``ppzoo plan``, ``ppzoo list`` and the conformance checks do not need
-_LAZY = {"pipeline": "ppzoo.runtime", "Pipeline": "ppzoo.runtime", "RankError": "ppzoo.agreement"}
+#: every public name is loaded on first use: ``ppzoo plan`` answering from its cache imports neither
+#: torch nor transformers, and the runtime (torch.distributed.pipelining, torch._dynamo) loads only
+#: for ``pipeline``
+_LAZY = {
+    "Adapter": "ppzoo.adapter",
+    "KeyMap": "ppzoo.adapter",
+    "Capability": "ppzoo.capabilities",
+    "hookimpl": "ppzoo.hookspecs",
+    "Layout": "ppzoo.layout",
+    "Plan": "ppzoo.planner",
+    "StagePlan": "ppzoo.planner",
+    "plan": "ppzoo.planner",
+    "adapter_for": "ppzoo.registry",
+    "adapters": "ppzoo.registry",
+    "Problem": "ppzoo.validation",
+    "Settings": "ppzoo.validation",
+    "ValidationError": "ppzoo.validation",
+    "pipeline": "ppzoo.runtime",
+    "Pipeline": "ppzoo.runtime",
+    "RankError": "ppzoo.agreement",
+}
 
 
 def __getattr__(name: str):
@@ -19,6 +29,10 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ppzoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

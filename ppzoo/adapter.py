@@ -113,6 +113,11 @@ class Adapter:
         ``hidden_size``, unless the adapter carries more across the boundary with the hidden states."""
         return int(self.text_config(config).hidden_size)
 
+    def image_modules(self, config: Any) -> tuple[str, ...]:
+        """A vision-language model's image modules (vision tower, projector), inputs of the first
+        stage that only images reach (:mod:`ppzoo.vision`); ``()`` for a text-only model."""
+        return ()
+
     # -- layout ------------------------------------------------------------------------------
     def fqn_layout(self, config: Any) -> Layout:
         p = self.inner_name
@@ -132,7 +137,10 @@ class Adapter:
         return list(types_) if types_ else [FULL] * int(cfg.num_hidden_layers)
 
     def tied_weights(self, config: Any) -> dict[str, str]:
-        """Tied parameters as ``{copy_fqn: source_fqn}``; the copy lives on the last stage."""
+        """Tied parameters as ``{copy_fqn: source_fqn}``: a head on the last stage tied to the embedding
+        (here), or a block several layers share (each later layer's copy tied to the first's). Every
+        stage holding a copy loads it from the source's checkpoint keys; :mod:`ppzoo.tied` sums the
+        gradients of a source and its copies over the stages that hold them."""
         if getattr(self.text_config(config), "tie_word_embeddings", False) or getattr(
             config, "tie_word_embeddings", False
         ):

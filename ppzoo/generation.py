@@ -28,10 +28,16 @@ What is exactly Hugging Face's:
   step, from the same generator, in the same call, so it draws what ``generate`` draws.
   ``seed=s`` gives the generator the state ``torch.manual_seed(s)`` gives torch's default one;
   ``seed=None`` uses torch's default generator of the last stage's device as it is.
+
+Data-parallel replicas each generate the prompts their own ranks pass; FSDP2-sharded stages are
+gathered whole for the generation (:func:`_gathered`), so replicas need no collective while they
+decode. Tensor-parallel ranks run their stage together, as in training, and take the token choice
+of the last stage's first tensor-parallel rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -94,8 +100,10 @@ class _Decoder:
         activation_dtype: torch.dtype,
         gc: Any,
         generator: torch.Generator | None,
+        tp_group: Any = None,
     ):
         self.modules, self.num_stages, self.stage_ranks = modules, num_stages, list(stage_ranks)
+        self.tp_group = tp_group
         self.rank, self.group, self.device, self.dtype = rank, group, device, activation_dtype
         self.adapter, self.config, self.gc, self.generator = adapter, config, gc, generator
         self.hidden = adapter.boundary_width(config)
@@ -129,7 +137,7 @@ class _Decoder:
             held = self.cache_rows[key]
             if len(held) != len(rows):
                 # NOTE: rows that finished leave the cache; the rest keep their order
-                self.caches[key].batch_select_indices(torch.isin(held, rows).nonzero().squeeze(1).to(self.device))
+                _keep_rows(self.caches[key], torch.isin(held, rows).nonzero().squeeze(1).to(self.device))
         self.cache_rows[key] = rows
         return self.caches[key]
 
@@ -225,6 +233,10 @@ class _Decoder:
                 out = self._forward(stage, m, t, rows, x, batch)
                 if stage == self.last:
                     chosen = self._choose(m, t, out, batch)
+                    if self.tp_group is not None:
+                        # NOTE: the tensor-parallel ranks of the last stage choose alike but for
+                        # their generators (seed=None); the first one's choice is every one's
+                        dist.broadcast(chosen, group=self.tp_group, group_src=0)
                 elif stage + 1 in self.modules:
                     self.passed[(slot, stage)] = out
                 else:
@@ -247,6 +259,22 @@ class _Decoder:
         for work in pending_sends:
             work.wait()
         return batch.ids[:, : batch.length + batch.steps]
+
+
+def _keep_rows(cache: Any, index: torch.Tensor) -> None:
+    """Keep rows ``index`` of every layer of ``cache``, in that order.
+
+    NOTE: transformers' linear-attention layers (Mamba, gated delta net, short convolutions) have
+    no ``batch_select_indices``; their ``reorder_cache`` selects the rows of every state (and a
+    hybrid layer's keys and values), which is the same selection.
+    """
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            layer.reorder_cache(index)
+        else:
+            layer.batch_select_indices(index)
 
 
 def _prepare(input_ids, attention_mask, *, vocab_size: int, max_new_tokens: int, microbatches: int | None, pad):
@@ -315,6 +343,7 @@ def _decode(
     seed: int | None,
     microbatches: int | None,
     on_tokens: TokenCallback | None,
+    tp_group: Any = None,
 ) -> torch.Tensor:
     problem = adapter.generation_problem(config)
     if problem is not None:
@@ -366,16 +395,37 @@ def _decode(
         activation_dtype=activation_dtype,
         gc=gc,
         generator=generator,
+        tp_group=tp_group,
     )
     training = {module: module.training for module in modules.values()}
     for module in modules.values():
         module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _gathered(modules):
             return decoder.run(batch, microbatches=len(rows), max_new_tokens=max_new_tokens, on_tokens=on_tokens)
     finally:
         for module, was in training.items():
             module.train(was)
+
+
+@contextlib.contextmanager
+def _gathered(modules: dict[int, nn.Module]):
+    """The stages' FSDP2-sharded parameters gathered whole for the generation, sharded again after.
+
+    NOTE: gathered once, together by every rank of the shard group (the same stages in the same
+    order); ppzoo shards with ``reshard_after_forward=False``, so no forward gathers again, and each
+    data-parallel replica decodes its own prompts, at its own pace, with no collective among them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for module in modules.values() for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -409,12 +459,11 @@ def generate(
     error: Exception | None = None
     facts: list[int] = []
     try:
-        for dim in ("dp_shard", "cp", "tp"):
-            if mesh[dim].size() > 1:
-                raise ValueError(
-                    f"generation runs whole stages on each rank; {dim}={mesh[dim].size()} splits them — "
-                    "generate from a pipeline built with dp_shard=1, cp=1, tp=1"
-                )
+        if mesh["cp"].size() > 1:
+            raise ValueError(
+                f"generation decodes one token a step, which cp={mesh['cp'].size()} (context parallelism) "
+                "cannot split over ranks; generate from a pipeline built with cp=1"
+            )
         problem = pipe.adapter.generation_problem(pipe.config)
         if problem is not None:
             raise ValueError(f"adapter {pipe.adapter.name!r} does not support generation yet: {problem}")
@@ -462,6 +511,7 @@ def generate(
         seed=seed,
         microbatches=microbatches,
         on_tokens=on_tokens,
+        tp_group=mesh["tp"].get_group() if mesh["tp"].size() > 1 else None,
     )
 
 

@@ -59,6 +59,9 @@ class Plan:
     dtype: str
     #: what the plan leaves out of the checkpoint, for people (multi-token prediction layers)
     notes: tuple[str, ...] = ()
+    #: what the stages' ``cost`` is: ``"flops"`` (forward FLOPs per token) or ``"measured"``
+    #: (seconds of a microbatch's forward, a third of its forward + backward; :mod:`ppzoo.calibration`)
+    cost_model: str = "flops"
 
     @property
     def num_stages(self) -> int:
@@ -119,6 +122,29 @@ def skipped_weights(cfg: Any, model: torch.nn.Module, num_layers: int) -> tuple[
     )
 
 
+def _measured_type() -> type:
+    from ppzoo.calibration import MeasuredCosts
+
+    return MeasuredCosts
+
+
+def _measured_costs(
+    config: Any, adapter: Any, model: torch.nn.Module, layout: Layout, cost: Any, *, seq_len: int, dtype: torch.dtype
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per module: its measured cost a microbatch, and its optimizer step's once a step (seconds)."""
+    from ppzoo.calibration import measure_costs
+
+    measured = (
+        measure_costs(config, adapter, model, layout, seq_len=seq_len, dtype=dtype) if cost == "measured" else cost
+    )
+    missing = [m for m in layout.modules if m not in measured.forward or m not in measured.backward]
+    if missing:
+        raise ValueError(f"the measured costs name no time for {missing[:3]} (measured for another model?)")
+    costs = {m: measured.unit_cost(m) for m in layout.modules}
+    step_costs = {m: measured.optimizer_per_param * _numel(model.get_submodule(m)) for m in layout.modules}
+    return costs, step_costs
+
+
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -156,6 +182,7 @@ def plan(
     cp: int | None = None,
     tp: int | None = None,
     custom_parallelize: bool | None = None,
+    cost: Any = "flops",
 ) -> Plan:
     """Split a model into pipeline stages and place them on ranks.
 
@@ -176,6 +203,10 @@ def plan(
             the schedule's rules (default: the number of stages, as :func:`ppzoo.pipeline`).
         dp_replicate, dp_shard, cp, tp: the other mesh degrees, when known (None: not checked).
         custom_parallelize: a ``parallelize_fn`` will replace ppzoo's tensor parallel + FSDP2.
+        cost: what the split balances: ``"flops"`` (default; :mod:`ppzoo.cost`), ``"measured"``
+            (each layer kind's and the head's forward + backward timed here on the CPU, in
+            ``dtype``, plus each stage's AdamW step; :mod:`ppzoo.calibration`), or a
+            :class:`~ppzoo.calibration.MeasuredCosts` measured elsewhere (on the device).
 
     Returns:
         The :class:`Plan`.
@@ -200,6 +231,8 @@ def plan(
         _check_count(arg, value)
     if stage_modules is not None and layers_per_stage is not None:
         raise ValueError("pass either stage_modules or layers_per_stage, not both")
+    if not (cost in ("flops", "measured") if isinstance(cost, str) else isinstance(cost, _measured_type())):
+        raise ValueError(f"cost must be 'flops', 'measured' or a ppzoo.calibration.MeasuredCosts, got {cost!r}")
     name, kind = schedule_kind(schedule)
     config = load_config(config_or_path)
     adapter = registry.adapter_for(config)
@@ -236,7 +269,11 @@ def plan(
 
     pdtype = parse_dtype(dtype if dtype is not None else getattr(config, "dtype", None))
     model = meta_model(config, dtype=pdtype)
-    costs = module_costs(config, adapter, model, layout, seq_len)
+    step_costs = None
+    if cost == "flops":
+        costs = module_costs(config, adapter, model, layout, seq_len)
+    else:
+        costs, step_costs = _measured_costs(config, adapter, model, layout, cost, seq_len=seq_len, dtype=pdtype)
     if split is None:
         units = [list(layout.inputs)] + [[layout.layer(i)] for i in range(n_layers)] + [list(layout.outputs)]
         if layers_per_stage is not None:
@@ -250,6 +287,7 @@ def plan(
                 schedule=name,
                 pp=pp,
                 microbatches=num_stages if microbatches is None else microbatches,
+                step_costs=None if step_costs is None else [sum(step_costs[m] for m in unit) for unit in units],
             )
         split = [[m for unit in units[a:b] for m in unit] for a, b in zip(bounds, bounds[1:], strict=False)]
 
@@ -279,6 +317,7 @@ def plan(
         total_params=total,
         dtype=str(pdtype).replace("torch.", ""),
         notes=skipped_weights(adapter.text_config(config), model, n_layers),
+        cost_model="flops" if cost == "flops" else "measured",
     )
     # NOTE: plugins' rules about the stages themselves (their modules, ranks, sizes)
     registry.validate(config, result, adapter=adapter, settings=settings)

@@ -37,9 +37,10 @@ from ppzoo.planner import Plan
 from ppzoo.planner import plan as make_plan
 from ppzoo.precision import activation_dtype as boundary_dtype
 from ppzoo.precision import apply_autocast, parse_mixed_precision
-from ppzoo.schedule import build_schedule, check_batch, csv_stage_count, schedule_kind
+from ppzoo.schedule import SPLIT_BACKWARD, build_schedule, check_batch, csv_stage_count, schedule_kind
 from ppzoo.stage import build_stage
 from ppzoo.tied import TiedWeights
+from ppzoo.vision import ImageBatch, finish_images, freeze_modules, prepare_images
 
 __all__ = ["Pipeline", "PipelineStage", "check_tokens", "pipeline"]
 
@@ -153,13 +154,7 @@ class Pipeline:
         self._pending: PendingLoss | None = None
         self._runtimes: OrderedDict[tuple[int, int, bool], Any] = OrderedDict()
         self._tied = TiedWeights(
-            adapter.tied_weights(config),
-            modules=modules,
-            num_stages=plan.num_stages,
-            first_rank=plan.stages[0].rank,
-            last_rank=self._last_rank,
-            pp_rank=self.pp_rank,
-            mesh=mesh,
+            adapter.tied_weights(config), modules=modules, stages=plan.stages, pp_rank=self.pp_rank, mesh=mesh
         )
         self._aux_loss = AuxLoss(adapter, config, list(modules.values()), microbatches=microbatches, device=device)
 
@@ -293,7 +288,9 @@ class Pipeline:
     #: compare a hash of every rank's batch in each step / eval (see ``pipeline(check_batch=...)``)
     check_batch: bool = False
 
-    def _agreed_inputs(self, what: str, input_ids, labels, attention_mask, position_ids) -> tuple[tuple, dict, int]:
+    def _agreed_inputs(
+        self, what: str, input_ids, labels, attention_mask, position_ids, images: dict[str, Any] | None = None
+    ) -> tuple[tuple, dict, int]:
         """This rank's checked inputs, once every rank has checked its own and they agree, and the
         global count of tokens to learn (this rank's labels' summed over its data-parallel peers).
 
@@ -307,6 +304,13 @@ class Pipeline:
         facts: list[int] = []
         try:
             args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+            if images:
+                # NOTE: the vision tower runs here, before the exchange, so that a failure in it is
+                # told to every rank instead of leaving them waiting in the schedule
+                self._images = self._image_batch(
+                    input_ids, attention_mask, images, train=labels is not None, positions=position_ids is None
+                )
+                kwargs.update(self._images.kwargs)
             tokens = 0
             if labels is not None:
                 if tuple(labels.shape) != tuple(input_ids.shape):
@@ -389,12 +393,17 @@ class Pipeline:
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **images: Any,
     ) -> torch.Tensor:
         """One training step over all microbatches; gradients accumulate in ``.grad``.
 
         Every rank of a pipeline passes the whole batch (with data parallelism: its data-parallel
         rank's part of the global batch). The loss is Hugging Face's: labels shifted inside,
         ``-100`` ignored, mean over the valid tokens of the whole (global) batch.
+
+        A vision-language model also takes its family's image inputs, as its processor returns
+        them (``pixel_values``, ``image_grid_thw``, ``image_sizes``, ``token_type_ids``, ...): the
+        vision tower runs on the first stage's rank (:mod:`ppzoo.vision`).
 
         Returns:
             The global batch loss (a detached float32 scalar), the same on every rank. Without data
@@ -408,7 +417,9 @@ class Pipeline:
                 ranks are not all in ``step``; see docs/reliability.md.
         """
         self._settle_loss()
-        args, kwargs, self._num_tokens = self._agreed_inputs("step", input_ids, labels, attention_mask, position_ids)
+        args, kwargs, self._num_tokens = self._agreed_inputs(
+            "step", input_ids, labels, attention_mask, position_ids, images
+        )
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=True)
@@ -428,6 +439,9 @@ class Pipeline:
                 return_outputs=False,
                 **kwargs,
             )
+            if self._images is not None:
+                finish_images(self._images)
+                self._images = None
             self._tied.sync_grads()
             self._sync_tp_replicated_grads()
         # NOTE: one all-reduce over the pipeline carries both the loss (the last stage's rank
@@ -446,6 +460,31 @@ class Pipeline:
         work = dist.all_reduce(parts, group=self._pp_group, async_op=True)
         self._pending = PendingLoss(parts, work, dp_size=self._dp_size)
         return self._pending
+
+    #: this step's image features, whose gradient runs back through the vision tower after the schedule
+    _images: ImageBatch | None = None
+    #: whether the vision tower was frozen (``pipeline(freeze_vision=True)``)
+    vision_frozen: bool = False
+
+    def _image_batch(
+        self, input_ids, attention_mask, images: dict[str, Any], *, train: bool, positions: bool
+    ) -> ImageBatch:
+        first = self._modules.get(0)
+        module = next(iter(self._modules.values()))
+        return prepare_images(
+            config=self.config,
+            first=first,
+            model=module,
+            images=getattr(self.adapter, "image_modules", lambda config: ())(self.config),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs=images,
+            train=train,
+            split_backward=schedule_kind(self.plan.schedule)[0] in SPLIT_BACKWARD,
+            frozen=self.vision_frozen,
+            positions=positions,
+            device=self.device,
+        )
 
     def _settle_loss(self) -> None:
         """Wait for the last step's loss reduction, if still in flight (before the next collective call)."""
@@ -503,8 +542,9 @@ class Pipeline:
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **images: Any,
     ) -> torch.Tensor | None:
-        """A pipelined forward without gradients.
+        """A pipelined forward without gradients (image inputs as for :meth:`step`).
 
         Returns:
             The logits ``(batch, sequence, vocab)`` on the rank holding the last stage; None elsewhere.
@@ -513,7 +553,8 @@ class Pipeline:
             ValueError, ppzoo.agreement.RankError: as :meth:`step`.
         """
         self._settle_loss()
-        args, kwargs, _ = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids)
+        args, kwargs, _ = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids, images)
+        self._images = None
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=False)
         for module in self._modules.values():
             module.eval()
@@ -566,7 +607,8 @@ class Pipeline:
 
         Raises:
             ValueError: bad ids, shapes or settings; an adapter that does not support generation
-                (named); a mesh with dp_shard, cp or tp > 1.
+                (named); a mesh with cp > 1. With data parallelism each replica generates the
+                prompts its own ranks pass; with tensor parallelism a stage's ranks pass the same.
         """
         from ppzoo.generation import generate
 
@@ -632,6 +674,7 @@ def pipeline(
     layers_per_stage: int | None = None,
     stage_modules: Sequence[Sequence[str]] | None = None,
     seq_len: int = 2048,
+    cost: str = "flops",
     dp_replicate: int = 1,
     dp_shard: int = 1,
     cp: int = 1,
@@ -643,6 +686,7 @@ def pipeline(
     mixed_precision: str | torch.dtype | None = None,
     activation_checkpointing: str | int | None = None,
     compile: bool = False,
+    freeze_vision: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> Pipeline:
     """Build this rank's pipeline stages of ``model`` and the schedule that runs them.
@@ -660,6 +704,10 @@ def pipeline(
         stages_per_rank, layers_per_stage, stage_modules: how to split; see :func:`ppzoo.plan`.
         seq_len: the sequence length the cost-balanced split assumes (attention's share of a
             layer's cost grows with it); set it to your training length.
+        cost: what the split balances: ``"flops"`` (default, FLOP counts) or ``"measured"``
+            (global rank 0 times each layer kind's and the head's forward + backward and an AdamW
+            step on its device at start-up, cached, and every rank splits by those times;
+            :mod:`ppzoo.calibration`).
         dp_replicate, dp_shard, cp, tp: the other mesh degrees; world size = their product × pp.
             Each data-parallel rank passes its own part of the global batch to ``step``.
         parallelize_fn: ``fn(stage_module, stage_mesh)`` replacing the default tensor parallel +
@@ -682,6 +730,9 @@ def pipeline(
             integer k (every k-th layer by its index in the whole model), or None (default).
         compile: ``torch.compile`` each decoder layer (after activation checkpointing, before
             FSDP2, as torchtitan does). The first step of each batch shape compiles.
+        freeze_vision: a vision-language model's vision tower and projector get no gradients
+            (``requires_grad=False``), as fine-tuning recipes that train the language model do;
+            its images still reach the language model (:mod:`ppzoo.vision`).
         **from_pretrained_kwargs: other ``from_pretrained`` keywords: ``trust_remote_code``,
             ``revision``, ``token``, ``cache_dir``, or config attributes to override.
 
@@ -701,6 +752,8 @@ def pipeline(
     checkpoint_every = parse_activation_checkpointing(activation_checkpointing)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
+    if not isinstance(freeze_vision, bool):
+        raise ValueError(f"freeze_vision must be True or False, got {freeze_vision!r}")
     degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
     name, kind = schedule_kind(schedule)
     if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
@@ -715,8 +768,9 @@ def pipeline(
         setattr(config, key, value)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    the_plan = make_plan(
-        config,
+    if cost not in ("flops", "measured"):
+        raise ValueError(f"cost must be 'flops' or 'measured', got {cost!r}")
+    planning = dict(
         pp=pp,
         schedule=name,
         stages_per_rank=stages_per_rank,
@@ -731,11 +785,24 @@ def pipeline(
         tp=tp,
         custom_parallelize=parallelize_fn is not None,
     )
+    the_plan = make_plan(config, **planning)
     # NOTE: the plan ran every validation rule on these settings; none needs a process group.
     microbatches = the_plan.num_stages if microbatches is None else microbatches
     adapter = registry.adapter_for(config)
+    if freeze_vision and not adapter.image_modules(config):
+        raise ValueError(
+            f"freeze_vision=True, but model_type {getattr(config, 'model_type', None)!r} has no vision tower; "
+            "leave freeze_vision out for a text-only model"
+        )
 
     init_distributed(device, timeout=timeout)
+    if cost == "measured":
+        from ppzoo.calibration import agreed_costs
+
+        measured = agreed_costs(
+            config, adapter, the_plan.layout, seq_len=seq_len, device=device, dtype=compute_dtype or dtype
+        )
+        the_plan = make_plan(config, **planning, cost=measured)
     mesh = build_mesh(degrees, device, timeout=timeout)
     pp_rank = mesh["pp"].get_local_rank()
     on_hub = not Path(os.fspath(model)).expanduser().is_dir()
@@ -775,6 +842,8 @@ def pipeline(
                 f"{spec.params:,}",
                 time.perf_counter() - started,
             )
+            if freeze_vision:
+                freeze_modules(modules[spec.index], adapter.image_modules(config))
             if compute_dtype is not None and not getattr(modules[spec.index], FSDP_MIXED_PRECISION, False):
                 apply_autocast(modules[spec.index], compute_dtype, param_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
@@ -796,4 +865,5 @@ def pipeline(
     )
     pipe.source = local
     pipe.check_batch = bool(check_batch)
+    pipe.vision_frozen = freeze_vision
     return pipe

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "SCHEDULES",
+    "SPLIT_BACKWARD",
     "ScheduleSpec",
     "build_schedule",
     "check_batch",
@@ -57,6 +58,8 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     )
 }
 _BY_LOWER = {name.lower(): spec for name, spec in SCHEDULES.items()}
+#: schedules that split a stage's backward into an input pass and a later weight pass
+SPLIT_BACKWARD = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
 
 
 def schedule_kind(schedule: str) -> tuple[str, str]:

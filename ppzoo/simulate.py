@@ -169,12 +169,16 @@ def makespan(order: dict[int, list[Action]], stage_costs: Sequence[float], costs
 
 def compile_order(
     order: dict[int, list[Action]], num_stages: int, costs: dict[str, float] = COSTS
-) -> Callable[[Sequence[float]], float]:
+) -> Callable[..., float]:
     """:func:`makespan` of ``order`` as a function of the stage costs alone, the graph built once.
 
     The actions and what each waits for do not depend on the costs, so the split search, which
     simulates one order under many splits, walks them once here and then only adds and takes
     maxima: each result is :func:`makespan`'s, bit for bit (the same sums in the same order).
+
+    The function takes the stage costs and, optionally, ``step_costs``: what each stage costs once
+    a step after its last action (its optimizer step), added to its rank's finish: the step ends
+    when the last rank is done with its compute and its optimizer.
 
     Raises:
         RuntimeError: the order deadlocks.
@@ -218,8 +222,13 @@ def compile_order(
             stuck = {r: ops[position[r]] for r, ops in order.items() if position[r] < len(ops)}
             raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
     ends = np.array(list(previous.values()), dtype=np.int64)
+    # NOTE: which stages each rank runs, in the order of ``ends``
+    held = np.zeros((len(order), num_stages), dtype=np.float64)
+    for row, ops in enumerate(order.values()):
+        for stage in {a[0] for a in ops}:
+            held[row, stage] = 1.0
     if not steps:
-        return lambda stage_costs: 0.0
+        return lambda stage_costs, step_costs=None: 0.0 if step_costs is None else float((held @ step_costs).max())
     # NOTE: actions at the same depth of the graph are computed together, one numpy operation a
     # depth: the maxima and sums are makespan's own, element by element
     table = np.array([s[:3] for s in steps], dtype=np.int64)
@@ -235,12 +244,14 @@ def compile_order(
         for rows in np.split(by_depth, cuts)
     ]
 
-    def run(stage_costs: Sequence[float]) -> float:
+    def run(stage_costs: Sequence[float], step_costs: Sequence[float] | None = None) -> float:
         costs_ = np.asarray(stage_costs, dtype=np.float64)
         finish = np.zeros(len(steps) + 1, dtype=np.float64)
         for at, before, source, grad, w, stage in levels:
             finish[at] = np.maximum(np.maximum(finish[before], finish[source]), finish[grad]) + w * costs_[stage]
-        return float(finish[ends].max())
+        if step_costs is None:
+            return float(finish[ends].max())
+        return float((finish[ends] + held @ np.asarray(step_costs, dtype=np.float64)).max())
 
     return run
 

@@ -57,7 +57,13 @@ def stage_costs(unit_costs: Sequence[float], bounds: Sequence[int]) -> list[floa
 
 
 def balanced_bounds(
-    unit_costs: Sequence[float], stages: int, *, schedule: str, pp: int, microbatches: int
+    unit_costs: Sequence[float],
+    stages: int,
+    *,
+    schedule: str,
+    pp: int,
+    microbatches: int,
+    step_costs: Sequence[float] | None = None,
 ) -> tuple[int, ...]:
     """The split of the units into ``stages`` contiguous stages whose simulated step is shortest.
 
@@ -69,6 +75,11 @@ def balanced_bounds(
     last stages, on every microbatch's critical path, get lighter; with two stages a rank, a
     rank's work is the sum of two and the order decides which pairs stall. Schedules the
     simulation does not know (a CSV file) keep the min-max split.
+
+    ``step_costs`` (same unit as ``unit_costs``, which are per microbatch) is what each unit costs
+    once a step, after its stage's last backward: its optimizer step. Each stage's sum is added to
+    its rank's finish in the simulated step, so a rank that finishes last (the first, under 1F1B)
+    gets fewer parameters to update.
     """
     from ppzoo import simulate
 
@@ -81,12 +92,15 @@ def balanced_bounds(
         return bounds
     total = sum(unit_costs) or 1.0
     units = [c / total for c in unit_costs]
+    once = None if step_costs is None else [c / total for c in step_costs]
 
     # NOTE: one order, many splits: its dependency graph is built once (same results as makespan)
     simulated = simulate.compile_order(order, stages)
 
     def step(b: tuple[int, ...]) -> float:
-        return simulated(stage_costs(units, b))
+        if once is None:
+            return simulated(stage_costs(units, b))
+        return simulated(stage_costs(units, b), stage_costs(once, b))
 
     def evenness(b: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
         return round(max(stage_costs(units, b)), 12), b

@@ -71,15 +71,22 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
 
 
 def _tie(model: nn.Module, tied: dict[str, str]) -> None:
-    """Make each tied copy the very same parameter as its source where the stage holds both."""
-    for copy, source in tied.items():
+    """Make the tied parameters the stage holds one parameter: each copy its source's, or where the
+    source lives on another stage, the first copy held (two layers of a shared block)."""
+    first: dict[str, str] = {}
+    for copy, source in sorted(tied.items()):
         try:
-            src = model.get_parameter(source)
             model.get_parameter(copy)
         except AttributeError:
-            continue  # one of the two lives on another stage
+            continue  # the copy lives on another stage
+        try:
+            model.get_parameter(source)
+        except AttributeError:
+            source = first.setdefault(source, copy)  # NOTE: the source lives on another stage
+        if source == copy:
+            continue
         owner, _, name = copy.rpartition(".")
-        setattr(model.get_submodule(owner), name, src)
+        setattr(model.get_submodule(owner) if owner else model, name, model.get_parameter(source))
 
 
 def build_stage(

@@ -124,19 +124,6 @@ def test_gemma3_ropes_differ_per_layer_type(saved):
 # -- validation --------------------------------------------------------------------------------
 
 
-def test_multimodal_gemma3_is_refused_before_anything_is_built():
-    from transformers import Gemma3Config
-
-    problem = (
-        "model_type 'gemma3' is the vision-language Gemma3ForConditionalGeneration, which has no text-only path "
-        "in ppzoo; pipeline a text-only checkpoint (model_type 'gemma3_text', Gemma3ForCausalLM) instead"
-    )
-    with pytest.raises(ValidationError) as exc:
-        ppzoo.plan(Gemma3Config(), pp=2)
-    assert exc.value.problems == [Problem("vision-language", problem)]
-    assert str(exc.value) == problem
-
-
 def test_every_problem_is_reported_at_once():
     _, config = tiny("gemma3_text", use_bidirectional_attention=True, is_encoder_decoder=True, sliding_window=None)
     with pytest.raises(ValidationError) as exc:

@@ -282,3 +282,95 @@ def test_plan_estimates_every_dense_layer_kind(model_type, tmp_path, capsys):
     assert first == sum(layers[:2]) + 64 * 4 * config.hidden_size
     code, out, _ = run(capsys, "plan", tmp_path, "--pp", "2")
     assert code == 0 and out.splitlines()[0].startswith(f"{model_type} ({adapter.name} adapter)")
+
+
+# -- the plan cache -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plan_cache(tmp_path, monkeypatch):
+    """A private cache directory, used as a fresh ``ppzoo`` process would use it."""
+    import ppzoo.cli
+
+    monkeypatch.setenv("PPZOO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ppzoo.cli, "_fresh_process", lambda: True)
+    return tmp_path / "cache" / "plans"
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"], ["--schedule", "Interleaved1F1B", "--seq-len", "64"]])
+def test_plan_from_the_cache_is_the_plan(config_dir, capsys, plan_cache, monkeypatch, extra):
+    import ppzoo.cli
+
+    argv = ["plan", config_dir, "--pp", "2", *extra]
+    fresh = run(capsys, *argv, "--no-cache")
+    assert not plan_cache.exists()
+    first = run(capsys, *argv)
+    assert first == fresh and len(list(plan_cache.iterdir())) == 1
+
+    def refuse(args):
+        raise AssertionError("planned again instead of answering from the cache")
+
+    monkeypatch.setattr(ppzoo.cli, "_plan_answer", refuse)
+    assert run(capsys, *argv) == fresh
+    # NOTE: the other rendering of the same plan is cached with it
+    other = [a for a in argv if a != "--json"] if "--json" in argv else [*argv, "--json"]
+    monkeypatch.undo()
+    monkeypatch.setenv("PPZOO_CACHE_DIR", str(plan_cache.parent))
+    monkeypatch.setattr(ppzoo.cli, "_fresh_process", lambda: True)
+    assert run(capsys, *other) == run(capsys, *other, "--no-cache")
+
+
+def test_plan_refusal_from_the_cache_is_the_refusal(config_dir, capsys, plan_cache, monkeypatch):
+    import ppzoo.cli
+
+    argv = ["plan", config_dir, "--pp", "9", "--schedule", "Interleaved1F1B"]
+    first = run(capsys, *argv)
+    assert first[0] == 2 and "more than the model's 8 layers" in first[2]
+    monkeypatch.setattr(ppzoo.cli, "_plan_answer", lambda args: pytest.fail("planned again"))
+    assert run(capsys, *argv) == first
+
+
+def test_plan_cache_keys_on_the_config_and_the_options(tmp_path, capsys, plan_cache):
+    LlamaConfig(**TINY).save_pretrained(tmp_path / "model")
+    run(capsys, "plan", tmp_path / "model", "--pp", "2")
+    run(capsys, "plan", tmp_path / "model", "--pp", "2", "--microbatches", "8")
+    assert len(list(plan_cache.iterdir())) == 2
+    LlamaConfig(**{**TINY, "num_hidden_layers": 6}).save_pretrained(tmp_path / "model")
+    code, out, _ = run(capsys, "plan", tmp_path / "model", "--pp", "2", "--json")
+    assert code == 0 and len(list(plan_cache.iterdir())) == 3
+    assert sum(len([m for m in s["modules"] if ".layers." in m]) for s in json.loads(out)["stages"]) == 6
+
+
+def test_plan_cache_is_not_used_after_planning_in_process(config_dir, capsys, tmp_path, monkeypatch):
+    """A process that already planned may have plugins or patches the key cannot see."""
+    monkeypatch.setenv("PPZOO_CACHE_DIR", str(tmp_path))
+    assert run(capsys, "plan", config_dir, "--pp", "2")[0] == 0
+    assert not (tmp_path / "plans").exists()
+
+
+def test_plan_with_measured_costs(config_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PPZOO_CACHE_DIR", str(tmp_path))
+    code, out, err = run(capsys, "plan", config_dir, "--pp", "2", "--seq-len", "16", "--cost", "measured", "--json")
+    assert (code, err) == (0, "")
+    stages = json.loads(out)["stages"]
+    assert [m for s in stages for m in s["modules"]][0] == "model.embed_tokens" and len(stages) == 2
+
+
+@pytest.mark.distributed  # NOTE: starts Python processes, the only way to see what a command imports
+def test_plan_from_the_cache_imports_neither_torch_nor_transformers(config_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PPZOO_CACHE_DIR=str(tmp_path))
+    argv = ["plan", str(config_dir), "--pp", "2"]
+    script = (
+        "import sys; from ppzoo.cli import main; code = main(sys.argv[1:]); "
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+        "print('imported:', heavy, file=sys.stderr); sys.exit(code)"
+    )
+    first = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+    assert first.returncode == again.returncode == 0
+    assert "imported: ['torch', 'transformers']" in first.stderr
+    assert "imported: []" in again.stderr and again.stdout == first.stdout

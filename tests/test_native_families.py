@@ -56,11 +56,112 @@ def test_the_boundary_carries_what_later_layers_read():
     assert adapter.boundary_width(gpt2) == gpt2.hidden_size
 
 
-def test_a_block_shared_by_layers_stays_refused_with_the_reason():
+# -- hybrid families: linear attention with MLA, and a transformer block several layers share --------
+#: model type -> what it mixes; the CPU runs transformers' torch paths (no fla, mamba_ssm or causal_conv1d kernels)
+HYBRID = {
+    "kimi_linear": "Kimi delta attention (torch chunk_kda) and MLA full-attention layers, dense then MoE",
+    "bailing_hybrid": "linear-attention and MLA layers, group-limited MoE routing",
+    "zamba2": "Mamba-2 layers and one shared transformer block (with per-use LoRA adapters) that hybrid layers reuse",
+}
+
+
+def test_a_block_shared_by_layers_is_tied_across_stages():
+    # Zamba ties every parameter of layer 3's shared block to layer 1's (and the head to the embedding)
     config = tiny_config("zamba")
-    problems = registry.adapter_for(config).validate(config)
-    assert [p.code for p in problems] == ["native-tied"]
-    assert "model.layers.3.shared_transf." in problems[0].message and "not a block" in problems[0].message
+    assert registry.adapter_for(config).validate(config) == []
+    found = layout.discover(config)
+    shared = {c: s for c, s in found.tied.items() if ".shared_transf." in c}
+    assert len(shared) == 9 and found.tied["lm_head.weight"] == "model.embed_tokens.weight"
+    assert all(c.startswith("model.layers.3.") and s == c.replace(".3.", ".1.", 1) for c, s in shared.items())
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRID))
+def test_hybrid_families_split_exactly(tmp_path, model_type):
+    """Two stages against Hugging Face: logits, loss (with the router aux loss where the forward
+    adds one) and every gradient, the shared block's copies' gradients summed as the pipeline sums them."""
+    import torch
+
+    from ppzoo.checkpoint import Checkpoint
+    from ppzoo.loss import causal_lm_loss
+    from ppzoo.stage import build_stage, run_chain
+    from ppzoo.testing.checks import _sync_tied_grads
+    from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+
+    source = save_tiny_model(NativeAdapter(), tmp_path, config=tiny_config(model_type))
+    reference = load_reference(source)
+    config = reference.config
+    adapter = registry.adapter_for(config)
+    assert adapter.name == "native"
+    ids, mask, labels = batch(config.vocab_size)
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    the_plan = ppzoo.plan(source, pp=2)
+    stages = [
+        build_stage(config, adapter, the_plan, i, checkpoint=Checkpoint(source), attn_implementation="eager")
+        for i in range(2)
+    ]
+    logits = run_chain(stages, ids, attention_mask=mask)
+    aux = adapter.aux_loss(config, stages, attention_mask=mask)
+    loss = causal_lm_loss(logits, labels) + (0 if aux is None else aux)
+    loss.backward()
+    _sync_tied_grads(stages, adapter.tied_weights(config))
+    assert torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, out.loss, rtol=1e-5, atol=0)
+    named = [(k, p) for s in stages for k, p in s.named_parameters(remove_duplicate=False)]
+    assert grad_mismatches(named, reference) == []
+
+
+def _shared_block_rank(rank, world_size, directory, saved):
+    """A 2-rank pipeline of Zamba 2 under 1F1B and ZBVZeroBubble: every gradient (the shared
+    block's copies on both ranks) against the unsplit model's, then ``save_pretrained``."""
+    import torch
+
+    from ppzoo.loss import causal_lm_loss
+    from ppzoo.testing.reference import batch, grad_mismatches, load_reference
+
+    problems = []
+    for schedule in ("1F1B", "ZBVZeroBubble"):
+        reference = load_reference(directory)
+        ids, mask, labels = batch(reference.config.vocab_size, batch_size=4)
+        pipe = ppzoo.pipeline(
+            directory, pp=2, schedule=schedule, microbatches=2, device="cpu", attn_implementation="eager"
+        )
+        rows = [slice(0, 2), slice(2, 4)]
+        outs = [reference(input_ids=ids[r], attention_mask=mask[r]) for r in rows]
+        want = causal_lm_loss(torch.cat([o.logits for o in outs]), labels)
+        want.backward()
+        loss = pipe.step(ids, labels=labels, attention_mask=mask)
+        if not torch.allclose(loss, want, rtol=1e-5, atol=0):
+            problems.append(f"{schedule}: loss {float(loss)} != {want.item()}")
+        named = list(pipe.named_parameters())
+        shared = [n for n, _ in named if ".shared_transformer." in n]
+        if not shared:
+            problems.append(f"{schedule}: rank {rank} holds no copy of the shared block")
+        problems += [f"{schedule}: {m}" for m in grad_mismatches(named, reference)]
+        if schedule == "1F1B":
+            pipe.save_pretrained(saved)
+    return problems
+
+
+@pytest.mark.distributed
+def test_a_shared_block_trains_and_saves_through_the_pipeline(tmp_path):
+    """Both ranks hold a copy of Zamba 2's shared block (its hybrid layers 1 and 3 on two stages);
+    their gradients are the unsplit model's, and ``save_pretrained`` writes what
+    ``from_pretrained`` loads back bit for bit (the block under layer 1's keys only, as transformers saves it)."""
+    import torch
+
+    from ppzoo.checkpoint import Checkpoint
+    from ppzoo.testing.distributed import run_distributed
+    from ppzoo.testing.reference import load_reference, save_tiny_model
+
+    source = save_tiny_model(NativeAdapter(), tmp_path / "source", config=tiny_config("zamba2"))
+    saved = tmp_path / "saved"
+    results = run_distributed(_shared_block_rank, 2, str(source), str(saved), timeout_s=600)
+    assert [p for r in results for p in r] == []
+    assert set(Checkpoint(saved).weight_map) == set(Checkpoint(source).weight_map)
+    assert not any(".layers.3.shared_transformer." in k for k in Checkpoint(saved).weight_map)
+    want, got = load_reference(source).state_dict(), load_reference(saved).state_dict()
+    assert [k for k, t in want.items() if not torch.equal(t, got[k])] == []
 
 
 def test_a_value_one_layer_hands_the_next_stays_refused():
@@ -181,3 +282,116 @@ def test_the_watched_forward_finds_the_tensors_pytree_finds():
     a, b, c = torch.ones(1), torch.ones(2), torch.ones(3)
     tree = ((a, [b, 2, None], "x"), {"out": c, "dim": 1}, torch.return_types.max((a, b)))
     assert [id(t) for t in _tensors(tree)] == [id(t) for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+# -- mixtures of experts whose forward reads tensor values, and a layer list of blocks of sublayers --
+#: model type -> why the meta device alone cannot read its layout
+VALUE_READING = {
+    "dbrx": "its experts loop over the experts hit (nonzero)",
+    "jetmoe": "its experts split the tokens by counts read from the routing (tolist)",
+    "longcat_flash": "its experts loop over the experts hit (item), and its layers are blocks of two sublayers",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(VALUE_READING))
+def test_a_forward_that_reads_tensor_values_is_traced_on_constant_weights(monkeypatch, model_type):
+    config = tiny_config(model_type)
+
+    def no_copy(model):
+        raise RuntimeError("no copy")
+
+    monkeypatch.setattr(layout, "_CACHE", {})
+    monkeypatch.setattr(layout, "_constant_copy", no_copy)
+    assert [p.code for p in layout.discover(config)] == ["native-trace"]
+    monkeypatch.undo()
+    monkeypatch.setattr(layout, "_CACHE", {})
+    found = layout.discover(config)
+    assert not isinstance(found, list), found
+    container = "transformer.blocks" if model_type == "dbrx" else "model.layers"
+    assert (found.layout.layers, found.layout.num_layers) == (container, 4)
+    assert not found.boundary.carries  # only the hidden states cross a stage boundary
+
+
+def test_a_forward_that_reads_a_layer_outside_it_is_refused():
+    # X-MOD picks its default language from layer 0's adapters, which a stand-in for the layer has not
+    problems = layout.discover(tiny_config("xmod"))
+    assert [p.code for p in problems] == ["native-layer-attribute"]
+    assert "'output' of decoder layer 0" in problems[0].message
+
+
+def test_a_forward_that_mixes_the_rows_of_a_batch_is_refused():
+    # Doge's router views its logits (batch, seq, 2 * keys) as (2, batch * seq, keys): each token's
+    # routing reads other rows' tokens, so no microbatched pipeline gives the whole batch's result
+    problems = layout.discover(tiny_config("doge[moe]"))
+    assert [p.code for p in problems] == ["native-batch-rows"]
+    assert "(3, 7, 8) as (2, 21, 4)" in problems[0].message
+
+
+def test_a_view_keeps_the_rows_apart_when_they_stay_its_outermost_dimension():
+    from ppzoo.architectures.native.trace import _mixes_rows
+
+    kept = [(21, 8), (3, 56), (3, 7, 2, 4), (42, 4), (1, 21, 8), (168,)]
+    assert [_mixes_rows((3, 7, 8), after) for after in kept] == [False] * len(kept)
+    assert _mixes_rows((3, 7, 8), (2, 21, 4)) and _mixes_rows((3, 7, 8), (7, 3, 8))
+    assert not _mixes_rows((7, 3, 8), (2, 21, 4))  # not a (batch, sequence, ...) tensor
+
+
+def test_the_layer_list_may_count_blocks_of_sublayers():
+    # LongCat-Flash: num_hidden_layers (8) counts attention sublayers, two a block; the list holds num_layers blocks
+    config = tiny_config("longcat_flash")
+    assert (config.num_layers, config.num_hidden_layers) == (4, 8)
+    found = layout.discover(config).layout
+    assert (found.layers, found.num_layers) == ("model.layers", 4)
+    assert found.inputs == ("model.embed_tokens",) and found.outputs == ("model.norm", "lm_head")
+
+
+@pytest.mark.parametrize("model_type", sorted(VALUE_READING))
+def test_value_reading_experts_split_exactly_and_save_back(tmp_path, model_type):
+    """Two stages against Hugging Face: logits, loss with the router aux loss (DBRX, JetMoE), every
+    gradient; loaded from transformers' own save (LongCat-Flash's experts per expert, merged at
+    load), and converted back by ppzoo's save key for key and bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ppzoo.checkpoint import Checkpoint
+    from ppzoo.checkpoint.conversion import saving_groups
+    from ppzoo.loss import causal_lm_loss
+    from ppzoo.stage import build_stage, run_chain
+    from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+
+    source = save_tiny_model(NativeAdapter(), tmp_path / "source", config=tiny_config(model_type))
+    reference = load_reference(source)
+    config = reference.config
+    adapter = registry.adapter_for(config)
+    assert adapter.name == "native"
+    ids, mask, labels = batch(config.vocab_size)
+    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    the_plan = ppzoo.plan(source, pp=2)
+    stages = [
+        build_stage(config, adapter, the_plan, i, checkpoint=Checkpoint(source), attn_implementation="eager")
+        for i in range(2)
+    ]
+    logits = run_chain(stages, ids, attention_mask=mask)
+    aux = adapter.aux_loss(config, stages, attention_mask=mask)
+    loss = causal_lm_loss(logits, labels) + (0 if aux is None else aux)
+    loss.backward()
+    assert torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, out.loss, rtol=1e-5, atol=0)
+    if model_type != "longcat_flash":  # its forward adds no router aux loss
+        assert aux is not None and not torch.allclose(loss - aux, out.loss, rtol=1e-5, atol=0)
+    named = [(k, p) for s in stages for k, p in s.named_parameters()]
+    assert grad_mismatches(named, reference, tied=adapter.tied_weights(config)) == []
+
+    # what ppzoo's save writes for each stage's tensors is what transformers wrote, key for key and bit for bit
+    released = {}
+    for shard in set(Checkpoint(source).weight_map.values()):
+        released.update(load_file(source / shard))
+    tied = adapter.tied_weights(config)
+    ours = {}
+    for stage in stages:
+        state = {k: t for k, t in stage.state_dict().items() if k not in tied}
+        for group in saving_groups(stage, list(state)):
+            ours.update(group.convert(state, model=stage))
+    assert sorted(ours) == sorted(released)
+    assert [k for k, t in released.items() if not torch.equal(ours[k], t)] == []

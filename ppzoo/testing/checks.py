@@ -187,12 +187,25 @@ def check_layout(adapter: Adapter) -> None:
                 f"shared module {fqn!r} holds parameters {names}; every stage keeps a copy, so they would not be trained once"
             )
     params = dict(model.named_parameters(remove_duplicate=False))
+    layer_of = {layout.layer(i): i for i in range(layout.num_layers)}
     for copy_, source in adapter.tied_weights(config).items():
+        missing = [(fqn, side) for fqn, side in ((copy_, "copy"), (source, "source")) if fqn not in params]
+        problems += [f"tied {side} {fqn!r} is not a parameter of the model" for fqn, side in missing]
+        if missing:
+            continue
+        # NOTE: a head tied to the embedding, or a block several layers share (a later layer's copy
+        # of the first's); ppzoo.tied sums the gradients over the stages holding them
+        layers = [next((layer_of[m] for m in _owners(fqn, tuple(layer_of))), None) for fqn in (copy_, source)]
+        if None not in layers:
+            if layers[0] <= layers[1]:
+                problems.append(f"tied copy {copy_!r} must be in a later layer than its source {source!r}")
+            continue
         for fqn, side, modules in ((copy_, "copy", layout.outputs), (source, "source", layout.inputs)):
-            if fqn not in params:
-                problems.append(f"tied {side} {fqn!r} is not a parameter of the model")
-            elif not _owners(fqn, modules):
-                problems.append(f"tied {side} {fqn!r} must be in an {'output' if side == 'copy' else 'input'} module")
+            if not _owners(fqn, modules):
+                problems.append(
+                    f"tied {side} {fqn!r} must be in an {'output' if side == 'copy' else 'input'} module, "
+                    "or both ends in layers"
+                )
     _fail_if(problems, f"adapter {adapter.name!r}: layout")
 
 
@@ -363,13 +376,27 @@ def check_stage_reads(adapter: Adapter) -> None:
 
 # -- stage chain ---------------------------------------------------------------------------------
 def _sync_tied_grads(stages, tied: dict[str, str]) -> None:
-    """What the pipeline's tied-gradient all-reduce does, for stages in one process."""
+    """What the pipeline's tied-gradient all-reduce does, for stages in one process: each tie
+    group's gradient (a head tied to the embedding, a block several layers share) summed over the
+    distinct tensors the stages hold for it, the sum given to each."""
+    groups: dict[str, list[str]] = {}
     for copy_, source in tied.items():
-        a = stages[-1].get_parameter(copy_)
-        b = stages[0].get_parameter(source)
-        if a is not b:
-            total = a.grad + b.grad
-            a.grad, b.grad = total.clone(), total.clone()
+        groups.setdefault(source, [source]).append(copy_)
+    for members in groups.values():
+        held: list[torch.nn.Parameter] = []
+        for stage in stages:
+            for fqn in members:
+                try:
+                    param = stage.get_parameter(fqn)
+                except AttributeError:
+                    continue  # the member lives on another stage
+                if not any(param is p for p in held):
+                    held.append(param)
+        if len(held) > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in held]
+            total = torch.stack(grads).sum(0)
+            for p in held:
+                p.grad = total.clone()
 
 
 def _chain_loss(adapter, config, stages, logits, labels, mask):

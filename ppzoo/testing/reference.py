@@ -27,19 +27,19 @@ def save_tiny_model(
     attn_implementation: str = "eager",
 ) -> Path:
     """Save a randomly initialised tiny model for ``adapter`` (sharded unless ``max_shard_size`` is None)."""
-    from transformers import AutoModelForCausalLM
+    from ppzoo.meta import model_class
 
     config = config if config is not None else adapter.tiny_config()
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb_zero_init(model, seed)
+    model = model_class(config).from_config(config, dtype=torch.float32)
+    perturb_zero_init(model, seed)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {"max_shard_size": "100GB"}
     model.save_pretrained(directory, **kwargs)
     return Path(directory)
 
 
-def _perturb_zero_init(model: torch.nn.Module, seed: int) -> None:
+def perturb_zero_init(model: torch.nn.Module, seed: int) -> None:
     # NOTE: norms start at one (or zero, for 1 + w norms) and biases at zero; random values make a
     # mix-up between two such tensors visible to an equality check.
     gen = torch.Generator().manual_seed(seed + 1)
@@ -51,9 +51,12 @@ def _perturb_zero_init(model: torch.nn.Module, seed: int) -> None:
 
 def load_reference(directory: str | os.PathLike, *, attn_implementation: str = "eager") -> torch.nn.Module:
     """The unsplit Hugging Face model, loaded with ``from_pretrained`` in fp32."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation=attn_implementation)
+    from ppzoo.meta import model_class
+
+    auto = model_class(AutoConfig.from_pretrained(directory))
+    return auto.from_pretrained(directory, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
 def batch(vocab_size: int, *, batch_size: int = 4, seq_len: int = 12, seed: int = 0, left_pad: bool = True):

@@ -270,25 +270,34 @@ def _coverage_problems(pipe: Any, named, reference, adapter: Adapter, label: str
     import torch.distributed as dist
 
     local = []
-    if pipe.holds_first and pipe.holds_last and pipe.plan.num_stages > 1:
-        first, last = pipe.stages[0], pipe.stages[-1]
-        for copy_, source in adapter.tied_weights(reference.config).items():
-            if last.get_parameter(copy_) is not first.get_parameter(source):
-                local.append(f"{label}: {copy_!r} and {source!r} are on one rank but not tied there")
+    tied = adapter.tied_weights(reference.config)
+    # NOTE: the members of a tie group this rank holds (in any of its stages) must be one tensor
+    on_rank: set[str] = set()
+    for source in sorted(set(tied.values())):
+        members = [source, *sorted(c for c, s in tied.items() if s == source)]
+        found = []
+        for stage in pipe.stages:
+            for fqn in members:
+                try:
+                    found.append((fqn, stage.get_parameter(fqn)))
+                except AttributeError:
+                    continue
+        for fqn, param in found[1:]:
+            if param is not found[0][1]:
+                local.append(f"{label}: {fqn!r} and {found[0][0]!r} are on one rank but not tied there")
+        on_rank |= {fqn for fqn, _ in found}
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [name for name, _ in named])
+    dist.all_gather_object(gathered, ([name for name, _ in named], sorted(on_rank)))
     if dist.get_rank() != 0:
         return local
-    held = [name for names in gathered for name in names]
-    tied = adapter.tied_weights(reference.config)
+    held = [name for names, _ in gathered for name in names]
     want = {name for name, _ in reference.named_parameters(remove_duplicate=False)}
     problems = local
     twice = sorted({n for n in held if held.count(n) > 1})
     if twice:
         problems.append(f"{label}: parameters held by more than one rank: {twice}")
     missing = want - set(held)
-    if pipe.plan.stages[0].rank == pipe.plan.stages[-1].rank:
-        missing -= set(tied)  # tied to the source on that rank; checked there
+    missing -= {n for _, tied_here in gathered for n in tied_here}  # tied to another member on that rank; checked there
     # NOTE: a tie within one stage's modules (BERT's decoder bias and its prediction bias) is one
     # parameter on that stage, held under one of its names; only ties across the pipeline
     # (``tied``) must be held under each name

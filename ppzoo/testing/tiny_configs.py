@@ -136,12 +136,32 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
         "the default period puts the first attention layer at layer 4: with no attention layer its cache code fails",
     ),
     "kimi_linear": (
-        {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
-        "the default layout has no full-attention layer in 4 layers: its cache code needs one",
+        {
+            **_MLA,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            "linear_num_heads": 4,
+            "linear_head_dim": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+        "multi-head latent attention sizes as for MLA (its attention expands the latent keys to every query "
+        "head, then repeats them by heads // num_key_value_heads: it needs 4 key/value heads), the default "
+        "layout has no full-attention layer in 4 layers (its cache code needs one), and the default linear "
+        "attention (32 heads of 128) and 256 experts make the CPU check take minutes",
     ),
     "bailing_hybrid": (
-        {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
-        "the default group size puts the first full-attention layer at layer 6: its cache code needs one",
+        {
+            **_MLA,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            "num_local_experts": 8,
+            "n_group": 4,
+            "topk_group": 2,
+            "num_experts_per_tok": 2,
+        },
+        "multi-head latent attention sizes as for MLA (its attention expands the latent keys to every query "
+        "head, then repeats them by heads // num_key_value_heads: it needs 4 key/value heads), the default "
+        "group size puts the first full-attention layer at layer 6 (its cache code needs one), and the default "
+        "512 experts make the CPU check take minutes (group-limited routing kept: 4 groups, 2 of them picked)",
     ),
     "bamba": (
         {**_MAMBA, "attn_layer_indices": [1, 3]},
@@ -197,6 +217,11 @@ FIXES: dict[str, tuple[dict[str, Any], str]] = {
         },
         "its default attention config lacks rope_theta and clip_qkv, and its experts take their width from "
         "d_model before the hidden_size alias sets it",
+    ),
+    "longcat_flash": (
+        {**_MLA, "num_layers": 4, "n_routed_experts": 4, "zero_expert_num": 2, "moe_topk": 2},
+        "multi-head latent attention sizes as for MLA; num_hidden_layers counts its sublayers (two a block) and "
+        "derives num_layers, so 4 blocks are set (4 stages) and 512 routed plus 256 zero experts cut to 4 and 2",
     ),
     "deepseek_v2": (
         {**_MLA, "num_experts_per_tok": 2, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},

@@ -10,9 +10,11 @@ The layout (input modules, the layer list, output modules) is read from the modu
 forward on the meta device (:mod:`.layout`, :mod:`.trace`), which also shows what cannot cross a
 stage boundary. What later layers read besides the hidden states (per-layer inputs computed
 from the token ids, keys and values one layer stores for later ones) crosses the boundary packed
-with them (:mod:`.boundary`). Configs are refused before any weight is read, with the reason,
-when something cannot be carried that way: blocks shared by several layers, a router aux loss
-the forward computes in a form ppzoo cannot read.
+with them (:mod:`.boundary`). A block several layers share (Zamba) is a tie group: each stage
+holding one of those layers keeps a copy, its gradients summed over the holders (:mod:`ppzoo.tied`).
+Configs are refused before any weight is read, with the reason, when something cannot be carried
+that way: parameters tied between other modules, a router aux loss the forward computes in a form
+ppzoo cannot read.
 
 Mixtures of experts run as the model defines them; each stage records its own layers' router
 logits with transformers' output recorders, and :meth:`NativeAdapter.aux_loss` adds the router
@@ -28,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import io
+import re
 import sys
 import tokenize
 from typing import Any
@@ -58,7 +61,8 @@ class NativeAdapter(Adapter):
     def tiny_config(self):
         """GPT-2 (no adapter of its own): learned positions, tied head, fused QKV as ``Conv1D``, and
         its released dropouts (0.1 on embeddings, attention and residuals), which the kit compares
-        train mode against train mode."""
+        train mode against train mode. Weights drawn wider than GPT-2's 0.02: a tiny GPT-2 drawn
+        that narrow predicts one token whatever the prompt, which would leave generation untested."""
         from transformers import GPT2Config
 
         return GPT2Config(
@@ -71,15 +75,21 @@ class NativeAdapter(Adapter):
             resid_pdrop=0.1,
             embd_pdrop=0.1,
             attn_pdrop=0.1,
+            initializer_range=0.5,
             bos_token_id=1,
             eos_token_id=2,
         )
 
     def matches(self, config: Any) -> bool:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
 
-        if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            return False
+        model_type = getattr(config, "model_type", None)
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            # NOTE: an image-text-to-text model's language model is a decoder (ppzoo.vision)
+            return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         # NOTE: encoder families (BERT, RoBERTa, ...) attend causally only with is_decoder=True;
         # GPT-NeoX's config carries is_decoder=False too, but its code never reads it.
         return getattr(config, "is_decoder", None) is not False or not _reads_is_decoder(type(config))
@@ -116,9 +126,14 @@ class NativeAdapter(Adapter):
         boundary = self._found(config).boundary
         return boundary.width if boundary.carries else int(self.text_config(config).hidden_size)
 
+    def image_modules(self, config: Any) -> tuple[str, ...]:
+        return self._found(config).images
+
     def tp_plan(self, config: Any) -> dict[str, str]:
         plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}
-        base = self._found(config).base
+        found = self._found(config)
+        # NOTE: a vision-language model's text plan is its language model's (``layers.*``)
+        base = found.layout.layers.rpartition(".")[0] if found.images else found.base
         return {f"{base}.{pattern}" if base else pattern: style for pattern, style in plan.items()}
 
     # -- validation ----------------------------------------------------------------------------
@@ -191,6 +206,41 @@ class NativeAdapter(Adapter):
     def patch_inner_forward(self, inner) -> None:
         """Nothing: Hugging Face's inner forward runs as it is (see :meth:`patch_causal_lm_forward`)."""
 
+    def generation_problem(self, config: Any) -> str | None:
+        """Why ``config``'s stages cannot generate; None when they can.
+
+        A stage runs Hugging Face's forward with a transformers cache in which the layers other
+        stages hold are dummies (:func:`.stage.stage_cache`), so masks and positions come from
+        the stage's own layers. Refused: a forward that takes no cache, a model whose own
+        ``prepare_inputs_for_generation`` changes the forward's inputs, a model that keeps its
+        own cache class, and layers that reuse keys and values an earlier layer stored (they
+        would cross a stage boundary for the whole sequence, not a step's tokens).
+        """
+        kind = f"model_type {getattr(config, 'model_type', None)!r}"
+        lm = _causal_lm_class(config)
+        if getattr(lm, "forward", None) is None:
+            return None  # NOTE: not a model this adapter builds; building it says why
+        params = inspect.signature(lm.forward).parameters
+        if not {"cache", "past_key_values"} & set(params) and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return f"{kind}: {lm.__name__}.forward takes no cache"
+        changed = _prepared_inputs(lm)
+        if changed:
+            return (
+                f"{kind}: {lm.__name__}.prepare_inputs_for_generation changes what the forward is given at a step "
+                f"({', '.join(changed)}), which ppzoo's stages are not given"
+            )
+        own = _own_cache_classes(lm)
+        if own:
+            return f"{kind} keeps its keys and values in its own {own[0]}, which ppzoo cannot hold per stage"
+        found = _layout.discover(config)
+        shared = [] if isinstance(found, list) else sorted({s.name for s in found.boundary.slots if s.kind == "state"})
+        if shared:
+            return (
+                f"{kind}: later layers reuse the keys and values earlier layers stored ({', '.join(shared)}), "
+                "which cross a stage boundary for the whole sequence, not one step's tokens"
+            )
+        return None
+
     def patch_causal_lm_forward(self, lm) -> None:
         _stage.patch_forward(lm)
         record_router_logits(lm)
@@ -200,10 +250,6 @@ class NativeAdapter(Adapter):
         return router_aux_loss(config, stages, attention_mask, routers=stages[0]._ppzoo_routers)
 
 
-#: schedules that split a stage's backward into an input pass and a later weight pass
-SPLIT_BACKWARD = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
-
-
 def _split_backward_problems(found: _layout.NativeLayout, plan: Any, kind: str) -> list[Problem]:
     """A layer parameter used again downstream of its own use cannot go through torch's weight pass.
 
@@ -211,7 +257,7 @@ def _split_backward_problems(found: _layout.NativeLayout, plan: Any, kind: str) 
     pass saved, without keeping the graph; a parameter used again on a value computed with it
     (Gemma 3n's AltUp router) reaches its first use through nodes an earlier group has freed.
     """
-    from ppzoo.schedule import schedule_kind
+    from ppzoo.schedule import SPLIT_BACKWARD, schedule_kind
 
     schedule = getattr(plan, "schedule", None)
     if not found.reused or schedule is None:
@@ -233,12 +279,39 @@ def _split_backward_problems(found: _layout.NativeLayout, plan: Any, kind: str) 
 
 
 def _causal_lm_class(config: Any) -> type:
-    from transformers import AutoModelForCausalLM
+    from ppzoo.meta import model_class
 
     try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        return model_class(config)._model_mapping[type(config)]
     except (KeyError, ValueError):
         return type(None)
+
+
+@functools.cache
+def _prepared_inputs(lm: type) -> list[str]:
+    """The inputs a model's own ``prepare_inputs_for_generation`` sets besides transformers' default
+    (Mamba drops the attention mask after the prefill); ppzoo gives a stage the default inputs."""
+    from transformers import GenerationMixin
+
+    method = getattr(lm, "prepare_inputs_for_generation", None)
+    if method is None or method is GenerationMixin.prepare_inputs_for_generation:
+        return []
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return []
+    return sorted(set(re.findall(r"model_inputs\[[\"'](\w+)[\"']\]\s*=", source)))
+
+
+@functools.cache
+def _own_cache_classes(lm: type) -> list[str]:
+    """Cache classes the modeling module of ``lm`` defines for itself (``MiniMaxCache``, ``xLSTMCache``)."""
+    module = sys.modules.get(lm.__module__)
+    return sorted(
+        name
+        for name, value in vars(module or {}).items()
+        if isinstance(value, type) and name.endswith("Cache") and value.__module__ == lm.__module__
+    )
 
 
 @functools.cache

@@ -54,7 +54,7 @@ def reference_buffers(config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def _build(config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
+    from ppzoo.meta import model_class
 
     try:
         from transformers.initialization import no_init_weights
@@ -64,7 +64,7 @@ def _build(config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     torch.set_default_dtype(dtype)
     try:
         with _parameters_on_meta(), no_init_weights():
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+            model = model_class(config).from_config(copy.deepcopy(config), dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
     return {

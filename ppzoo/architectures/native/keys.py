@@ -7,8 +7,11 @@ into fused parameters, a fused convolution is concatenated from three). ppzoo's 
 module only checks, on the meta device, that the rules turn what transformers saves back into
 every parameter, and records the one-for-one renames. Ties come from
 ``get_expanded_tied_weights_keys``: a head tied to the embedding spans the pipeline (its gradients
-are summed across the two stages); a tie within the inputs or within the outputs (a head's bias)
-stays on one stage as one parameter, read through :class:`CheckpointKeys`.
+are summed across the two stages), and so does a block several layers share (Zamba's shared
+transformer, tied from the first layer that uses it to every later one: each stage holding such a
+layer keeps a copy, read from the checkpoint keys of the first, its gradients summed over every
+holding stage, :mod:`ppzoo.tied`); a tie within the inputs, within the outputs (a head's bias) or
+within one layer stays on one stage as one parameter, read through :class:`CheckpointKeys`.
 """
 
 from __future__ import annotations
@@ -35,9 +38,20 @@ class CheckpointKeys(KeyMap):
 
 
 def tied_parameters(
-    model: nn.Module, inputs: list[str], outputs: list[str], kind: str
+    model: nn.Module, inputs: list[str], outputs: list[str], kind: str, *, layers: str | None = None
 ) -> tuple[dict[str, str], dict[str, str], list[Problem]]:
-    """Ties across the pipeline (an output's copy of an input's parameter) and ties on one side."""
+    """Ties across the pipeline and ties on one stage, as ``({copy: source}, {copy: source}, problems)``.
+
+    Across: an output's copy of an input's parameter, or a layer's copy of an earlier layer's (a
+    block several layers share). On one stage: both ends in the inputs, both in the outputs, or
+    both in one layer.
+
+    Args:
+        model: the meta model.
+        inputs, outputs: the input and output units.
+        kind: how problems name the model.
+        layers: the FQN of the decoder-layer list; without it a tie between layers is refused.
+    """
     try:
         expanded = model.get_expanded_tied_weights_keys(all_submodels=True)
     except AttributeError:  # NOTE: older transformers name the ties differently; none then
@@ -49,11 +63,20 @@ def tied_parameters(
             across[copy_] = source
         elif (inside(copy_, outputs) and inside(source, outputs)) or (inside(copy_, inputs) and inside(source, inputs)):
             local[copy_] = source  # NOTE: all inputs are on the first stage, all outputs on the last
+        elif (pair := _layer_indices(copy_, source, layers)) is not None:
+            # NOTE: one layer is on one stage; a layer's copy of an earlier layer's parameter may
+            # be on another stage (the first holder of the shared block keeps the source)
+            if pair[0] == pair[1]:
+                local[copy_] = source
+            elif pair[0] > pair[1]:
+                across[copy_] = source
+            else:
+                other.append((copy_, source))
         else:
             other.append((copy_, source))
     if not other:
         return across, local, []
-    # NOTE: one problem for the whole tie (Zamba's shared block ties every parameter of a block)
+    # NOTE: one problem for the whole tie
     copy_, source = other[0]
     more = f" and {len(other) - 1} more parameters" if len(other) > 1 else ""
     return (
@@ -63,11 +86,24 @@ def tied_parameters(
             Problem(
                 "native-tied",
                 f"{kind} ties {copy_!r} to {source!r}{more}; ppzoo ties an output module's parameters to an input "
-                "module's only (their gradients summed between the first and the last stage), not a block "
-                "that layers on any stage share",
+                "module's, and a layer's to an earlier layer's (their gradients summed over the stages holding "
+                "them), not parameters of other modules",
             )
         ],
     )
+
+
+def _layer_indices(copy_: str, source: str, layers: str | None) -> tuple[int, int] | None:
+    """The layer indices of a copy and its source when both are inside the layer list ``layers``."""
+    if not layers:
+        return None
+    found = []
+    for fqn in (copy_, source):
+        index = fqn[len(layers) + 1 :].split(".", 1)[0] if fqn.startswith(layers + ".") else ""
+        if not index.isdigit():
+            return None
+        found.append(int(index))
+    return found[0], found[1]
 
 
 def checkpoint_renames(

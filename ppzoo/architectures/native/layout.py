@@ -1,9 +1,11 @@
 """The native adapter's layout, found from the module tree and one watched meta-device forward.
 
 :func:`discover` builds the CausalLM on the meta device, finds the decoder-layer list (the one
-``ModuleList`` of ``num_hidden_layers`` modules), takes every module outside it that holds
-parameters or persistent buffers as a *unit*, runs the forward once (:mod:`.trace`) and sorts the
-units into inputs (run before the first layer) and outputs (run after the last). It refuses, with
+``ModuleList`` of ``num_hidden_layers`` modules, or of another layer count of the config where
+those count sublayers), takes every module outside it that holds parameters or persistent buffers
+as a *unit*, runs the forward once (:mod:`.trace`; on a copy with constant weights where the
+forward reads tensor values) and sorts the units into inputs (run before the first layer) and
+outputs (run after the last). It refuses, with
 the reason, whatever would not split exactly at a layer boundary: a unit that runs between layers
 or on both sides, a layer argument or state that cannot be carried across the boundary
 (:mod:`.boundary`), a head that reads the embeddings again, parameters shared between modules,
@@ -25,7 +27,7 @@ from torch import nn
 
 from ppzoo.architectures.native.boundary import Boundary, plan_boundary
 from ppzoo.architectures.native.keys import checkpoint_renames, tied_parameters
-from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, layer_tag, unit_tag, watch
+from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, Observed, layer_tag, unit_tag, watch
 from ppzoo.layout import Layout
 from ppzoo.validation import Problem
 
@@ -59,12 +61,16 @@ class NativeLayout:
         layer_output: what a layer returns: ``("tensor", 0)``, or ``("tuple", n)`` / ``("list", n)``
             with the hidden states first.
         standins: per input unit, how its stand-in shapes its output.
-        tied: ``{copy: source}`` tied parameters, the copy in an output, the source in an input.
-        local_ties: ``{copy: source}`` tied parameters on one stage (both in inputs, or both in
-            outputs: a head's bias tied to another of its biases).
+        tied: ``{copy: source}`` tied parameters that stages hold apart: the copy in an output and
+            the source in an input, or both in layers (a block several layers share, the source in
+            the first).
+        local_ties: ``{copy: source}`` tied parameters on one stage (both in inputs, both in
+            outputs, or both in one layer: a head's bias tied to another of its biases).
         renames: ``{fqn: checkpoint key}`` where transformers saves a parameter under another name.
         boundary: what a stage hands the next one (:mod:`.boundary`).
         reused: layer parameters used again on a value computed with them (``"index.name"``).
+        images: a vision-language model's image modules (vision tower, projector): inputs of the
+            first stage that a text-only forward never calls (:mod:`ppzoo.vision`).
     """
 
     layout: Layout
@@ -77,6 +83,7 @@ class NativeLayout:
     renames: dict[str, str]
     boundary: Boundary
     reused: frozenset[str] = frozenset()
+    images: tuple[str, ...] = ()
 
 
 #: discovered layouts by config (its class and JSON): the planner, the loader and every stage ask
@@ -128,7 +135,22 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
         ]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None)
-    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and n and len(m) == n]
+    language, image_side = _vision_language(model)
+    if language and (inside := _vision_inside_layers(model.get_submodule(language))):
+        return [
+            Problem(
+                "vision-in-layers",
+                f"{kind}: its language model takes {', '.join(inside)} from the vision tower inside its layers; "
+                "ppzoo merges image features into the embeddings before the first layer only",
+            )
+        ]
+    lists = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and n and len(m) == n and _under(name, language)
+    ]
+    if not lists:
+        n, lists = _sublayer_count(model, text, n, language)
     if len(lists) != 1:
         found = f"several ({', '.join(lists)})" if lists else "none"
         return [
@@ -143,14 +165,14 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     problems += _shared_parameters(model, kind)
     if problems:
         return problems
-    layers = model.get_submodule(container)
     try:
-        seen = watch(model, layers, {fqn: model.get_submodule(fqn) for fqn in units})
+        seen = _watch(model, container, units)
     except Exception as exc:  # noqa: BLE001
         return [
             Problem(
                 "native-trace",
-                f"{kind}'s forward does not run on the meta device, so its layout cannot be read ({type(exc).__name__}: {_short(exc)})",
+                f"{kind}'s forward runs neither on the meta device nor on a copy with constant weights, so its "
+                f"layout cannot be read ({_short(exc)})",
             )
         ]
     layer_calls = [i for i, name in enumerate(seen.order) if name.startswith("layer ")]
@@ -162,11 +184,33 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
                 f"{kind}'s forward does not call its {n} decoder layers once each, in order (it called {calls[:8]})",
             )
         ]
+    if seen.row_mixing:
+        shape, view = seen.row_mixing[0]
+        return [
+            Problem(
+                "native-batch-rows",
+                f"{kind}'s forward views a (batch, sequence, ...) tensor {shape} as {view}, which mixes the rows of "
+                "the batch: its result on a batch differs from its result on the batch's microbatches, which a "
+                "pipeline runs",
+            )
+        ]
+    if seen.layer_reads:
+        i, name = min(seen.layer_reads)
+        return [
+            Problem(
+                "native-layer-attribute",
+                f"{kind}'s forward reads {name!r} of decoder layer {i} outside that layer, which a stage "
+                "without the layer does not hold",
+            )
+        ]
     start, end = layer_calls[0], layer_calls[-1]
     inputs, outputs = [], []
+    images = []
     for fqn in units:
         calls = [i for i, name in enumerate(seen.order) if name == fqn]
-        if not calls:
+        if not calls and any(_under(fqn, side) for side in image_side):
+            images.append(fqn)  # NOTE: the vision tower and projector: run on images, before the layers
+        elif not calls:
             problems.append(
                 Problem(
                     "native-unused-module", f"{kind}: module {fqn!r} holds parameters but the forward never calls it"
@@ -205,21 +249,172 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
                 f"{kind}'s decoder layers return {sorted(map(str, formats))}; ppzoo needs a tensor, or a tuple or list with the hidden states first",
             )
         )
-    tied, local_ties, tie_problems = tied_parameters(model, inputs_, outputs_, kind)
+    tied, local_ties, tie_problems = tied_parameters(model, inputs_, outputs_, kind, layers=container)
     renames, key_problems = checkpoint_renames(model, kind, check=_fewer_experts_model(config))
     problems += tie_problems + key_problems
     if problems:
         return problems
     base = next((name for name, m in model.named_modules() if m is model.base_model), "")
-    layout = Layout(inputs=tuple(inputs_), layers=container, num_layers=n, outputs=tuple(outputs_))
+    layout = Layout(inputs=(*images, *inputs_), layers=container, num_layers=n, outputs=tuple(outputs_))
     return NativeLayout(
-        layout, base, seen.hidden_name, formats.pop(), standins, tied, local_ties, renames, boundary, seen.reused
+        layout,
+        base,
+        seen.hidden_name,
+        formats.pop(),
+        standins,
+        tied,
+        local_ties,
+        renames,
+        boundary,
+        seen.reused,
+        images=tuple(images),
     )
+
+
+#: config attributes that count a model's layers, under another name than num_hidden_layers
+_LAYER_COUNTS = ("num_layers", "n_layers", "n_layer", "num_blocks")
+
+
+def _sublayer_count(model: nn.Module, text: Any, n: Any, language: str) -> tuple[Any, list[str]]:
+    """``(count, [layer list])`` for a model whose layer list has the length of another of its
+    config's layer counts than ``num_hidden_layers`` (``n``), or ``(n, [])``.
+
+    NOTE: LongCat-Flash holds ``num_layers`` blocks of two attention and MLP sublayers each, and
+    its config derives ``num_hidden_layers`` as ``2 * num_layers`` (the sublayers, which its cache
+    counts); its forward loops over ``self.layers[: config.num_layers]``. The list is taken only
+    when it is the one ModuleList of that length, and the trace then checks that the forward calls
+    each of its modules once, in order.
+    """
+    counts = {
+        value
+        for name in _LAYER_COUNTS
+        if isinstance(value := getattr(text, name, None), int) and not isinstance(value, bool) and value > 0
+    }
+    counts.discard(n)
+    for count in sorted(counts):
+        lists = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) == count and _under(name, language)
+        ]
+        if len(lists) == 1:
+            return count, lists
+    return n, []
+
+
+def _watch(model: nn.Module, container: str, units: list[str]) -> Observed:
+    """The watched forward (:func:`.trace.watch`) of the meta ``model``, or, where the meta device
+    cannot run it, of a copy with constant weights on the CPU.
+
+    NOTE: a forward that reads tensor values (DBRX's and LongCat-Flash's loops over the experts
+    hit, ``nonzero`` and ``item``; JetMoE's expert sizes, ``tolist``) cannot run on the meta
+    device. The layout does not depend on the values, so it is read from a forward that has them:
+    every parameter and persistent buffer zero, broadcast from one element (no memory, however
+    large the model; a matmul copies one weight at a time), the non-persistent buffers as the
+    constructor computes them. Such a forward costs the compute of 3 x 7 tokens.
+
+    Raises:
+        Exception: what the copy's forward raised, from what the meta forward raised.
+    """
+    try:
+        return watch(model, model.get_submodule(container), {fqn: model.get_submodule(fqn) for fqn in units})
+    except Exception as exc:  # noqa: BLE001 - the copy below is tried; its failure is reported
+        on_meta = exc
+    try:
+        real = _constant_copy(model)
+        return watch(real, real.get_submodule(container), {fqn: real.get_submodule(fqn) for fqn in units}, device="cpu")
+    except Exception as exc:
+        raise RuntimeError(
+            f"on the meta device {type(on_meta).__name__}: {_short(on_meta)}; with constant weights "
+            f"{type(exc).__name__}: {_short(exc)}"
+        ) from on_meta
+
+
+def _constant_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of the meta ``model`` with values: see :func:`_watch`."""
+    from ppzoo.architectures.native.buffers import reference_buffers
+
+    real = copy.deepcopy(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        computed = reference_buffers(model.config, dtype)
+    except Exception:  # noqa: BLE001 - a constructor that does not run off the meta device: zeros
+        computed = {}
+    made: dict[int, nn.Parameter] = {}  # NOTE: a parameter used in two places stays one
+    for name, module in real.named_modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+                module._parameters[key] = made[id(p)]
+        for key, b in module._buffers.items():
+            if b is not None:
+                source = computed.get(f"{name}.{key}" if name else key)
+                same = source is not None and source.shape == b.shape and source.dtype == b.dtype
+                module._buffers[key] = source.clone() if same else torch.zeros(b.shape, dtype=b.dtype)
+    return real
 
 
 #: config attributes that count the routed experts, and that give how many each token picks
 _EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")
+
+
+def _vision_language(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """The FQN of a vision-language model's language model and of its image-side modules, or
+    ``("", ())`` for a text-only model.
+
+    NOTE: transformers' vision-language classes hold the vision tower, the projector and the
+    language model side by side (in the base model, or in the model itself: Llama 4), and merge
+    the image features into the token embeddings before the language model runs
+    (``get_image_features``, then ``masked_scatter`` at the image tokens).
+    """
+    from ppzoo.vision import language_model, owner
+
+    top, language = owner(model), language_model(model)
+    if language is None or not hasattr(top, "get_image_features"):
+        return "", ()
+    modules = {id(m): name for name, m in model.named_modules()}
+    side = tuple(modules[id(child)] for child in top.children() if child is not language)
+    return modules[id(language)], side
+
+
+#: what a language model's forward takes when images reach it only through its embeddings
+_TEXT_INPUTS = frozenset(
+    {
+        "self",
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "cache",
+        "past_key_values",
+        "inputs_embeds",
+        "use_cache",
+        "cache_position",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "token_type_ids",
+        "labels",
+        "logits_to_keep",
+        "args",
+        "kwargs",
+    }
+)
+
+
+def _vision_inside_layers(language: nn.Module) -> list[str]:
+    """The parameters of a language model's forward that carry image features into its layers
+    (Qwen3-VL's ``deepstack_visual_embeds``), which no stage boundary could carry."""
+    try:
+        names = inspect.signature(type(language).forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in names if name not in _TEXT_INPUTS]
+
+
+def _under(fqn: str, root: str) -> bool:
+    return not root or fqn == root or fqn.startswith(root + ".")
 
 
 def _fewer_experts(config: Any) -> Any | None:

@@ -24,7 +24,7 @@ import functools
 import inspect
 import types
 from collections import UserDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,8 +32,9 @@ from torch import nn
 from ppzoo.architectures.moe import RouterLoss, router_loss_of, router_modules
 from ppzoo.architectures.native.boundary import Boundary
 from ppzoo.architectures.native.layout import NativeLayout, StandIn
+from ppzoo.vision import image_token_id, stage_image_kwargs
 
-__all__ = ["StageLayers", "patch_forward", "prune"]
+__all__ = ["StageLayers", "patch_forward", "prune", "stage_cache"]
 
 
 class _StageExit(Exception):
@@ -58,10 +59,12 @@ class _Run:
         boundary: Boundary,
         begin: int,
         num_layers: int,
+        own: tuple[int, ...] = (),
     ):
         self.first, self.last, self.dtype = first, last, dtype
         self.layer_output, self.hidden_name = layer_output, hidden_name
         self.boundary, self.begin, self.num_layers = boundary, begin, num_layers
+        self.own = own
         #: a first stage that is not the last computes the carried values of the later stages'
         #: layers: the stand-ins after its own layers read them from their arguments
         self.collecting = first and not last and any(s.kind == "argument" for s in boundary.slots)
@@ -133,14 +136,15 @@ class _InputStandIn(nn.Module):
 
 
 class _OutputStandIn(nn.Module):
-    """Stands in for an output module another stage holds; a stage exits before reaching it."""
+    """Stands in for an output module (or an image module) another stage holds; a stage exits
+    before reaching an output module, and only the first stage is given images."""
 
     def __init__(self, fqn: str):
         super().__init__()
         self.fqn = fqn
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"ppzoo: output module {self.fqn!r} was reached on a stage that does not hold it")
+        raise RuntimeError(f"ppzoo: module {self.fqn!r} was reached on a stage that does not hold it")
 
 
 class _LayerStandIn(nn.Module):
@@ -272,6 +276,7 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
         boundary=found.boundary,
         begin=begin,
         num_layers=n,
+        own=tuple(own),
     )
     for copy_, source in found.local_ties.items():
         owner = next((m for m in modules if source.startswith(m + ".")), None)
@@ -280,7 +285,9 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
             parent, _, name = copy_.rpartition(".")
             setattr(model.get_submodule(parent), name, model.get_parameter(source))
     for fqn in layout.inputs:
-        if fqn not in held:
+        if fqn in found.images and fqn not in held:
+            _replace(model, fqn, _OutputStandIn(fqn))  # NOTE: images reach the first stage only
+        elif fqn not in held:
             _replace(model, fqn, _InputStandIn(fqn, found.standins[fqn], run))
     for fqn in layout.outputs:
         if fqn not in held:
@@ -373,18 +380,57 @@ def patch_forward(lm: nn.Module) -> None:
         # NOTE: each stage records its own router logits (``ppzoo.architectures.moe``); the
         # forward's own aux loss would see only this stage's share, or none
         extra[recipe.switch] = False
-    lm.forward = types.MethodType(functools.partial(_stage_forward, run=run, extra=extra, takes=takes), lm)
+    # NOTE: transformers renamed past_key_values -> cache; a forward taking **kwargs gets the new name
+    cache_name = next((n for n in ("cache", "past_key_values") if n in params), "cache" if takes is None else None)
+    generation = _Generation(cache_name, "logits_to_keep" in params, takes is None or "use_cache" in takes)
+    lm.forward = types.MethodType(
+        functools.partial(_stage_forward, run=run, extra=extra, takes=takes, generation=generation), lm
+    )
+
+
+class _Generation(NamedTuple):
+    """How the CausalLM forward takes what generation gives a stage."""
+
+    cache_name: str | None  # the cache keyword, None when the forward takes none
+    logits_to_keep: bool
+    use_cache: bool
 
 
 def _stage_forward(
-    lm: nn.Module, x: torch.Tensor, attention_mask=None, position_ids=None, *, run: _Run, extra: dict, takes: set | None
+    lm: nn.Module,
+    x: torch.Tensor,
+    attention_mask=None,
+    position_ids=None,
+    cache=None,
+    logits_to_keep: int = 0,
+    *,
+    run: _Run,
+    extra: dict,
+    takes: set | None,
+    generation: _Generation,
+    **inputs: Any,
 ):
+    """The stage's share of Hugging Face's forward; with ``cache`` (generation, :mod:`ppzoo.generation`)
+    its own layers read and extend their KV cache, and a last stage keeps ``logits_to_keep`` positions."""
     kwargs = dict(extra)
+    if position_ids is not None and position_ids.dim() == 3:
+        position_ids = position_ids.transpose(0, 1)  # NOTE: multimodal positions travel batch first
+    if inputs:  # NOTE: a vision-language model's per-token inputs and image features (ppzoo.vision)
+        kwargs.update(stage_image_kwargs(lm, x, run.first, inputs, image_token_id(lm.config)))
     for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
         if takes is None or name in takes:
             kwargs[name] = value
         elif value is not None:
             raise ValueError(f"{type(lm).__name__}.forward takes no {name}; run this model without passing one")
+    if cache is not None and run.own:
+        # NOTE: a stage without layers has nothing to cache; its forward runs as in training
+        if generation.cache_name is None:
+            raise ValueError(f"{type(lm).__name__}.forward takes no cache, so its stages cannot generate")
+        kwargs[generation.cache_name] = stage_cache(cache, run.own, run.num_layers)
+        if generation.use_cache:
+            kwargs["use_cache"] = True
+    if logits_to_keep and run.last and generation.logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
     run.reset()
     if run.first:
         kwargs["input_ids"] = x
@@ -404,9 +450,73 @@ def _stage_forward(
         return _owned(run.outgoing(stop.hidden))
     finally:
         run.reset()
+        if generation.cache_name in kwargs:
+            _advance(kwargs[generation.cache_name], x.shape[1])
     if not run.last:
         raise RuntimeError("ppzoo: a stage that does not hold the head ran past its last layer")
     return _owned(out.logits if hasattr(out, "logits") else out[0])
+
+
+def stage_cache(cache: Any, own: tuple[int, ...], num_layers: int) -> Any:
+    """``cache`` (a transformers ``Cache`` over the whole model's layers) with the layers other
+    stages hold made ``DummyLayer``s, once: transformers then sizes every mask, and counts the
+    tokens seen, from the first of this stage's own layers of each type.
+
+    NOTE: transformers' mask functions and ``get_seq_length`` pick the first full (or sliding, or
+    attention) layer of the cache that is not a dummy; the unsplit model's first layer of a type
+    has seen the same tokens as every other, so the sizes agree.
+    """
+    from transformers.cache_utils import CacheLayerMixin, DummyLayer
+
+    if getattr(cache, "_ppzoo_stage_layers", None) == own:
+        return cache
+    layers = cache.layers
+    while len(layers) < num_layers and cache.layer_class_to_replicate is not None:
+        layers.append(cache.layer_class_to_replicate())
+    held = set(own)
+    others = [i for i in range(len(layers)) if i not in held]
+    for i in others:
+        layers[i] = DummyLayer()
+    if others and not any(isinstance(layers[i], CacheLayerMixin) for i in own):
+        # NOTE: a stage of only linear-attention (Mamba, gated delta net) layers: transformers
+        # still asks an attention layer how many tokens were seen, for masks and positions
+        layers[others[0]] = _seen_tokens_class()()
+    cache._ppzoo_stage_layers = own
+    return cache
+
+
+@functools.cache
+def _seen_tokens_class() -> type:
+    # NOTE: made on first use: transformers is imported lazily
+    from transformers.cache_utils import DynamicLayer
+
+    class SeenTokens(DynamicLayer):
+        """In a stage without attention layers, another stage's attention layer: stores nothing and
+        counts the tokens the stage has seen (:func:`_advance`), which is what transformers asks it."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def update(self, *args, **kwargs):
+            raise RuntimeError("ppzoo: another stage's attention layer was given keys and values on this stage")
+
+        def batch_select_indices(self, indices) -> None:
+            pass
+
+        def reorder_cache(self, beam_idx) -> None:
+            pass
+
+    return SeenTokens
+
+
+def _advance(cache: Any, tokens: int) -> None:
+    for layer in cache.layers:
+        if hasattr(layer, "seen"):
+            layer.seen += tokens
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:

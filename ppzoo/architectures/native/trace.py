@@ -2,7 +2,8 @@
 
 The native adapter runs Hugging Face's own forward on every stage, so whether a split is exact
 depends on what that forward does around its decoder layers. :func:`watch` runs the CausalLM once
-on the meta device (no memory, no weights) and records
+on the meta device (no memory, no weights; where the forward reads tensor values, on a copy with
+constant weights, see :func:`.layout._watch`) and records
 
 - the order in which the parameter-holding modules outside the layers ("units") and the layers run;
 - what each layer returns (a tensor, or a tuple with the hidden states first);
@@ -10,7 +11,9 @@ on the meta device (no memory, no weights) and records
 - where every tensor a layer receives, and the logits, come from. A dispatch mode tags tensors
   with their origin (the token ids, a unit, a layer) and propagates tags through every operation,
   so a layer argument computed from the token ids (per-layer inputs), a value one layer hands to
-  a later one (shared state), or logits that read the embeddings again are seen, not guessed.
+  a later one (shared state), or logits that read the embeddings again are seen, not guessed;
+- what the forward reads from a layer outside that layer's call (a stand-in has not got it), and
+  views that mix the rows of the batch (microbatches would give another result).
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ class Observed:
         state_reads: ``(layer, argument name, key)`` for each entry a layer read from such an argument.
         reused: layer parameters (``"index.name"``) used again on a value computed with them
             (Gemma 3n's AltUp router, in its prediction and then its correction).
+        row_mixing: ``(shape, view)`` for each view of a ``(batch, sequence, ...)`` tensor that
+            mixes the rows of the batch (see :func:`_mixes_rows`).
+        layer_reads: ``(layer, name)`` for each submodule, parameter or buffer of a layer that
+            the forward read outside that layer's own call (X-MOD reads layer 0's language
+            adapters to pick a default language).
     """
 
     order: list[str] = field(default_factory=list)
@@ -85,6 +93,21 @@ class Observed:
     states: dict[int, dict[str, dict[Any, tuple[frozenset[str], tuple]]]] = field(default_factory=dict)
     state_reads: set[tuple[int, str, Any]] = field(default_factory=set)
     reused: frozenset[str] = frozenset()
+    layer_reads: set[tuple[int, str]] = field(default_factory=set)
+    row_mixing: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+
+def _reporting(cls: type, report) -> type:
+    """A subclass of the layer class ``cls``, of the same name, whose ``nn.Module.__getattr__``
+    (submodules, parameters, buffers) calls ``report(module, name)`` first."""
+
+    def __getattr__(self, name: str) -> Any:
+        report(self, name)
+        return super(watched, self).__getattr__(name)
+
+    watched = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__})
+    watched.__qualname__ = cls.__qualname__
+    return watched
 
 
 class _Reads(dict):
@@ -110,6 +133,8 @@ class _Flow(TorchDispatchMode):
         self.params: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.used: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.reused: set[str] = set()
+        #: views of a (batch, sequence, ...) tensor that mix the rows of the batch (see :attr:`Observed.row_mixing`)
+        self.row_mixing: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def of(self, tree: Any) -> frozenset[str]:
         found: frozenset[str] = frozenset()
@@ -127,6 +152,8 @@ class _Flow(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         leaves = _tensors((args, kwargs))
+        if func in _VIEWS and leaves and isinstance(out, torch.Tensor) and _mixes_rows(leaves[0].shape, out.shape):
+            self.row_mixing.append((tuple(leaves[0].shape), tuple(out.shape)))
         tags = frozenset().union(*(self.tags.get(t, _NONE) for t in leaves))
         outs = _tensors(out) if leaves else []
         if tags:
@@ -143,6 +170,30 @@ class _Flow(TorchDispatchMode):
 
 
 _NONE: frozenset[str] = frozenset()
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _mixes_rows(before: torch.Size, after: torch.Size) -> bool:
+    """Whether viewing a ``(batch, sequence, ...)`` tensor as ``after`` puts another dimension
+    before the batch's rows, so that one slice along the leading dimensions spans several rows.
+
+    NOTE: the rows stay the outermost dimension when the leading dimensions' product reaches a
+    multiple of the batch size (every slice then lies in one row: a token, or a token's top-k
+    copies) through sizes that only divide it (a leading 1). Doge's router views its logits
+    ``(batch, seq, 2 * keys)`` as ``(2, batch * seq, keys)`` and pairs the two halves, so a token
+    is routed by another token's logits, of another row too: the model's result on a batch
+    differs from its result on the batch's microbatches.
+    """
+    if tuple(before[:2]) != (TRACE_BATCH, TRACE_SEQ):
+        return False
+    product = 1
+    for size in after:
+        product *= size
+        if product % TRACE_BATCH == 0:
+            return False
+        if TRACE_BATCH % product:
+            return True
+    return False
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -202,11 +253,15 @@ def watch(
     *,
     batch: int = TRACE_BATCH,
     seq: int = TRACE_SEQ,
+    device: str | torch.device = "meta",
 ) -> Observed:
-    """Run ``model`` once on the meta device with hooks on ``units`` and ``layers``; see :class:`Observed`.
+    """Run ``model`` once with hooks on ``units`` and ``layers``; see :class:`Observed`.
+
+    The token ids are made on ``device``: the meta device, or the CPU for a real-valued copy
+    of a model whose forward reads tensor values (see :func:`.layout._watch`).
 
     Raises:
-        Exception: whatever the forward raises on the meta device; the caller reports it.
+        Exception: whatever the forward raises; the caller reports it.
     """
     positional = _positional_names(layers[0])
     seen = Observed(hidden_name=positional[0] if positional else "hidden_states")
@@ -238,8 +293,15 @@ def watch(
 
         return hook
 
+    inside = [False]  # whether a layer is running
+
+    def outside_read(module: nn.Module, name: str) -> None:
+        if not inside[0]:
+            seen.layer_reads.add((index_of[id(module)], name))
+
     def layer_pre(module, args, kwargs):
         i = index_of[id(module)]
+        inside[0] = True
         seen.order.append(f"layer {i}")
         bound, positions = dict(kwargs), {}
         if args:
@@ -278,6 +340,7 @@ def watch(
 
     def layer_post(module, args, kwargs, out):
         i = index_of[id(module)]
+        inside[0] = False
         if isinstance(out, torch.Tensor):
             seen.layer_output[i] = ("tensor", 0)
         elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -290,7 +353,15 @@ def watch(
             if isinstance(leaf, torch.Tensor):
                 flow.used.pop(leaf, None)
 
+    classes = [type(layer) for layer in layers]
+    watched: dict[type, type] = {}
     try:
+        # NOTE: a stage stands in for the layers other stages hold; what the forward reads from a
+        # layer outside its call (besides plain attributes, which stand-ins copy) they have not
+        for layer, cls in zip(layers, classes):
+            if cls not in watched:
+                watched[cls] = _reporting(cls, outside_read)
+            layer.__class__ = watched[cls]
         for fqn, unit in units.items():
             for p in unit.parameters():
                 flow.tags[p] = frozenset({unit_tag(fqn)})
@@ -302,11 +373,11 @@ def watch(
                 flow.params[p] = f"{i}.{name}"
             handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(layer_post, with_kwargs=True))
-        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
         flow.tags[ids] = frozenset({IDS})
         kwargs: dict[str, Any] = {
             "input_ids": ids,
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device="meta"),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
         }
         params = inspect.signature(type(model).forward).parameters
         if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -316,7 +387,10 @@ def watch(
         logits = out.logits if hasattr(out, "logits") else out[0]
         seen.logits_tags = flow.of(logits)
         seen.reused = frozenset(flow.reused)
+        seen.row_mixing = list(flow.row_mixing)
     finally:
         for handle in handles:
             handle.remove()
+        for layer, cls in zip(layers, classes):
+            layer.__class__ = cls
     return seen

@@ -1,0 +1,180 @@
+"""Vision-language models: the language model pipelined, the vision tower on the first stage.
+
+Each tiny model in ``ppzoo.testing.vision`` is saved as its released class saves it and loaded
+through ppzoo; a step with images, a text-only step and ``eval`` equal the unsplit model (loss,
+every gradient, the vision tower's included, and logits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ppzoo
+from ppzoo import registry
+from ppzoo.checkpoint import Checkpoint
+from ppzoo.config import load_config
+from ppzoo.stage import build_stage
+from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.reference import grad_mismatches, load_reference
+from ppzoo.testing.vision import (
+    VISION_TYPES,
+    image_batch,
+    save_tiny_vision_model,
+    tiny_vision_config,
+    vision_step_problems,
+)
+
+#: the vision tower's and the projector's checkpoint keys, by how the released classes save them
+_IMAGE_KEYS = ("vision_tower.", "multi_modal_projector.", "visual.")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    for model_type in VISION_TYPES:
+        save_tiny_vision_model(model_type, str(root / model_type))
+    return {model_type: str(root / model_type) for model_type in VISION_TYPES}
+
+
+def test_the_layout_puts_the_vision_tower_on_the_first_stage():
+    config = tiny_vision_config("qwen2_vl")
+    adapter = registry.adapter_for(config)
+    assert adapter.name == "native"
+    assert adapter.image_modules(config) == ("model.visual",)
+    plan = ppzoo.plan(config, pp=2)
+    assert plan.layout.layers == "model.language_model.layers"
+    assert "model.visual" in plan.stages[0].modules
+    assert not any("visual" in m for m in plan.stages[1].modules)
+
+
+def test_the_tensor_parallel_plan_is_the_language_model_s():
+    config = tiny_vision_config("llava")
+    plan = registry.adapter_for(config).tp_plan(config)
+    assert plan and all(key.startswith("model.language_model.layers.") for key in plan)
+
+
+def test_a_text_only_checkpoint_of_the_family_keeps_its_adapter():
+    from ppzoo.testing.tiny_configs import tiny_config
+
+    text = tiny_config("gemma3_text")
+    assert registry.adapter_for(text).name == "gemma3_text"
+    assert registry.adapter_for(tiny_vision_config("gemma3")).name == "native"
+    assert registry.adapter_for(text).image_modules(text) == ()
+
+
+class _Recording(Checkpoint):
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.reads: list[str] = []
+
+    def _get_tensor(self, handle, key):
+        self.reads.append(key)
+        return super()._get_tensor(handle, key)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
+def test_only_the_first_stage_reads_the_vision_tower(saved, model_type):
+    directory = saved[model_type]
+    config = load_config(directory)
+    adapter = registry.adapter_for(config)
+    plan = ppzoo.plan(directory, pp=2)
+    reference = load_reference(directory).state_dict()
+    everything = set(Checkpoint(directory).weight_map)
+    image_keys = {k for k in everything if k.startswith(_IMAGE_KEYS) or ".visual." in k or "vision_tower" in k}
+    assert image_keys
+    reads = []
+    for stage in plan.stages:
+        checkpoint = _Recording(directory)
+        built = build_stage(config, adapter, plan, stage.index, checkpoint=checkpoint, attn_implementation="eager")
+        assert [n for n, t in built.state_dict().items() if not torch.equal(t, reference[n])] == []
+        reads.append(set(checkpoint.reads))
+    assert image_keys <= reads[0]
+    assert not image_keys & reads[1]
+    assert reads[0] | reads[1] == everything and not reads[0] & reads[1]
+
+
+@pytest.mark.distributed
+def test_step_with_images_refuses_what_it_cannot_split(saved):
+    results = run_distributed(_refusals, 2, saved["qwen2_vl"], timeout_s=600)
+    assert results[0] == results[1]
+    split, unknown = results[0]
+    assert "zero-bubble schedule (split backward) cannot train the vision tower" in split
+    assert "freeze_vision=True" in split
+    assert "takes no 'pixel_values_videos_typo'" in unknown
+
+
+def test_freeze_vision_is_refused_for_a_text_only_model(tmp_path):
+    from ppzoo.testing.reference import save_tiny_model, tiny
+
+    adapter, _ = tiny("llama")
+    text = save_tiny_model(adapter, tmp_path / "llama")
+    with pytest.raises(ValueError, match="freeze_vision=True, but model_type 'llama' has no vision tower"):
+        ppzoo.pipeline(text, pp=2, freeze_vision=True)
+
+
+def _refusals(rank, world_size, directory):
+    reference = load_reference(directory)
+    batch = image_batch(reference)
+    ids, labels = batch.pop("input_ids"), batch.pop("labels")
+    messages = []
+    pipe = ppzoo.pipeline(directory, pp=2, schedule="ZBVZeroBubble", microbatches=2, attn_implementation="eager")
+    for extra in ({}, {"pixel_values_videos_typo": batch["pixel_values"]}):
+        try:
+            pipe.step(ids, labels=labels, **batch, **extra)
+        except ValueError as exc:
+            messages.append(str(exc))
+        except ppzoo.RankError as exc:
+            messages.append(f"peer: {exc}")
+    return messages
+
+
+@pytest.mark.distributed
+def test_images_text_and_eval_equal_the_unsplit_model(saved):
+    results = run_distributed(vision_step_problems, 2, saved, "1F1B", timeout_s=900)
+    assert results == [{t: [] for t in VISION_TYPES}] * 2
+
+
+@pytest.mark.distributed
+def test_a_frozen_vision_tower_trains_the_language_model_under_zero_bubble_and_saves(saved, tmp_path):
+    names = ("gemma3", "qwen2_vl")
+    results = run_distributed(_frozen_case, 2, {t: saved[t] for t in names}, str(tmp_path), timeout_s=900)
+    for model_type in names:
+        assert results[0][model_type] == [], model_type
+        assert results[1][model_type] == [], model_type
+        # the saved checkpoint is the whole vision-language model, bit for bit
+        reference = load_reference(saved[model_type])
+        again = load_reference(tmp_path / model_type)
+        assert type(again) is type(reference)
+        assert [n for n, t in again.state_dict().items() if not torch.equal(t, reference.state_dict()[n])] == []
+        saved_keys = set().union(*(load_file(f).keys() for f in (tmp_path / model_type).glob("*.safetensors")))
+        assert any(k.startswith(_IMAGE_KEYS) or "vision_tower" in k or "visual." in k for k in saved_keys)
+
+
+def _frozen_case(rank, world_size, directories, out):
+    found = {}
+    for model_type, directory in directories.items():
+        problems = found.setdefault(model_type, [])
+        reference = load_reference(directory)
+        for name, param in reference.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name or ".visual." in name:
+                param.requires_grad_(False)
+        batch = image_batch(reference)
+        reference(**batch).loss.backward()
+        pipe = ppzoo.pipeline(
+            directory,
+            pp=2,
+            schedule="ZBVZeroBubble",
+            microbatches=2,
+            attn_implementation="eager",
+            freeze_vision=True,
+        )
+        ids, labels = batch.pop("input_ids"), batch.pop("labels")
+        pipe.step(ids, labels=labels, **batch)
+        frozen = [n for n, p in pipe.named_parameters() if not p.requires_grad]
+        if pipe.holds_first and not frozen:
+            problems.append("no parameter frozen on the first stage")
+        problems += grad_mismatches(pipe.named_parameters(), reference, tied=pipe.adapter.tied_weights(pipe.config))
+        pipe.save_pretrained(f"{out}/{model_type}")
+    return found
