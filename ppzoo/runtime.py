@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ from ppzoo.precision import apply_autocast, parse_mixed_precision
 from ppzoo.schedule import SPLIT_BACKWARD, build_schedule, check_batch, csv_stage_count, schedule_kind
 from ppzoo.stage import build_stage
 from ppzoo.tied import TiedWeights
-from ppzoo.vision import ImageBatch, finish_images, freeze_modules, prepare_images
+from ppzoo.vision import TOKEN_IDS, ImageBatch, finish_images, freeze_modules, prepare_images
 
 __all__ = ["Pipeline", "PipelineStage", "check_tokens", "pipeline"]
 
@@ -304,6 +305,8 @@ class Pipeline:
         facts: list[int] = []
         try:
             args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
+            if self._vision_language:
+                kwargs[TOKEN_IDS] = input_ids.to(self.device)
             if images:
                 # NOTE: the vision tower runs here, before the exchange, so that a failure in it is
                 # told to every rank instead of leaving them waiting in the schedule
@@ -465,6 +468,10 @@ class Pipeline:
     _images: ImageBatch | None = None
     #: whether the vision tower was frozen (``pipeline(freeze_vision=True)``)
     vision_frozen: bool = False
+
+    @functools.cached_property
+    def _vision_language(self) -> bool:
+        return bool(self.adapter.image_modules(self.config))
 
     def _image_batch(
         self, input_ids, attention_mask, images: dict[str, Any], *, train: bool, positions: bool

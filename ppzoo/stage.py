@@ -21,6 +21,7 @@ from ppzoo.dropout import key_dropout
 from ppzoo.layout import Layout
 from ppzoo.meta import meta_model
 from ppzoo.planner import Plan, StagePlan
+from ppzoo.vision import TOKEN_IDS
 
 if TYPE_CHECKING:
     from ppzoo.adapter import Adapter
@@ -153,7 +154,9 @@ def run_chain(
     """Run stages 0 → last in one process (no process group); returns the last stage's logits."""
     x = input_ids
     for module in stages:
-        x = module(x, attention_mask=attention_mask, position_ids=position_ids)
+        # NOTE: a vision-language model's later stages read the token ids too (ppzoo.vision)
+        ids = {TOKEN_IDS: input_ids} if getattr(module, "ppzoo_reads_token_ids", False) else {}
+        x = module(x, attention_mask=attention_mask, position_ids=position_ids, **ids)
     return x
 
 

@@ -45,7 +45,7 @@ CODES: dict[str, str] = {
     "native-layer-attribute": "the forward reads a decoder layer's submodule or parameter outside the layer (X-MOD's language adapters)",
     "native-batch-rows": "the forward mixes the rows of a batch (Doge's router), so microbatches give other results than the whole batch",
     "native-unused-module": "a module holds parameters the text forward never calls (outside a vision-language model's image side)",
-    "vision-in-layers": "a vision-language model whose language model takes image features inside its layers (Qwen3-VL's deepstack)",
+    "vision-in-layers": "a vision-language model whose language model takes more than the embeddings for its layers (Qwen3-VL's deepstack features)",
     "native-between-layers": "a module runs between the layers or on both sides (a shared block)",
     "native-shared-parameters": "one parameter used in several places",
     "native-direct-parameter": "a parameter held by the base model itself, outside every module",

@@ -35,12 +35,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ImageBatch", "finish_images", "freeze_modules", "image_token_id", "prepare_images", "stage_image_kwargs"]
+__all__ = [
+    "FEATURES",
+    "TOKEN_IDS",
+    "ImageBatch",
+    "finish_images",
+    "freeze_modules",
+    "image_token_id",
+    "prepare_images",
+    "stage_image_kwargs",
+]
 
 #: names under which a batch's per-token inputs reach every stage, split like the token ids
 PER_TOKEN = frozenset({"token_type_ids", "mm_token_type_ids"})
 #: the keyword under which the first stage gets its microbatch's image features
 FEATURES = "image_features"
+#: the keyword under which later stages get the token ids (their forward finds the image tokens in them)
+TOKEN_IDS = "token_ids"
 
 
 @dataclass
@@ -223,14 +234,18 @@ def stage_image_kwargs(
 ) -> dict[str, Any]:
     """The forward's keyword arguments for one stage and microbatch (see the module docstring).
 
-    NOTE: later stages need no token ids: the image tokens matter only where the features are
-    merged, and per-token inputs (Gemma 3's ``token_type_ids`` for its image-block masks) and
-    positions arrive split like them.
+    NOTE: later stages run the forward on the token ids, as the unsplit model does: their input
+    modules are stand-ins (zeros, replaced by the incoming hidden states at their first layer),
+    and the forward finds the image tokens in the ids where it needs them (masks that let an
+    image attend to itself, Gemma 4's placeholder masks).
     """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     kwargs = dict(inputs)
     features = kwargs.pop(FEATURES, None)
+    token_ids = kwargs.pop(TOKEN_IDS, None)
+    if not first and token_ids is not None:
+        kwargs["input_ids"] = token_ids
     if first and features is not None and token is not None:
         picked = features[x == token]
         if picked.shape[0]:

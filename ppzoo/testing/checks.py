@@ -422,7 +422,7 @@ def check_stage_chain(adapter: Adapter) -> None:
         reference.train()
         everything = adapter.fqn_layout(config)
         key_dropout(reference, everything, range(everything.num_layers), seed=DROPOUT_SEED)
-        ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
+        ids, mask, labels = batch(config.get_text_config().vocab_size, seq_len=SEQ_LEN)
         out = reference(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         with torch.no_grad():
@@ -486,7 +486,7 @@ def _packed_problems(adapter: Adapter, reference: torch.nn.Module, stages) -> li
     """The stages given explicit packed ``position_ids`` (no attention mask) compute the reference's
     logits and loss: learned positions, RoPE and the per-document mask transformers derives from
     restarting positions all come from them."""
-    ids, position_ids, labels = packed_batch(reference.config.vocab_size)
+    ids, position_ids, labels = packed_batch(reference.config.get_text_config().vocab_size)
     with torch.no_grad():
         # NOTE: use_cache=False, as in training: with a cache transformers ignores the packing
         params = inspect.signature(type(reference).forward).parameters
@@ -530,7 +530,7 @@ def check_tied_weights(adapter: Adapter) -> None:
         v_plan = plan(directory, pp=2, schedule="ZBVZeroBubble")
         if v_plan.stages[0].rank != v_plan.stages[-1].rank:
             problems.append("V placement puts the tied copy and its source on different ranks")
-        ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
+        ids, mask, labels = batch(config.get_text_config().vocab_size, seq_len=SEQ_LEN)
         reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         stages = _build_stages(adapter, config, plan(directory, pp=2), directory, dropout_seed=DROPOUT_SEED)
         _chain_loss(adapter, config, stages, run_chain(stages, ids, attention_mask=mask), labels, mask).backward()
@@ -699,7 +699,7 @@ def check_generate(adapter: Adapter) -> None:
         # (the loss is computed from the cached step's router logits against the whole mask);
         # the router logits do not change the logits
         config.output_router_logits = False
-        ids, mask, _ = batch(config.vocab_size, seq_len=SEQ_LEN)
+        ids, mask, _ = batch(config.get_text_config().vocab_size, seq_len=SEQ_LEN)
         length = ids.shape[1]
         with torch.no_grad():
             greedy = reference.generate(ids, attention_mask=mask, max_new_tokens=GENERATE_TOKENS, do_sample=False)

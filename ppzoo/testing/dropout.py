@@ -90,7 +90,7 @@ def check_dropout(adapter: Adapter, *, require_effect: bool = True) -> None:
         reference = load_reference(directory)
         config = reference.config
         layout = adapter.fqn_layout(config)
-        ids, mask, labels = batch(config.vocab_size, seq_len=SEQ_LEN)
+        ids, mask, labels = batch(config.get_text_config().vocab_size, seq_len=SEQ_LEN)
         with torch.no_grad():
             evaluated = reference.eval()(input_ids=ids, attention_mask=mask).logits
         reference.train()

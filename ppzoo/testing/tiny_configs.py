@@ -330,6 +330,11 @@ def _shrunk(cls: type, extra: dict[str, Any]) -> Any:
         if name in fields and sub.__name__ != "AutoConfig":
             # NOTE: a FIXES entry for a sub-config is a dict of its own settings
             kwargs[name] = _shrunk(sub, extra.pop(name) if isinstance(extra.get(name), dict) else {})
+        elif name in fields and name not in extra:
+            # NOTE: a sub-config of any model type (Fuyu's Persimmon text model): that type's tiny config
+            default = getattr(cls(), name, None)
+            if getattr(default, "model_type", None) and default.model_type != cls.model_type:
+                kwargs[name] = {"model_type": default.model_type, **tiny_config(default.model_type).to_diff_dict()}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     for name, inside in _TOKEN_IDS.items():
         if isinstance(defaults.get(name), int) and "vocab_size" in kwargs and defaults[name] >= kwargs["vocab_size"]:

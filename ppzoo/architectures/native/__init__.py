@@ -243,6 +243,8 @@ class NativeAdapter(Adapter):
 
     def patch_causal_lm_forward(self, lm) -> None:
         _stage.patch_forward(lm)
+        # NOTE: a vision-language model's later stages run the forward on the token ids (ppzoo.vision)
+        lm.ppzoo_reads_token_ids = bool(self.image_modules(lm.config))
         record_router_logits(lm)
 
     def aux_loss(self, config: Any, stages, attention_mask=None):

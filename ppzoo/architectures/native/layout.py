@@ -140,8 +140,9 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
         return [
             Problem(
                 "vision-in-layers",
-                f"{kind}: its language model takes {', '.join(inside)} from the vision tower inside its layers; "
-                "ppzoo merges image features into the embeddings before the first layer only",
+                f"{kind}: its language model's forward takes {', '.join(inside)} besides the embeddings, to hand "
+                "to its layers (image features, or values computed outside it); ppzoo gives the language model "
+                "the embeddings alone, with the image features merged",
             )
         ]
     lists = [

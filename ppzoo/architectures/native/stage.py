@@ -438,11 +438,12 @@ def _stage_forward(
         # NOTE: token ids of zeros: every input module is a stand-in here, and a forward that
         # computes per-layer inputs from the ids (Gemma 4) cannot compute them from embeddings
         run.incoming, run.carried = run.boundary.unpack(x)
-        kwargs["input_ids"] = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        kwargs.setdefault("input_ids", torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
     else:
         # NOTE: only shape, dtype and device of inputs_embeds matter here (the first own layer
         # gets ``x``); zeros, so that no in-place op of the forward can touch the incoming tensor.
-        kwargs["inputs_embeds"] = torch.zeros_like(x)
+        if "input_ids" not in kwargs:  # NOTE: a vision-language model's later stages get the ids
+            kwargs["inputs_embeds"] = torch.zeros_like(x)
         run.incoming = x
     try:
         out = type(lm).forward(lm, **kwargs)
