@@ -75,19 +75,17 @@ def test_a_block_shared_by_layers_is_tied_across_stages():
     assert all(c.startswith("model.layers.3.") and s == c.replace(".3.", ".1.", 1) for c, s in shared.items())
 
 
-@pytest.mark.parametrize("model_type", sorted(HYBRID))
-def test_hybrid_families_split_exactly(tmp_path, model_type):
-    """Two stages against Hugging Face: logits, loss (with the router aux loss where the forward
-    adds one) and every gradient, the shared block's copies' gradients summed as the pipeline sums them."""
+def _two_stages_against_the_reference(directory, model_type: str) -> dict:
+    """Save the tiny ``model_type``, run it unsplit and as two stages in one process (loss with
+    the router aux loss, backward on both), check logits and loss agree; what the checks need."""
     import torch
 
     from ppzoo.checkpoint import Checkpoint
     from ppzoo.loss import causal_lm_loss
     from ppzoo.stage import build_stage, run_chain
-    from ppzoo.testing.checks import _sync_tied_grads
-    from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+    from ppzoo.testing.reference import batch, load_reference, save_tiny_model
 
-    source = save_tiny_model(NativeAdapter(), tmp_path, config=tiny_config(model_type))
+    source = save_tiny_model(NativeAdapter(), directory, config=tiny_config(model_type))
     reference = load_reference(source)
     config = reference.config
     adapter = registry.adapter_for(config)
@@ -104,9 +102,23 @@ def test_hybrid_families_split_exactly(tmp_path, model_type):
     aux = adapter.aux_loss(config, stages, attention_mask=mask)
     loss = causal_lm_loss(logits, labels) + (0 if aux is None else aux)
     loss.backward()
-    _sync_tied_grads(stages, adapter.tied_weights(config))
     assert torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6)
     assert torch.allclose(loss, out.loss, rtol=1e-5, atol=0)
+    return dict(
+        source=source, reference=reference, config=config, adapter=adapter, stages=stages, out=out, loss=loss, aux=aux
+    )
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRID))
+def test_hybrid_families_split_exactly(tmp_path, model_type):
+    """Two stages against Hugging Face: logits, loss (with the router aux loss where the forward
+    adds one) and every gradient, the shared block's copies' gradients summed as the pipeline sums them."""
+    from ppzoo.testing.checks import _sync_tied_grads
+    from ppzoo.testing.reference import grad_mismatches
+
+    chain = _two_stages_against_the_reference(tmp_path, model_type)
+    stages, reference = chain["stages"], chain["reference"]
+    _sync_tied_grads(stages, chain["adapter"].tied_weights(chain["config"]))
     named = [(k, p) for s in stages for k, p in s.named_parameters(remove_duplicate=False)]
     assert grad_mismatches(named, reference) == []
 
@@ -355,29 +367,11 @@ def test_value_reading_experts_split_exactly_and_save_back(tmp_path, model_type)
 
     from ppzoo.checkpoint import Checkpoint
     from ppzoo.checkpoint.conversion import saving_groups
-    from ppzoo.loss import causal_lm_loss
-    from ppzoo.stage import build_stage, run_chain
-    from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
+    from ppzoo.testing.reference import grad_mismatches
 
-    source = save_tiny_model(NativeAdapter(), tmp_path / "source", config=tiny_config(model_type))
-    reference = load_reference(source)
-    config = reference.config
-    adapter = registry.adapter_for(config)
-    assert adapter.name == "native"
-    ids, mask, labels = batch(config.vocab_size)
-    out = reference(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    the_plan = ppzoo.plan(source, pp=2)
-    stages = [
-        build_stage(config, adapter, the_plan, i, checkpoint=Checkpoint(source), attn_implementation="eager")
-        for i in range(2)
-    ]
-    logits = run_chain(stages, ids, attention_mask=mask)
-    aux = adapter.aux_loss(config, stages, attention_mask=mask)
-    loss = causal_lm_loss(logits, labels) + (0 if aux is None else aux)
-    loss.backward()
-    assert torch.allclose(logits, out.logits, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(loss, out.loss, rtol=1e-5, atol=0)
+    chain = _two_stages_against_the_reference(tmp_path / "source", model_type)
+    stages, reference, adapter, config = chain["stages"], chain["reference"], chain["adapter"], chain["config"]
+    source, loss, aux, out = chain["source"], chain["loss"], chain["aux"], chain["out"]
     if model_type != "longcat_flash":  # its forward adds no router aux loss
         assert aux is not None and not torch.allclose(loss - aux, out.loss, rtol=1e-5, atol=0)
     named = [(k, p) for s in stages for k, p in s.named_parameters()]
