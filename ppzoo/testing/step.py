@@ -179,7 +179,7 @@ def _schedule_problems(rank: int, directory: str, schedule: str, adapter: Adapte
 
     label = f"{schedule} rank {rank}"
     reference = load_reference(directory)
-    ids, mask, labels = batch(reference.config.vocab_size, batch_size=MICROBATCHES, seq_len=SEQ_LEN)
+    ids, mask, labels = batch(reference.config.get_text_config().vocab_size, batch_size=MICROBATCHES, seq_len=SEQ_LEN)
     with torch.no_grad():
         evaluated = reference(input_ids=ids, attention_mask=mask).logits
     try:
