@@ -178,3 +178,18 @@ def _frozen_case(rank, world_size, directories, out):
         problems += grad_mismatches(pipe.named_parameters(), reference, tied=pipe.adapter.tied_weights(pipe.config))
         pipe.save_pretrained(f"{out}/{model_type}")
     return found
+
+
+def test_the_zoo_s_second_table_reports_refusals_with_their_reason(capsys):
+    from ppzoo.cli import main
+    from ppzoo.testing.vision import vision_model_types, vision_zoo
+
+    assert {"llava", "gemma3", "qwen2_vl"} <= set(vision_model_types())
+    (deepstack,) = vision_zoo(["qwen3_vl"])
+    assert (deepstack.result, deepstack.adapter) == ("refused", "native")
+    assert deepstack.detail.startswith("vision-in-layers: model_type 'qwen3_vl'")
+    assert "deepstack_visual_embeds" in deepstack.detail
+    assert main(["zoo", "--types", "qwen3_vl"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("image-text-to-text: 0 of 1 exact with images, 1 refused, 0 wrong, 0 error, 0 unchecked")
+    assert "qwen3_vl" in out and "vision-in-layers" in out

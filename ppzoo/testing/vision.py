@@ -187,14 +187,8 @@ def image_batch(
 
 def save_tiny_vision_model(model_type: str, directory: str, *, seed: int = 0) -> Any:
     """Save the randomly initialised tiny ``model_type`` (sharded, as released checkpoints are); its config."""
-    from ppzoo.meta import model_class
-    from ppzoo.testing.reference import perturb_zero_init
-
     config = tiny_vision_config(model_type)
-    torch.manual_seed(seed)
-    model = model_class(config).from_config(config, dtype=torch.float32)
-    perturb_zero_init(model, seed)
-    model.save_pretrained(directory, max_shard_size="40KB")
+    _save_config_model(config, directory, seed=seed)
     return config
 
 
@@ -329,6 +323,7 @@ def vision_zoo(types: list[str] | None = None, *, progress=None, timeout_s: floa
     from ppzoo import registry
     from ppzoo.testing.census import _one_line, _quiet
     from ppzoo.testing.distributed import DistributedFailure, run_distributed
+    from ppzoo.testing.reference import load_reference
 
     types = vision_model_types() if types is None else types
     results: dict[str, VisionResult] = {}
@@ -356,7 +351,7 @@ def vision_zoo(types: list[str] | None = None, *, progress=None, timeout_s: floa
                     raise ValueError(f"the shrunk config still has {size:,} parameters")
                 directory = f"{root}/{model_type}"
                 _save_config_model(config, directory)
-                image_batch(load_reference_model(directory))
+                image_batch(load_reference(directory))
             except Exception as exc:  # noqa: BLE001 - no tiny model with images: nothing claimed
                 detail = _one_line(f"no tiny image batch ({type(exc).__name__}: {exc})")
                 results[model_type] = VisionResult(model_type, "unchecked", detail, adapter.name)
@@ -377,20 +372,15 @@ def vision_zoo(types: list[str] | None = None, *, progress=None, timeout_s: floa
     return [results[t] for t in types]
 
 
-def _save_config_model(config: Any, directory: str, seed: int = 0) -> None:
+def _save_config_model(config: Any, directory: str, *, seed: int = 0) -> None:
+    """Save a randomly initialised model of ``config``'s class, in shards of 40 KB."""
     from ppzoo.meta import model_class
     from ppzoo.testing.reference import perturb_zero_init
 
     torch.manual_seed(seed)
     model = model_class(config).from_config(config, dtype=torch.float32)
     perturb_zero_init(model, seed)
-    model.save_pretrained(directory, max_shard_size="200KB")
-
-
-def load_reference_model(directory: str) -> torch.nn.Module:
-    from ppzoo.testing.reference import load_reference
-
-    return load_reference(directory)
+    model.save_pretrained(directory, max_shard_size="40KB")
 
 
 def render_vision(results: list[VisionResult], *, markdown: bool = False) -> str:
