@@ -130,11 +130,14 @@ def _microbatch_rank(
     steps: int,
     warmup: int,
     baseline: str | None = None,
+    stage_forward_baseline: bool = False,
 ) -> dict:
     """One rank: for every microbatch count, timed steps, its stages' compute alone, calls and collectives.
 
     With ``baseline`` (another version's ``ppzoo/runtime.py``), a second pipeline built by it runs
-    the same steps, alternating step by step with the current one.
+    the same steps, alternating step by step with the current one. With ``stage_forward_baseline``,
+    also a pipeline whose stage forwards do what they did before masks and RoPE were kept and
+    streams left off models without dropout (``benchmarks/stage_forward.py``).
     """
     import cProfile
     import pstats
@@ -148,6 +151,15 @@ def _microbatch_rank(
     builders = {"ppzoo": ppzoo.pipeline}
     if baseline is not None:
         builders["baseline"] = _load_runtime(baseline).pipeline
+    if stage_forward_baseline:
+        from benchmarks.stage_forward import _as_before
+
+        def before(*args, **kwargs):
+            pipe = ppzoo.pipeline(*args, **kwargs)
+            _as_before(pipe)
+            return pipe
+
+        builders["stage-forward-before"] = before
     calls = _count_collectives(dist)
     out: dict[str, dict[int, dict]] = {side: {} for side in builders}
     for m in counts:
@@ -288,6 +300,7 @@ def run_microbatches(args: Any, info: dict) -> int:
             args.steps,
             args.warmup,
             args.baseline_runtime,
+            args.stage_forward_baseline,
         )
     rows = []
     for side in ranks[0]:
@@ -348,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-runtime",
         default=None,
         help="with --microbatches: also a pipeline built by this ppzoo/runtime.py (git show REV:ppzoo/runtime.py > FILE)",
+    )
+    parser.add_argument(
+        "--stage-forward-baseline",
+        action="store_true",
+        help="with --microbatches: also a pipeline with dropout streams on and masks / RoPE rebuilt every microbatch",
     )
     args = parser.parse_args(argv)
     info = start_single_process(args.threads)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppzoo import layer_inputs
 from ppzoo.capabilities import Capability, parse_capabilities
 from ppzoo.layout import FULL, SLIDING, LayerShape, Layout, measure_layer
 from ppzoo.validation import Problem
@@ -115,7 +116,8 @@ class Adapter:
 
     def image_modules(self, config: Any) -> tuple[str, ...]:
         """A vision-language model's image modules (vision tower, projector), inputs of the first
-        stage that only images reach (:mod:`ppzoo.vision`); ``()`` for a text-only model."""
+        stage that only images reach (:mod:`ppzoo.vision`), and the parameters outside them that
+        only images reach (LLaVA-NeXT's ``image_newline``); ``()`` for a text-only model."""
         return ()
 
     # -- layout ------------------------------------------------------------------------------
@@ -236,14 +238,24 @@ class Adapter:
     def masks(
         self, inner: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, needed: set[str], *, cache=None
     ) -> dict:
-        """One mask per layer type in ``needed``; with a ``cache`` (generation), over the cached keys too."""
+        """One mask per layer type in ``needed``; with a ``cache`` (generation), over the cached keys too.
+
+        Without a cache, the masks of the stage's last forward are handed out again when they would
+        be rebuilt from the same inputs (:mod:`ppzoo.layer_inputs`): the same tensors, bit for bit.
+        """
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         from ppzoo import stage  # NOTE: imported here: the stage module imports the planner, which imports this one
 
         fns = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
         if cache is None:
-            return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+
+            def build() -> dict:
+                return {t: stage.build_mask(fns[t], inner.config, hidden, attention_mask, position_ids) for t in needed}
+
+            # NOTE: the last microbatch's masks when they would be rebuilt from the same inputs (ppzoo.layer_inputs)
+            functions = (create_causal_mask, create_sliding_window_causal_mask, stage.build_mask)
+            return layer_inputs.masks(inner, hidden, attention_mask, position_ids, needed, build, functions=functions)
         # NOTE: the mask is sized by the cache of one of this stage's own layers of its type; the
         # cache's other layers (other stages') stay empty
         kinds = self.layer_types(inner.config)
@@ -257,10 +269,19 @@ class Adapter:
         }
 
     def position_embeddings(self, inner: nn.Module, hidden: torch.Tensor, position_ids, needed: set[str]) -> dict:
+        """One RoPE table (``(cos, sin)``) per layer type in ``needed``, from the inner model's rotary
+        module; the last forward's tables when they would be recomputed from the same positions
+        and rotary state (:mod:`ppzoo.layer_inputs`)."""
         if self.rotary_name is None:
             return dict.fromkeys(needed)  # NOTE: no rotary embedding: layers get position_embeddings=None
-        rope = getattr(inner, self.rotary_name)(hidden, position_ids=position_ids)
-        return {t: rope for t in needed}
+        rotary = getattr(inner, self.rotary_name)
+
+        def compute() -> dict:
+            rope = rotary(hidden, position_ids=position_ids)
+            return {t: rope for t in needed}
+
+        # NOTE: the last microbatch's tables when they would be rebuilt from the same inputs (ppzoo.layer_inputs)
+        return layer_inputs.position_embeddings(inner, rotary, hidden, position_ids, needed, compute)
 
     def call_layer(
         self, layer: nn.Module, hidden: torch.Tensor, *, mask, position_embeddings, position_ids, cache=None

@@ -21,6 +21,15 @@ runs a layer, of the schedule and of the number of stages, and the global random
 as it was. The unsplit reference is the Hugging Face model with the same hooks
 (:func:`key_dropout` on all its layers), run microbatch by microbatch.
 
+A stage whose training forward draws no random number needs no stream: :func:`draws_at_random`
+says whether it may (a dropout module with ``p > 0``, or a nonzero config or module field named
+like a dropout, layer drop or noise), and :func:`ppzoo.stage.build_stage` keys a stage only when
+it may, so a model without dropout pays for no hook, fork or reseeding on any microbatch. Without
+a draw, a forked and reseeded forward computes what a plain one does and leaves the global random
+state as it was: the outputs are the same either way, and so are the other stages' masks, since
+each piece's stream depends only on its own key. A stage keyed that way is decided once, when it
+is built; turning dropout on afterwards needs :func:`key_dropout` called on it.
+
 In eval mode (``module.training`` False) nothing is seeded or counted. A forward on the meta
 device (shape inference) is not counted either. A forward run again during the backward
 (activation checkpointing recomputes a layer) is seeded with the key of the forward it repeats:
@@ -41,7 +50,7 @@ from torch import nn
 
 from ppzoo.layout import Layout
 
-__all__ = ["LAYER_DROP", "ROOT", "DropoutStreams", "key_dropout", "stream_seed"]
+__all__ = ["LAYER_DROP", "RANDOM_FIELDS", "ROOT", "DropoutStreams", "draws_at_random", "key_dropout", "stream_seed"]
 
 #: the piece index of what a stage module does outside its decoder layers
 ROOT = -1
@@ -49,6 +58,11 @@ ROOT = -1
 #: decision is drawn in the base model's layer loop, and a skipped first or last layer of a stage
 #: would skip the stage's entry or exit
 LAYER_DROP = ("layerdrop", "layer_drop", "encoder_layerdrop", "decoder_layerdrop")
+#: words in the names of config and module fields that turn on a random draw in the training
+#: forward: dropout probabilities (``attention_dropout``, GPT-2's ``resid_pdrop``), layer drop and
+#: drop path, router jitter (Mixtral's ``router_jitter_noise``, DBRX's ``moe_jitter_eps``), masking
+#: probabilities
+RANDOM_FIELDS = ("drop", "jitter", "noise", "prob")
 #: forwards whose key a recomputation may still ask for (more than any step has microbatches)
 _PENDING = 4096
 
@@ -57,6 +71,53 @@ def stream_seed(seed: int, piece: int, count: int) -> int:
     """The seed of ``piece``'s stream for its ``count``-th training forward (63 bits)."""
     digest = hashlib.blake2b(struct.pack("<Qqq", seed & (2**64 - 1), piece, count), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _turns_on(name: Any, value: Any) -> bool:
+    """Whether a field ``name = value`` may turn a random draw on: a nonzero number (or True) named like one."""
+    if isinstance(value, bool):
+        on = value
+    elif isinstance(value, (int, float)):
+        on = value != 0
+    else:
+        return False
+    # NOTE: str(): a config's tables may have keys that are not names (Aria's patch counts)
+    return on and any(word in str(name).lower() for word in RANDOM_FIELDS)
+
+
+def _random_fields(fields: dict, prefix: str = "") -> list[str]:
+    found = []
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            found += _random_fields(value, f"{prefix}{name}.")
+        elif _turns_on(name, value):
+            found.append(f"{prefix}{name}")
+    return found
+
+
+def draws_at_random(model: nn.Module, config: Any = None) -> bool:
+    """Whether a training forward of ``model`` may draw random numbers, so that its dropout needs streams.
+
+    It may when a dropout module of ``model`` has ``p > 0``, when a module carries a nonzero field
+    named like :data:`RANDOM_FIELDS` (attention modules keep ``attention_dropout`` as a float, MoE
+    blocks ``jitter_noise``), or when ``config`` (sub-configs included) has such a field, whichever
+    module reads it. False means: no dropout of any kind, so a forward with streams and one without
+    compute the same thing.
+
+    Args:
+        model: a stage, or the whole model.
+        config: the model config; None to look at the modules only.
+    """
+    if config is not None:
+        fields = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+        if _random_fields(fields):
+            return True
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if any(_turns_on(name, value) for name, value in vars(module).items() if not name.startswith("_")):
+            return True
+    return False
 
 
 def _device(module: nn.Module, args: tuple, kwargs: dict) -> torch.device | None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ppzoo import layer_inputs
 from ppzoo.checkpoint import Checkpoint, load_stage_weights
-from ppzoo.dropout import key_dropout
+from ppzoo.dropout import draws_at_random, key_dropout
 from ppzoo.layout import Layout
 from ppzoo.meta import meta_model
 from ppzoo.planner import Plan, StagePlan
@@ -142,8 +143,10 @@ def build_stage(
     load_stage_weights(model, checkpoint, adapter=adapter, config=config)
     adapter.patch_inner_forward(model.get_submodule(adapter.inner_name))
     adapter.patch_causal_lm_forward(model)
-    # NOTE: dropout masks keyed by (seed, layer, microbatch), whatever rank runs the layer
-    key_dropout(model, plan.layout, stage.layers, seed=dropout_seed)
+    # NOTE: dropout masks keyed by (seed, layer, microbatch), whatever rank runs the layer; a stage
+    # that draws nothing at random needs no key, so no hook runs on its microbatches
+    if draws_at_random(model, config):
+        key_dropout(model, plan.layout, stage.layers, seed=dropout_seed)
     model.ppzoo_stage = stage
     return model
 
@@ -243,7 +246,7 @@ def inner_stage_forward(inner, x, attention_mask=None, position_ids=None, *, ada
     layers = getattr(inner, adapter.layers_name)
     if len(layers):
         if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            position_ids = layer_inputs.default_positions(inner, hidden)
         kinds = adapter.layer_types(inner.config)
         needed = {kinds[int(i)] for i in layers.keys()}
         # NOTE: the cache is passed only when generating, so adapters written before generation

@@ -6,10 +6,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import ppzoo
 from ppzoo.architectures.llama import LlamaAdapter
-from ppzoo.dropout import ROOT, key_dropout, stream_seed
+from ppzoo.checkpoint import Checkpoint
+from ppzoo.config import load_config
+from ppzoo.dropout import ROOT, draws_at_random, key_dropout, stream_seed
 from ppzoo.layout import Layout
+from ppzoo.stage import build_stage
 from ppzoo.testing.dropout import check_dropout, with_dropout
+from ppzoo.testing.reference import save_tiny_model
 
 LAYOUT = Layout(inputs=(), layers="layers", num_layers=3, outputs=())
 
@@ -113,3 +118,52 @@ def test_with_dropout_turns_probabilities_on_and_leaves_layer_drop():
     config, fields = with_dropout(OPTConfig(layerdrop=0.0, dropout=0.0, attention_dropout=0.0))
     assert {"attention_dropout", "dropout"} <= set(fields) and "layerdrop" not in fields
     assert (config.dropout, config.attention_dropout, config.layerdrop) == (0.25, 0.25, 0.0)
+
+
+def test_what_draws_at_random():
+    from transformers import LlamaConfig, MixtralConfig
+
+    assert not draws_at_random(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)), LlamaConfig())
+    assert draws_at_random(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    jitter = nn.Linear(2, 2)
+    jitter.jitter_noise = 0.01  # a module field (Mixtral's MoE block keeps it so)
+    assert draws_at_random(jitter)
+    assert draws_at_random(nn.Linear(2, 2), LlamaConfig(attention_dropout=0.1))
+    assert draws_at_random(nn.Linear(2, 2), MixtralConfig(router_jitter_noise=0.1))
+    assert not draws_at_random(nn.Linear(2, 2), MixtralConfig())
+    # NOTE: a config's tables may be keyed by numbers (Aria's patch count -> queries)
+    assert not draws_at_random(nn.Linear(2, 2), LlamaConfig(projector_patch_to_query_dict={1225: 128}))
+    assert draws_at_random(nn.Linear(2, 2), LlamaConfig(vision_config={"drop_path_rate": 0.1}))
+
+
+def _stages(tmp_path, config=None):
+    adapter = LlamaAdapter()
+    directory = save_tiny_model(adapter, tmp_path, config=config)
+    config, plan = load_config(directory), ppzoo.plan(directory, pp=2)
+    return [build_stage(config, adapter, plan, i, checkpoint=Checkpoint(directory)) for i in range(2)]
+
+
+def _hooked(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+def test_a_stage_without_dropout_gets_no_streams_and_computes_what_one_with_streams_does(tmp_path):
+    stages = _stages(tmp_path)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    for stage in stages:
+        stage.train()
+        assert not hasattr(stage, "ppzoo_dropout") and _hooked(stage) == []
+    state = torch.get_rng_state()
+    plain = stages[1](stages[0](ids))
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+    for stage in stages:
+        key_dropout(stage, LlamaAdapter().fqn_layout(stage.config), stage.ppzoo_stage.layers, seed=3)
+    assert torch.equal(stages[1](stages[0](ids)), plain)
+
+
+def test_a_stage_with_dropout_gets_its_streams(tmp_path):
+    config = LlamaAdapter().tiny_config()
+    config.attention_dropout = 0.1
+    for stage in _stages(tmp_path, config):
+        assert stage.ppzoo_dropout.streams.keys() == {ROOT, *stage.ppzoo_stage.layers}
+        assert _hooked(stage)

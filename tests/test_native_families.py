@@ -12,7 +12,7 @@ import pytest
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.architectures.native import NativeAdapter, layout
+from ppzoo.architectures.native import NativeAdapter, layout, prefix
 from ppzoo.testing import census
 from ppzoo.testing.tiny_configs import tiny_config
 from ppzoo.validation import ValidationError
@@ -248,7 +248,9 @@ def test_the_key_check_on_fewer_experts_finds_what_the_full_model_does(monkeypat
 
     monkeypatch.setattr(layout, "checkpoint_renames", spy)
     shrunk = layout._discover(config)
+    # NOTE: the whole model, watched whole (no cut to its first layers of each kind, native.prefix)
     monkeypatch.setattr(layout, "_fewer_experts_model", lambda config: None)
+    monkeypatch.setattr(prefix, "observe", lambda *args, **kwargs: None)
     full = layout._discover(config)
     assert checked[0] is not None and checked[1] is None  # the key check ran on fewer experts, then all
     assert isinstance(full, layout.NativeLayout)

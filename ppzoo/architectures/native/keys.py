@@ -118,8 +118,9 @@ def checkpoint_renames(
         model: the meta model; the renames are its own.
         kind: how problems name the model.
         check: the model the round trip runs on, when not ``model``: the same architecture with
-            fewer routed experts (see :func:`.layout.discover`), whose keys differ from
-            ``model``'s only in how many per-expert keys there are.
+            fewer routed experts (see :func:`.layout.discover`), or cut to its first layers of each
+            kind (:mod:`.prefix`), whose keys differ from ``model``'s only in how many per-expert
+            and per-layer keys there are.
     """
     from ppzoo.checkpoint.conversion import loading_plan, saving_groups
 
