@@ -420,14 +420,15 @@ class Pipeline:
                 ranks are not all in ``step``; see docs/reliability.md.
         """
         self._settle_loss()
+        # NOTE: train mode before the inputs: a vision tower runs while they are checked
+        for module in self._modules.values():
+            module.train()
         args, kwargs, self._num_tokens = self._agreed_inputs(
             "step", input_ids, labels, attention_mask, position_ids, images
         )
         if self._num_tokens == 0:
             raise ValueError("labels hold no token to predict (all -100 after the shift); the loss is undefined")
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=True)
-        for module in self._modules.values():
-            module.train()
         losses: list[torch.Tensor] = []
         self._aux_loss.reset()
         # NOTE: return_outputs=False: training needs only the losses; keeping and concatenating
@@ -560,11 +561,12 @@ class Pipeline:
             ValueError, ppzoo.agreement.RankError: as :meth:`step`.
         """
         self._settle_loss()
+        # NOTE: eval mode before the inputs: a vision tower runs while they are checked
+        for module in self._modules.values():
+            module.eval()
         args, kwargs, _ = self._agreed_inputs("eval", input_ids, None, attention_mask, position_ids, images)
         self._images = None
         runtime = self._runtime(input_ids.shape[0] // self.microbatches, input_ids.shape[1], train=False)
-        for module in self._modules.values():
-            module.eval()
         with self._earlier_grads_set_aside():
             out = self._run("eval", runtime, *args, **kwargs)
         return out if self.holds_last else None

@@ -48,7 +48,7 @@ CODES: dict[str, str] = {
     "vision-in-layers": "a vision-language model whose language model takes more than the embeddings for its layers (Qwen3-VL's deepstack features)",
     "native-between-layers": "a module runs between the layers or on both sides (a shared block)",
     "native-shared-parameters": "one parameter used in several places",
-    "native-direct-parameter": "a parameter held by the base model itself, outside every module",
+    "native-direct-parameter": "a parameter held by the base model itself, outside every module (one that only a vision-language model's image code reads joins its image side)",
     "native-layer-input": "a layer receives something besides the hidden states that only another stage has and that cannot be carried across the boundary",
     "native-split-backward": "a zero-bubble schedule (split backward) for a model whose layer uses a parameter again downstream of its first use (Gemma 3n's AltUp router), which torch's weight pass cannot differentiate",
     "native-head-input": "the logits read something besides the last layer's output",

@@ -7,7 +7,8 @@ of the first stage (``NativeLayout.images``), and images reach that stage only.
 A step with images runs in three parts, all Hugging Face's own code:
 
 1. *Before the schedule*, the rank that holds the first stage runs the model's
-   ``get_image_features`` once over the whole batch's images, and places the features at the
+   ``get_image_features`` once over the whole batch's images, and places the features (its pooled
+   output, or its last hidden state where the forward projects that itself: Llama 4) at the
    image tokens of a ``(batch, sequence, hidden)`` tensor. Every rank computes the model's own
    multimodal positions (Qwen2-VL's M-RoPE, ``compute_3d_position_ids``) on the whole batch.
 2. *In the schedule*, those tensors (and per-token inputs such as Gemma 3's ``token_type_ids``)
@@ -70,6 +71,16 @@ class ImageBatch:
     leaf: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class FeaturesForm:
+    """How a model's ``get_image_features`` gave its features: the output's field, a list of
+    per-image tensors or one tensor, and that tensor's dims."""
+
+    field: str = "pooler_output"
+    as_list: bool = True
+    dims: int = 2
+
+
 def image_token_id(config: Any) -> int | None:
     """The token id that marks an image position, or None for a text-only config."""
     for name in ("image_token_id", "image_token_index"):
@@ -97,11 +108,14 @@ def language_model(model: nn.Module) -> nn.Module | None:
 
 
 def freeze_modules(model: nn.Module, images: tuple[str, ...]) -> None:
-    """``freeze_vision=True``: the image modules this stage holds get no gradients."""
+    """``freeze_vision=True``: the image modules (and image parameters) this stage holds get no gradients."""
     held = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
     for fqn in images:
         if fqn in held:
             held[fqn].requires_grad_(False)
+        elif fqn in parameters:
+            parameters[fqn].requires_grad_(False)
 
 
 def prepare_images(
@@ -206,6 +220,11 @@ def prepare_images(
     with torch.set_grad_enabled(trainable):
         out = top_first.get_image_features(**pixels)
     pooled = getattr(out, "pooler_output", out)
+    named = "pooler_output"
+    if pooled is None and getattr(out, "last_hidden_state", None) is not None:
+        # NOTE: Llama 4's get_image_features is the vision model alone: its forward reads the last
+        # hidden state and applies the projector (a first-stage module) itself
+        pooled, named = out.last_hidden_state, "last_hidden_state"
     flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled]) if isinstance(pooled, (list, tuple)) else pooled
     flat = flat.reshape(-1, flat.shape[-1])
     if flat.shape[0] != int(mask.sum()):
@@ -213,7 +232,10 @@ def prepare_images(
             f"the images give {flat.shape[0]} feature vectors but input_ids hold {int(mask.sum())} image tokens "
             f"(id {token}); expand each image to its tokens as the model's processor does"
         )
-    object.__setattr__(first, "_ppzoo_features_as_list", isinstance(pooled, (list, tuple)))
+    # NOTE: each microbatch's features go back to the forward in the form the model gave them: the
+    # output field, a list or a tensor, and the tensor's dims (Video-LLaVA's check reads 3)
+    as_list = isinstance(pooled, (list, tuple))
+    object.__setattr__(first, "_ppzoo_features_form", FeaturesForm(named, as_list, 2 if as_list else pooled.dim()))
     dense = torch.zeros(batch, seq, flat.shape[-1], dtype=flat.dtype, device=device)
     dense = dense.masked_scatter(mask.unsqueeze(-1), flat)
     result.features = dense if trainable else None
@@ -249,8 +271,9 @@ def stage_image_kwargs(
     if first and features is not None and token is not None:
         picked = features[x == token]
         if picked.shape[0]:
-            pooled = (picked,) if getattr(model, "_ppzoo_features_as_list", True) else picked
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+            form = getattr(model, "_ppzoo_features_form", FeaturesForm())
+            pooled = (picked,) if form.as_list else picked.reshape((1,) * (form.dims - 2) + tuple(picked.shape))
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(**{form.field: pooled})}
     return kwargs
 
 

@@ -234,6 +234,22 @@ def test_zoo_step_reports_a_crashed_step_as_an_error_in_json(capsys, monkeypatch
     assert report["step_totals"] == {"exact": 0, "wrong": 0, "error": 1, "not run": 0}
 
 
+def test_a_crash_is_reported_by_each_rank_s_root_cause():
+    chained = (
+        '--- rank 0 ---\nTraceback (most recent call last):\n  File "modeling.py", line 255\n'
+        "IndexError: tuple index out of range\n\nThe above exception was the direct cause of the following "
+        'exception:\n\nTraceback (most recent call last):\n  File "stage.py", line 900\n'
+        "RuntimeError: \n    [Stage 0] failed to run forward:\n    kwargs: {}\n"
+        '--- rank 1 ---\nTraceback (most recent call last):\n  File "schedules.py", line 683\n'
+        "RuntimeError: Connection closed by peer\n"
+        "--- rank 2 ---\nrank 2 exited with code -9 without a result\n"
+    )
+    assert census.crash_summary(chained) == (
+        "rank 0: IndexError: tuple index out of range; rank 1: RuntimeError: Connection closed by peer; "
+        "rank 2: rank 2 exited with code -9 without a result"
+    )
+
+
 # -- processes -----------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_a_type_that_runs_too_long_costs_only_itself():

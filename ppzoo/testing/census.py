@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import re
 import time
 import traceback
 import warnings
@@ -54,6 +55,7 @@ __all__ = [
     "ZooResult",
     "check_model_type",
     "check_steps",
+    "crash_summary",
     "is_variant",
     "render",
     "step_totals",
@@ -394,7 +396,7 @@ def _with_step(
             result, step="exact", step_detail=_one_line("; ".join(refused)), step_seconds=seconds
         )
     if crashed:
-        detail = "; ".join(_crash_summary(p) for p in problems)
+        detail = "; ".join(crash_summary(p) for p in problems)
         verdict = "error"
     else:
         detail = "; ".join(problems)
@@ -410,13 +412,23 @@ def _with_step(
     )
 
 
-def _crash_summary(problem: str) -> str:
-    """The last line of each rank's traceback in a crashed step's problem (the exception)."""
+#: a traceback's exception line: ``ValueError: ...``, ``torch.OutOfMemoryError: ...``
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b:?")
+
+
+def crash_summary(problem: str) -> str:
+    """Each rank's exception in a crashed group's message (``--- rank N ---`` blocks of tracebacks).
+
+    A chained traceback prints its cause first, so each rank's first exception line is the root
+    cause (the model's own error, rather than torch's "failed to run forward" around it), and a
+    rank that only lost its peer says so in its line.
+    """
     lines: list[str] = []
     for block in problem.split("--- rank ")[1:]:
         rank, _, text = block.partition(" ---")
-        last = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        lines.append(f"rank {rank}: {last[-1] if last else '?'}")
+        kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        raised = [line for line in kept if _EXCEPTION_LINE.match(line)]
+        lines.append(f"rank {rank}: {(raised or kept or ['?'])[0]}")
     return "; ".join(lines) if lines else problem
 
 

@@ -127,7 +127,9 @@ class NativeAdapter(Adapter):
         return boundary.width if boundary.carries else int(self.text_config(config).hidden_size)
 
     def image_modules(self, config: Any) -> tuple[str, ...]:
-        return self._found(config).images
+        # NOTE: with the parameters the base model holds itself for its image code (image_newline)
+        found = self._found(config)
+        return found.images + found.image_parameters
 
     def tp_plan(self, config: Any) -> dict[str, str]:
         plan = getattr(self.text_config(config), "base_model_tp_plan", None) or {}

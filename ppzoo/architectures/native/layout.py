@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppzoo.architectures.native import direct as _direct
+from ppzoo.architectures.native import prefix as _prefix
 from ppzoo.architectures.native.boundary import Boundary, plan_boundary
 from ppzoo.architectures.native.keys import checkpoint_renames, tied_parameters
 from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, Observed, layer_tag, unit_tag, watch
@@ -55,7 +57,8 @@ class NativeLayout:
     """Where a model's pieces live and how its layers are called, as the native adapter needs it.
 
     Attributes:
-        layout: inputs, the layer list, outputs (every parameter in exactly one of them).
+        layout: inputs, the layer list, outputs (every parameter in exactly one of them, but the
+            ``image_parameters``).
         base: FQN of the base model (``transformer``, ``model``), the prefix of its TP plan.
         hidden_name: the layers' hidden-state parameter.
         layer_output: what a layer returns: ``("tensor", 0)``, or ``("tuple", n)`` / ``("list", n)``
@@ -71,6 +74,9 @@ class NativeLayout:
         reused: layer parameters used again on a value computed with them (``"index.name"``).
         images: a vision-language model's image modules (vision tower, projector): inputs of the
             first stage that a text-only forward never calls (:mod:`ppzoo.vision`).
+        image_parameters: parameters the base model holds itself that only its image code reads
+            (LLaVA-NeXT's ``image_newline``, :mod:`.direct`): the first stage holds them, outside
+            ``layout``.
     """
 
     layout: Layout
@@ -84,6 +90,7 @@ class NativeLayout:
     boundary: Boundary
     reused: frozenset[str] = frozenset()
     images: tuple[str, ...] = ()
+    image_parameters: tuple[str, ...] = ()
 
 
 #: discovered layouts by config (its class and JSON): the planner, the loader and every stage ask
@@ -161,13 +168,22 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
             )
         ]
     container = lists[0]
-    units, problems = _units(model, container, kind)
+    # NOTE: the base model's own parameters (LLaVA-NeXT's image_newline) may belong to the image
+    # side; the trace tells whether the text-only forward reads them (:mod:`.direct`)
+    top = language.rpartition(".")[0] if language else None
+    direct = _direct.direct_parameters(model.get_submodule(top)) if top is not None else ()
+    units, problems = _units(model, container, kind, deferred=top)
     problems += _loss_problems(model, kind)
     problems += _shared_parameters(model, kind)
     if problems:
         return problems
     try:
-        seen = _watch(model, container, units)
+        with _direct.reads(model.get_submodule(top) if direct else None, direct) as read:
+            # NOTE: a model whose later layers repeat its first ones is watched cut to those
+            # (:mod:`.prefix`); a base model's direct parameters are watched on the model itself
+            units_of = lambda m, c: _units(m, c, kind, deferred=top)[0]  # noqa: E731
+            cut = None if direct else _prefix.observe(config, model, container, units, watch=_watch, units_of=units_of)
+            seen = cut[0] if cut else _watch(model, container, units)
     except Exception as exc:  # noqa: BLE001
         return [
             Problem(
@@ -207,6 +223,10 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     start, end = layer_calls[0], layer_calls[-1]
     inputs, outputs = [], []
     images = []
+    image_parameters: tuple[str, ...] = ()
+    if direct:
+        image_parameters, direct_problems = _direct.image_parameters(model.get_submodule(top), top, direct, read, kind)
+        problems += direct_problems
     for fqn in units:
         calls = [i for i, name in enumerate(seen.order) if name == fqn]
         if not calls and any(_under(fqn, side) for side in image_side):
@@ -251,7 +271,10 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
             )
         )
     tied, local_ties, tie_problems = tied_parameters(model, inputs_, outputs_, kind, layers=container)
-    renames, key_problems = checkpoint_renames(model, kind, check=_fewer_experts_model(config))
+    # NOTE: the key round trip runs on fewer experts, and on the cut model's layers where the
+    # trace was cut (:mod:`.prefix`); the renames are the whole model's
+    check = (_fewer_experts_model(cut[1]) or cut[2]) if cut else _fewer_experts_model(config)
+    renames, key_problems = checkpoint_renames(model, kind, check=check)
     problems += tie_problems + key_problems
     if problems:
         return problems
@@ -269,6 +292,7 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
         boundary,
         seen.reused,
         images=tuple(images),
+        image_parameters=image_parameters,
     )
 
 
@@ -463,8 +487,12 @@ def _fewer_experts_model(config: Any) -> nn.Module | None:
         return None
 
 
-def _units(model: nn.Module, container: str, kind: str) -> tuple[list[str], list[Problem]]:
-    """Modules outside the layer list that hold parameters or persistent buffers, in tree order."""
+def _units(model: nn.Module, container: str, kind: str, deferred: str | None = None) -> tuple[list[str], list[Problem]]:
+    """Modules outside the layer list that hold parameters or persistent buffers, in tree order.
+
+    The direct parameters of the module ``deferred`` (a vision-language base model) are left to
+    :mod:`.direct`, which tells after the trace whether they belong to the image side.
+    """
     units, problems = [], []
     ancestors = {container.rsplit(".", i)[0] for i in range(1, container.count(".") + 1)} | {""}
 
@@ -479,7 +507,7 @@ def _units(model: nn.Module, container: str, kind: str) -> tuple[list[str], list
 
     for fqn in sorted(ancestors, key=len):
         module = model.get_submodule(fqn)
-        direct = [n for n, p in module._parameters.items() if p is not None]
+        direct = [n for n, p in module._parameters.items() if p is not None and fqn != deferred]
         direct += [
             n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set
         ]

@@ -292,6 +292,10 @@ def prune(model: nn.Module, found: NativeLayout, modules: tuple[str, ...], own: 
     for fqn in layout.outputs:
         if fqn not in held:
             _replace(model, fqn, _OutputStandIn(fqn))
+    for fqn in () if first else found.image_parameters:
+        # NOTE: read by the image code only, which runs on the first stage (ppzoo.vision)
+        parent, _, name = fqn.rpartition(".")
+        del (model.get_submodule(parent) if parent else model)._parameters[name]
     container = model.get_submodule(layout.layers)
     standins = {}
     for i in sorted(set(range(n)) - set(own)):
