@@ -20,6 +20,7 @@ from ppzoo.testing.distributed import run_distributed
 from ppzoo.testing.reference import grad_mismatches, load_reference
 from ppzoo.testing.vision import (
     VISION_TYPES,
+    _save_config_model,
     image_batch,
     save_tiny_vision_model,
     tiny_vision_config,
@@ -209,9 +210,21 @@ def _refusals(rank, world_size, directory):
 
 
 @pytest.mark.distributed
-def test_images_text_and_eval_equal_the_unsplit_model(saved):
-    results = run_distributed(vision_step_problems, 2, saved, "1F1B", timeout_s=900)
-    assert results == [{t: [] for t in VISION_TYPES}] * 2
+def test_images_text_and_eval_equal_the_unsplit_model(saved, tmp_path):
+    # NOTE: and a tower with dropout: a step must run it in train mode and eval in eval mode
+    # whichever ran before, and, seeded alike, draw the unsplit model's masks
+    dropped = str(tmp_path / "llava-dropout")
+    config = tiny_vision_config("llava")
+    config.vision_config.attention_dropout = 0.5
+    _save_config_model(config, dropped)
+    reference = load_reference(dropped)
+    batch = image_batch(reference)
+    reference.train()
+    losses = [torch.manual_seed(seed) and reference(**batch).loss.item() for seed in (0, 1)]
+    assert losses[0] != losses[1]  # the tower's dropout changes the loss: the check can see it
+    cases = {**saved, "llava[tower dropout]": dropped}
+    results = run_distributed(vision_step_problems, 2, cases, "1F1B", timeout_s=900)
+    assert results == [{t: [] for t in cases}] * 2
 
 
 @pytest.mark.distributed
