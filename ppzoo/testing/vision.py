@@ -204,11 +204,108 @@ VISION_TYPES = {
     "mistral3": _mistral3,
 }
 
+
+def _cosmos3_edge() -> Any:
+    """Cosmos3 Edge: its language model's M-RoPE sections must fill half a head (8 wide: 2, 1, 1),
+    and its own text config does not shrink alone; SigLIP 2's learned positions on a 4 x 4 grid."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return AutoConfig.for_model(
+        "cosmos3_edge",
+        text_config={**_TEXT, "num_key_value_heads": 4, "rope_parameters": rope},
+        vision_config={**_VISION, "patch_size": 4, "num_patches": 16},
+        projector_hidden_size=32,
+        image_token_id=_IMAGE,
+        video_token_id=_VIDEO,
+        vision_start_token_id=_START,
+        vision_end_token_id=_END,
+    )
+
+
+def _mistral4() -> Any:
+    """Mistral 4's image-text-to-text class is ``Mistral4ForCausalLM``, a text-only model whose
+    config is its text config: shrunk whole, as the first table's. It has no vision tower, so the
+    zoo finds no images to give it (its images run through Mistral 3's class, type ``mistral3``)."""
+    from ppzoo.testing.tiny_configs import tiny_config
+
+    return tiny_config("mistral4")
+
+
+def _ernie4_5_vl_moe() -> Any:
+    """ERNIE 4.5 VL MoE: its text config takes one expert width per modality (text, images) and
+    does not shrink alone; M-RoPE sections that fill half a head (8 wide: 1, 1, 2)."""
+    from transformers import AutoConfig
+
+    text = {
+        **_TEXT,
+        "moe_intermediate_size": [32, 32],
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_num_shared_experts": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    }
+    vision = {"depth": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4, "intermediate_size": 64}
+    return AutoConfig.for_model(
+        "ernie4_5_vl_moe",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=_IMAGE,
+        video_token_id=_VIDEO,
+        image_start_token_id=_START,
+        image_end_token_id=_END,
+        video_start_token_id=90,
+        video_end_token_id=91,
+    )
+
+
+def _glm5_next() -> Any:
+    """GLM-5 Next: MLA with as many key-value heads as heads (its rule), no RoPE in the indexed
+    attention, an indexer that keeps 16 of the tokens (in pools of 4), KDA linear attention on
+    three of four layers, and the released hyper-connections; its text config does not shrink
+    alone."""
+    from transformers import AutoConfig
+
+    text = {
+        **_TEXT,
+        "num_key_value_heads": 4,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "v_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "index_topk": 16,
+        "index_head_dim": 8,
+        "index_n_heads": 2,
+        "index_kpool": 4,
+        "linear_head_dim": 8,
+        "linear_num_heads": 4,
+        "pad_token_id": 0,
+    }
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, image_size=16, patch_size=4)
+    vision.update(out_hidden_size=32, projection_intermediate_size=64)
+    return AutoConfig.for_model(
+        "glm5_next",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=_IMAGE,
+        video_token_id=_VIDEO,
+        image_start_token_id=_START,
+        image_end_token_id=_END,
+    )
+
+
 #: model type -> the tiny config the zoo's second table checks it with, where the class defaults do
 #: not shrink into one; unlike :data:`VISION_TYPES`, nothing is claimed for these (the zoo reports
 #: what it finds: Llama 4's vision-language forward fails in transformers itself, so ppzoo refuses it)
 _ZOO_CONFIGS = {
     "llama4": _llama4,
+    "cosmos3_edge": _cosmos3_edge,
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe,
+    "glm5_next": _glm5_next,
+    "mistral4": _mistral4,
 }
 
 
@@ -224,7 +321,8 @@ def _pixels(config: Any, images: int, gen: torch.Generator) -> dict[str, torch.T
     vision = config.vision_config
     if hasattr(vision, "temporal_patch_size"):  # NOTE: Qwen2-VL: every image's patches, flattened
         grid = torch.tensor([[1, 4, 4]] * images)
-        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", 3)  # NOTE: MiniMax-M3-VL
+        width = channels * vision.temporal_patch_size * vision.patch_size**2
         return {"pixel_values": torch.randn(int(grid.prod(-1).sum()), width, generator=gen), "image_grid_thw": grid}
     channels = getattr(vision, "num_channels", 3)
     size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
@@ -303,6 +401,120 @@ def _row_pixels(config: Any, counts: list[int], gen: torch.Generator) -> dict[st
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
+def _packed_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Packed patches (Cosmos3 Edge's SigLIP 2, Dots 3 Note): every image's patches flattened, with no temporal
+    patch (``(patches, channels x patch x patch)``), and each image's grid, 4 x 4 patches."""
+    vision = config.vision_config
+    grid = torch.tensor([[1, 4, 4]] * sum(counts))
+    width = vision.num_channels * vision.patch_size**2
+    return {"pixel_values": torch.randn(int(grid.prod(-1).sum()), width, generator=gen), "image_grid_thw": grid}
+
+
+def _sized_images(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Apertus 1.5's inputs: images padded to the tokenizer's ``resolution`` and each image's true
+    size (it tokenizes each image at its own size): a square image and a half-height one."""
+    vision = config.vision_config
+    size, images = vision.resolution, sum(counts)
+    choices = [[size, size], [size // 2, size]]
+    sizes = torch.tensor([choices[i % len(choices)] for i in range(images)])
+    pixels = torch.zeros(images, vision.in_channels, size, size)
+    for i, (height, width) in enumerate(sizes.tolist()):
+        pixels[i, :, :height, :width] = torch.randn(vision.in_channels, height, width, generator=gen)
+    return {"pixel_values": pixels, "image_sizes": sizes}
+
+
+def _pooled_crops(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Molmo2's inputs: each image as one crop of flattened patches (``(images, crops, patches,
+    channels x patch x patch)``), the patches each image token pools (2 x 2 neighbours, indices
+    into every crop's patches), and each image's token grid."""
+    vision = config.vision_config
+    side, images = vision.image_size[0] // vision.patch_size, sum(counts)
+    width = vision.num_channels * vision.patch_size**2
+    pixels = torch.randn(images, 1, side * side, width, generator=gen)
+    row, col, down, right = torch.meshgrid(*(torch.arange(n) for n in (side // 2, side // 2, 2, 2)), indexing="ij")
+    one = ((2 * row + down) * side + 2 * col + right).reshape(-1, 4)
+    pooling = torch.cat([one + i * side * side for i in range(images)])
+    grids = torch.tensor([[side // 2, side // 2, 0, 0]] * images)
+    return {"pixel_values": pixels, "image_token_pooling": pooling, "image_grids": grids}
+
+
+def _glimmer_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Muse Glimmer's inputs: every image's patches flattened, as Qwen2-VL's, but the temporal
+    patch is ``patch_temporal`` (and always 3 channels); a 4 x 4 grid of patches an image."""
+    vision = config.vision_config
+    grid = torch.tensor([[1, 4, 4]] * sum(counts))
+    width = vision.patch_temporal * 3 * vision.patch_size**2
+    return {"pixel_values": torch.randn(int(grid.prod(-1).sum()), width, generator=gen), "image_grid_thw": grid}
+
+
+def _grid_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Patches of single-frame images, every image's flattened in one tensor, and each image's
+    grid of 4 x 4 patches (``image_grid_thw``), as Kimi K2.5's and VideoLLaMA 3's processors give
+    them; VideoLLaMA 3's also gives each image's merge size (1 for images)."""
+    vision = config.vision_config
+    images = sum(counts)
+    grid = torch.tensor([[1, 4, 4]] * images)
+    shape = (getattr(vision, "num_channels", 3), vision.patch_size, vision.patch_size)
+    inputs = {"pixel_values": torch.randn(int(grid.prod(-1).sum()), *shape, generator=gen), "image_grid_thw": grid}
+    if config.model_type == "video_llama_3":
+        inputs["pixel_values"] = inputs["pixel_values"].flatten(1)
+        inputs["image_merge_sizes"] = torch.ones(images, dtype=torch.long)
+    return inputs
+
+
+def _navit_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """MiniCPM-V 4.6's inputs: every image's patches side by side in one row of patches
+    (``(1, channels, patch, patches x patch)``), and each image's patch grid (``target_sizes``),
+    whose sides are multiples of 4 (its two 2 x 2 merges)."""
+    vision = config.vision_config
+    choices = [[8, 8], [4, 8], [8, 4]]
+    sizes = torch.tensor([choices[i % len(choices)] for i in range(sum(counts))], dtype=torch.int32)
+    patch = vision.patch_size
+    pixels = torch.randn(1, vision.num_channels, patch, int(sizes.prod(-1).sum()) * patch, generator=gen)
+    return {"pixel_values": pixels, "target_sizes": sizes}
+
+
+def _soft_token_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gemma 4 Unified's inputs: each image's merged pixel patches, padded to the batch's most
+    (``(images, patches, 3 x side x side)``), and each patch's (x, y) position, (-1, -1) on padding."""
+    vision = config.vision_config
+    choices = [(2, 2), (3, 1), (1, 2)]  # NOTE: (width, height) in merged patches: each image its own count
+    grids = [choices[i % len(choices)] for i in range(sum(counts))]
+    most = max(w * h for w, h in grids)
+    pixels = torch.zeros(len(grids), most, 3 * vision.model_patch_size**2)
+    positions = torch.full((len(grids), most, 2), -1, dtype=torch.long)
+    for i, (width, height) in enumerate(grids):
+        xy = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy"), -1).reshape(-1, 2)
+        positions[i, : len(xy)] = xy
+        pixels[i, : len(xy)] = torch.randn(len(xy), pixels.shape[-1], generator=gen)
+    return {"pixel_values": pixels, "image_position_ids": positions}
+
+
+def _fuyu_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fuyu's inputs: each image's patches flattened (``(images, patches, patch x patch x channels)``),
+    which the model projects linearly, one token a patch."""
+    patches = (config.image_size // config.patch_size) ** 2
+    width = config.patch_size**2 * config.num_channels
+    return {"pixel_values": torch.randn(sum(counts), patches, width, generator=gen)}
+
+
+def _radio_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Nemotron-H Omni's inputs: every image's patches flattened in one tensor
+    (``(patches, channels x patch x patch)``), and each image's patch grid (``image_grid_hw``)."""
+    vision = config.vision_config
+    grid = torch.tensor([[4, 4]] * sum(counts))
+    width = vision.num_channels * vision.patch_size**2
+    return {"pixel_values": torch.randn(int(grid.prod(-1).sum()), width, generator=gen), "image_grid_hw": grid}
+
+
+def _inkling_patches(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inkling's inputs: patches of two frames, channels last (``(patches, frames, patch, patch,
+    channels)``), four an image; its tower makes one token of each."""
+    vision = config.vision_config
+    shape = (vision.temporal_patch_size, vision.patch_size, vision.patch_size, vision.num_channels)
+    return {"pixel_values": torch.randn(4 * sum(counts), *shape, generator=gen)}
+
+
 #: families whose ``get_image_features`` returns one entry per row of the batch (all its images'
 #: features), not one per image
 _FEATURES_BY_ROW = frozenset({"idefics2", "idefics3", "smolvlm"})
@@ -320,6 +532,21 @@ _PIXEL_BUILDERS = {
     "llava_next": _anyres_pixels,
     "llava_onevision": _anyres_pixels,
     "llava_next_video": _anyres_pixels,
+    "muse_glimmer": _glimmer_patches,
+    "muse_spark": _glimmer_patches,
+    "cosmos3_edge": _packed_patches,
+    "apertus1p5": _sized_images,
+    "dots3_note": _packed_patches,
+    "molmo2": _pooled_crops,
+    "kimi_k25": _grid_patches,
+    "video_llama_3": _grid_patches,
+    "minicpmv4_6": _navit_patches,
+    "minicpmv4_7": _navit_patches,
+    "minicpm_ocr": _navit_patches,
+    "gemma4_unified": _soft_token_patches,
+    "fuyu": _fuyu_patches,
+    "nemotron_h_omni": _radio_patches,
+    "inkling_mm_model": _inkling_patches,
 }
 
 
@@ -428,7 +655,8 @@ def vision_step_problems(
             dtype=torch.float32,
             attn_implementation="eager",
         )
-        for what, batch in (("images", image_batch(reference)), ("text", _text_only(image_batch(reference)))):
+        text = _text_only(image_batch(reference), reference.config.model_type)
+        for what, batch in (("images", image_batch(reference)), ("text", text)):
             # NOTE: train mode against train mode: the vision tower runs whole, before the schedule, on
             # the first stage's rank, so its dropout (drop path) draws what the unsplit model's does
             # when every rank seeds torch alike before the step
@@ -461,12 +689,17 @@ def vision_step_problems(
 
 #: the seed every rank and the reference give torch before a step (the vision tower's dropout)
 _STEP_SEED = 1234
+#: families whose forward refuses to train without ``mm_token_type_ids``, even on text (Molmo2)
+_TOKEN_TYPES_REQUIRED = frozenset({"molmo2"})
 
 
-def _text_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same rows with every image token made a text token and no image inputs."""
+def _text_only(batch: dict[str, torch.Tensor], model_type: str = "") -> dict[str, torch.Tensor]:
+    """The same rows with every image token made a text token and no image inputs (but all-zero
+    token types for a family whose forward requires them, as its processor gives them)."""
     keep = {"input_ids", "attention_mask", "labels"}
     text = {k: v.clone() for k, v in batch.items() if k in keep}
+    if model_type in _TOKEN_TYPES_REQUIRED:
+        text["mm_token_type_ids"] = torch.zeros_like(text["input_ids"])
     text["input_ids"][text["input_ids"] == _IMAGE] = 7
     text["labels"] = torch.where(text["attention_mask"] == 0, -100, text["input_ids"])
     return text
@@ -513,7 +746,7 @@ def zoo_vision_config(model_type: str) -> Any:
     if model_type in _ZOO_CONFIGS:
         config = _ZOO_CONFIGS[model_type]()
         config._attn_implementation = "eager"
-        return config
+        return _without_router_loss(config)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from ppzoo.testing.tiny_configs import tiny_config
@@ -535,6 +768,17 @@ def zoo_vision_config(model_type: str) -> Any:
         _ZOO_FIXES[model_type](kwargs)
     config = cls(**kwargs)
     config._attn_implementation = "eager"
+    return _without_router_loss(config)
+
+
+def _without_router_loss(config: Any) -> Any:
+    """The router aux loss off: the unsplit model's one term over the whole batch is not what a
+    pipeline trains with (a term per stage and microbatch, ``ppzoo.architectures.moe``); the first
+    table's 2-rank step checks that term against a reference built for it, and this table the
+    image path."""
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        if getattr(part, "output_router_logits", False):
+            part.output_router_logits = False
     return config
 
 
@@ -563,13 +807,235 @@ def _feature_layers(kwargs: dict[str, Any]) -> None:
     kwargs["vision_feature_layers"] = [-2, -1]
 
 
+def _tower_layer_types(kwargs: dict[str, Any]) -> None:
+    """The tower's ``layer_types`` list one entry per default layer (LFM3-VL's 14): left out, the
+    config derives them for the shrunk tower's layers."""
+    kwargs["vision_config"].pop("layer_types", None)
+
+
+def _glimmer_widths(kwargs: dict[str, Any]) -> None:
+    """Muse Glimmer: the tower's layer types and position table (32 x 32) for the shrunk tower, and
+    the adapter's widths (its input is the tower's width after the 2 x 2 merge)."""
+    vision = kwargs["vision_config"]
+    vision.pop("layer_types", None)
+    vision.update(pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16)
+    kwargs["out_hidden_size"] = vision["hidden_size"] * vision["merge_size"] ** 2
+    kwargs["projector_hidden_size"] = 32
+
+
+def _spark_widths(kwargs: dict[str, Any]) -> None:
+    """Muse Spark: Muse Glimmer's tower, a language model of few experts (the shrinking misses its
+    ``moe_hidden_size``), and an audio tower whose output is as wide as the language model's."""
+    _glimmer_widths(kwargs)
+    text = kwargs["text_config"]
+    text.update(moe_hidden_size=32, num_local_experts=4, num_experts_per_tok=2)
+    kwargs["audio_config"] = {"hidden_sizes": [8, 8, 16, 16], "depths": [1] * 4, "out_hidden_size": text["hidden_size"]}
+
+
+def _code_ranges(kwargs: dict[str, Any]) -> None:
+    """Apertus 1.5 tokenizes images (and audio) into codes of the language model's own vocabulary:
+    128 ids, of which 96-111 are the images' 16 codes and 112-127 the audio's. Its VQ tokenizer
+    downsamples 16 pixels to 4 codes (GroupNorm needs 32 channels)."""
+    kwargs["text_config"]["vocab_size"] = 128
+    kwargs["vision_config"] = {
+        "codebook_size": 16,
+        "embed_dim": 8,
+        "latent_channels": 32,
+        "base_channels": 32,
+        "channel_multiplier": [1, 1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [4],
+        "resolution": 16,
+    }
+    kwargs["audio_config"] = {
+        "model_type": "wavtokenizer_encoder",
+        "codebook_size": 16,
+        "codebook_dim": 8,
+        "hidden_size": 8,
+        "num_filters": 4,
+        "num_lstm_layers": 1,
+        "upsampling_ratios": [2, 2],
+    }
+    kwargs.update(image_token_offset=96, audio_token_offset=112)
+
+
+def _inkling2_widths(kwargs: dict[str, Any]) -> None:
+    """Inkling 2: the tower's output is as wide as the language model's, and the head's unpadded
+    vocabulary (200058 of the released 201024) is the shrunk vocabulary."""
+    text = kwargs["text_config"]
+    text["unpadded_vocab_size"] = text["vocab_size"]
+    kwargs["vision_config"]["text_hidden_size"] = text["hidden_size"]
+
+
+def _inkling2_loop(kwargs: dict[str, Any]) -> None:
+    """Inkling 2 Loop: Inkling 2's widths, and its loop (layers 6 to 18 of blocks of 6, run three
+    times as released) over the shrunk layers: layers 2 and 3, blocks of 2."""
+    _inkling2_widths(kwargs)
+    loop = dict(n_layers_per_attn_res_block=2, loop_layer_index_start=2, loop_layer_index_end=4, loop_gate_rank=4)
+    kwargs["text_config"].update(loop)
+
+
+def _molmo2_pooling(kwargs: dict[str, Any]) -> None:
+    """Molmo2: images of 16 pixels as a list (4 x 4 patches, one learned position each), and its
+    adapter (which pools patches into tokens) shrunk too: it concatenates both tower layers."""
+    vision = kwargs["vision_config"]
+    vision.update(image_size=[16, 16], num_position_embeddings=16, num_key_value_heads=4, head_dim=8)
+    kwargs["adapter_config"] = {
+        "vision_feature_layer": [-1, 0],
+        "hidden_size": vision["hidden_size"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "text_hidden_size": kwargs["text_config"]["hidden_size"],
+    }
+
+
+def _dots3_widths(kwargs: dict[str, Any]) -> None:
+    """Dots 3 Note: the tower's experts come from a pyramid of expert counts by layer (25 dense
+    layers, then sparse ones): one dense layer and one of 4 experts. The adapters (vision and
+    audio) end at the language model's width, and the language model has few experts and a small
+    indexer (the shrinking misses them)."""
+    text = kwargs["text_config"]
+    width = text["hidden_size"]
+    text.update(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        shared_experts_intermediate_size=32,
+        index_n_heads=4,
+        index_head_dim=16,
+    )
+    vision = kwargs["vision_config"]
+    vision.pop("mlp_layer_types", None)
+    vision.pop("per_layer_config", None)
+    vision.update(pyramid_num_routed=[-1, 4], num_local_experts=4, moe_intermediate_size=32)
+    vision.update(adapter_in_dim=vision["hidden_size"], adapter_out_dim=width)
+    kwargs["audio_config"] = {
+        **_VISION,
+        "downsample_hidden_size": 16,
+        "adapter_input_size": _VISION["hidden_size"],
+        "adapter_out_dim": width,
+        "feature_size": 8,
+    }
+
+
+def _vision_class(name: str) -> Any:
+    """A fix naming the vision-language class in ``architectures``, as released checkpoints do:
+    the type's config maps to a text-only causal LM too (Qwen3.5's)."""
+
+    def fix(kwargs: dict[str, Any]) -> None:
+        kwargs["architectures"] = [name]
+
+    return fix
+
+
+def _exaone_tower(kwargs: dict[str, Any]) -> None:
+    """EXAONE 4.5's tower groups its query heads over its own ``num_key_value_heads`` (8 by
+    default, more than the shrunk tower's 4 heads), and attends in windows of 112 pixels."""
+    vision = kwargs["vision_config"]
+    vision.update(num_key_value_heads=2, window_size=16, fullatt_block_indexes=[1])
+
+
+def _kimi_projector(kwargs: dict[str, Any]) -> None:
+    """Kimi K2.5's projector normalises the tower's width under its own name
+    (``projection_hidden_size``); its position table is 64 x 64 patches."""
+    vision = kwargs["vision_config"]
+    vision.update(pos_emb_height=8, pos_emb_width=8)
+    kwargs["projection_hidden_size"] = vision["hidden_size"]
+
+
+def _minimax_projector(kwargs: dict[str, Any]) -> None:
+    """MiniMax-M3-VL's projector is ``projector_hidden_size`` wide (6144 by default)."""
+    kwargs["projector_hidden_size"] = kwargs["vision_config"]["hidden_size"]
+
+
+def _minicpm_merger(kwargs: dict[str, Any]) -> None:
+    """MiniCPM-V 4.6's window merger runs after tower layer ``insert_layer_id`` (6: past the shrunk
+    tower's 2), and its class defaults name no image token."""
+    kwargs["vision_config"]["insert_layer_id"] = kwargs["insert_layer_id"] = 0
+    kwargs["image_token_id"] = _IMAGE
+
+
+def _gemma4_unified_embedder(kwargs: dict[str, Any]) -> None:
+    """Gemma 4 Unified's vision side is optional (none by default): an embedder of pixel patches
+    merged 2 x 2 from patches of 2 pixels, 32 wide, on a position table of 8 per axis."""
+    kwargs["vision_config"] = {
+        "patch_size": 2,
+        "pooling_kernel_size": 2,
+        "mm_embed_dim": 32,
+        "mm_posemb_size": 8,
+        "output_proj_dims": 32,
+    }
+    kwargs.update(image_token_id=_IMAGE, boi_token_id=_START, eoi_token_id=_END)
+
+
+def _janus_vq(kwargs: dict[str, Any]) -> None:
+    """Janus's image generator (a VQ-VAE, ``vq_config``) is not shrunk with the tower, and its tower
+    takes ``num_image_tokens`` tokens an image (576: 16-pixel images of 4-pixel patches give 16)."""
+    vision = kwargs["vision_config"]
+    vision["num_image_tokens"] = (vision["image_size"] // vision["patch_size"]) ** 2
+    kwargs["vq_config"] = {
+        "embed_dim": 8,
+        "num_embeddings": 32,
+        "latent_channels": 32,  # NOTE: its group norms take 32 groups
+        "base_channels": 32,
+        "channel_multiplier": [1, 1],
+        "num_res_blocks": 1,
+        "num_patches": 4,
+        "projection_dim": 32,
+        "image_token_embed_dim": 32,
+    }
+
+
+def _fuyu_patches_size(kwargs: dict[str, Any]) -> None:
+    """Fuyu has no vision tower: its patches (30 pixels) are projected linearly, sized at the top of its config."""
+    kwargs.update(image_size=8, patch_size=4)
+
+
+def _nemotron_omni_widths(kwargs: dict[str, Any]) -> None:
+    """Nemotron-H Omni's projector widths are its own fields (``vision_hidden_size``,
+    ``projector_hidden_size``), its RADIO tower's position table spans ``max_img_size`` pixels
+    (2048), and its class defaults name no image token."""
+    vision = kwargs["vision_config"]
+    vision["max_img_size"] = vision["image_size"]
+    kwargs.update(vision_hidden_size=vision["hidden_size"], projector_hidden_size=32, image_token_id=_IMAGE)
+
+
+def _inkling_tower(kwargs: dict[str, Any]) -> None:
+    """Inkling's tower counts its layers as ``n_layers`` (the shrink's ``num_hidden_layers`` is an
+    alias its class defaults override): 24 layers of up to 6144 channels."""
+    kwargs["vision_config"].pop("num_hidden_layers", None)
+    kwargs["vision_config"]["n_layers"] = 2
+
+
 #: model type -> what the zoo's generic tiny config of the type changes, in ``cls(**kwargs)``'s
 #: keyword arguments, for a model that runs on tiny images
 _ZOO_FIXES = {
+    "lfm3_vl": _tower_layer_types,
+    "muse_glimmer": _glimmer_widths,
+    "muse_spark": _spark_widths,
+    "apertus1p5": _code_ranges,
+    "dots3_note": _dots3_widths,
+    "molmo2": _molmo2_pooling,
+    "inkling2": _inkling2_widths,
+    "inkling2_loop": _inkling2_loop,
     "aria": _aria_queries,
     "llava_next_video": _small_grids,
     "lighton_ocr": _pixtral_heads,
     "vipllava": _feature_layers,
+    "qwen3_5": _vision_class("Qwen3_5ForConditionalGeneration"),
+    "qwen3_5_moe": _vision_class("Qwen3_5MoeForConditionalGeneration"),
+    "exaone4_5": _exaone_tower,
+    "kimi_k25": _kimi_projector,
+    "minimax_m3_vl": _minimax_projector,
+    "minicpmv4_6": _minicpm_merger,
+    "minicpmv4_7": _minicpm_merger,
+    "minicpm_ocr": _minicpm_merger,
+    "gemma4_unified": _gemma4_unified_embedder,
+    "janus": _janus_vq,
+    "fuyu": _fuyu_patches_size,
+    "nemotron_h_omni": _nemotron_omni_widths,
+    "inkling_mm_model": _inkling_tower,
 }
 
 
