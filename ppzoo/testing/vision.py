@@ -519,9 +519,20 @@ def _inkling_patches(config: Any, counts: list[int], gen: torch.Generator) -> di
 #: features), not one per image
 _FEATURES_BY_ROW = frozenset({"idefics2", "idefics3", "smolvlm"})
 
+def _two_resolutions(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """DeepSeek-VL hybrid's inputs: each image at its low-resolution tower's size and at its SAM tower's."""
+    images = sum(counts)
+    low, high = config.vision_config, config.high_res_vision_config
+    return {
+        "pixel_values": torch.randn(images, 3, low.image_size, low.image_size, generator=gen),
+        "high_res_pixel_values": torch.randn(images, 3, high.image_size, high.image_size, generator=gen),
+    }
+
+
 #: model type -> the builder of its image inputs from the images per row, where :func:`_pixels`'
 #: default is not what its processor gives
 _PIXEL_BUILDERS = {
+    "deepseek_vl_hybrid": _two_resolutions,
     "lfm2_vl": _siglip2_patches,
     "aria": _masked_pixels,
     "idefics2": _row_pixels,
@@ -1008,9 +1019,31 @@ def _inkling_tower(kwargs: dict[str, Any]) -> None:
     kwargs["vision_config"]["n_layers"] = 2
 
 
+def _sam_tower(kwargs: dict[str, Any]) -> None:
+    """DeepSeek-VL hybrid's second, high-resolution tower (SAM) has its own config, which the
+    shrink does not reach: 2 layers of width 32 on 32-pixel images of 4-pixel patches."""
+    from transformers import AutoConfig
+
+    high = AutoConfig.for_model("deepseek_vl_hybrid").high_res_vision_config.to_dict()
+    high.update(
+        hidden_size=32,
+        output_channels=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_dim=64,
+        image_size=32,
+        patch_size=4,
+        window_size=4,
+        global_attn_indexes=[1],
+        num_pos_feats=16,
+    )
+    kwargs["high_res_vision_config"] = high
+
+
 #: model type -> what the zoo's generic tiny config of the type changes, in ``cls(**kwargs)``'s
 #: keyword arguments, for a model that runs on tiny images
 _ZOO_FIXES = {
+    "deepseek_vl_hybrid": _sam_tower,
     "lfm3_vl": _tower_layer_types,
     "muse_glimmer": _glimmer_widths,
     "muse_spark": _spark_widths,
