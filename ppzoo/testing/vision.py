@@ -519,6 +519,7 @@ def _inkling_patches(config: Any, counts: list[int], gen: torch.Generator) -> di
 #: features), not one per image
 _FEATURES_BY_ROW = frozenset({"idefics2", "idefics3", "smolvlm"})
 
+
 def _two_resolutions(config: Any, counts: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
     """DeepSeek-VL hybrid's inputs: each image at its low-resolution tower's size and at its SAM tower's."""
     images = sum(counts)
