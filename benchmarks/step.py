@@ -114,7 +114,7 @@ def _batch(vocab: int, case: dict[str, Any], seed: int = 0):
 class _Single:
     """The unsplit model with its own AdamW: whole-batch steps and microbatch-accumulated steps."""
 
-    def __init__(self, directory: str, case: dict[str, Any]):
+    def __init__(self, directory: str, case: dict[str, Any], *, fused: bool | None = None):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -125,7 +125,7 @@ class _Single:
 
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=fused)
         self.ids, self.labels = _batch(self.model.config.vocab_size, case)
         self.tokens = count_label_tokens(self.labels)
         self.microbatches = case["microbatches"]

@@ -23,7 +23,16 @@ import numpy as np
 
 from ppzoo.schedule import SCHEDULES
 
-__all__ = ["Action", "COSTS", "SIMULATED", "compile_order", "schedule_order", "makespan", "ideal_efficiency"]
+__all__ = [
+    "Action",
+    "COSTS",
+    "SIMULATED",
+    "compile_order",
+    "schedule_order",
+    "makespan",
+    "rank_finish",
+    "ideal_efficiency",
+]
 
 #: ``(stage index, kind, microbatch index)``
 Action = tuple[int, str, int]
@@ -131,7 +140,22 @@ def makespan(order: dict[int, list[Action]], stage_costs: Sequence[float], costs
     Raises:
         RuntimeError: the order deadlocks (an action waits on one that never runs).
     """
-    last_stage = len(stage_costs) - 1
+    clocks = rank_finish(order, lambda action: costs[action[1]] * stage_costs[action[0]], len(stage_costs))
+    return max(clocks.values(), default=0.0)
+
+
+def rank_finish(
+    order: dict[int, list[Action]], duration: Callable[[Action], float], num_stages: int
+) -> dict[int, float]:
+    """Rank → when it ends its last action, each action taking ``duration(action)``; communication is free.
+
+    The dependencies are :func:`makespan`'s. With the durations a profile measured, this is the
+    step a runtime with no cost of its own would take on those stages (``benchmarks/timeline.py``).
+
+    Raises:
+        RuntimeError: the order deadlocks (an action waits on one that never runs).
+    """
+    last_stage = num_stages - 1
     done: dict[tuple[int, str, int], float] = {}
     clock = {rank: 0.0 for rank in order}
     position = {rank: 0 for rank in order}
@@ -153,7 +177,7 @@ def makespan(order: dict[int, list[Action]], stage_costs: Sequence[float], costs
                         start = None if grad is None else max(start, grad)
                 if start is None:
                     break
-                now = max(now, start) + costs[kind] * stage_costs[stage]
+                now = max(now, start) + duration(ops[at])
                 done[(stage, kind, mb)] = now
                 if kind in ("B", "I"):
                     done[(stage, "G", mb)] = now  # the input gradient the previous stage waits for
@@ -164,7 +188,7 @@ def makespan(order: dict[int, list[Action]], stage_costs: Sequence[float], costs
         if not moved:
             stuck = {r: ops[position[r]] for r, ops in order.items() if position[r] < len(ops)}
             raise RuntimeError(f"schedule order deadlocks; next actions per rank: {stuck}")
-    return max(clock.values(), default=0.0)
+    return clock
 
 
 def compile_order(

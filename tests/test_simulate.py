@@ -44,3 +44,20 @@ def test_a_compiled_order_that_deadlocks_is_refused():
     order = {0: [(0, "B", 0), (0, "F", 0)]}  # a backward before its forward
     with pytest.raises(RuntimeError, match="deadlocks"):
         simulate.compile_order(order, 1)
+
+
+def test_rank_finish_replays_measured_durations_of_each_action():
+    # 1F1B, pp=2, 2 microbatches: rank 0 runs F0 F1 B0 B1, rank 1 F0 B0 F1 B1
+    order = simulate.schedule_order("1F1B", pp=2, microbatches=2)
+    assert order == {
+        0: [(0, "F", 0), (0, "F", 1), (0, "B", 0), (0, "B", 1)],
+        1: [(1, "F", 0), (1, "B", 0), (1, "F", 1), (1, "B", 1)],
+    }
+    took = {(0, "F"): 1.0, (0, "B"): 2.0, (1, "F"): 3.0, (1, "B"): 4.0}
+    finish = simulate.rank_finish(order, lambda action: took[action[:2]] + (0.5 if action == (1, "F", 1) else 0.0), 2)
+    # rank 1: F0 1-4, B0 4-8, F1 8-11.5, B1 11.5-15.5; rank 0: F0 0-1, F1 1-2, B0 8-10, B1 15.5-17.5
+    assert finish == {0: 17.5, 1: 15.5}
+    # with durations proportional to stage costs, the latest finish is makespan's
+    costs = [1.0, 1.5]
+    replay = simulate.rank_finish(order, lambda a: simulate.COSTS[a[1]] * costs[a[0]], 2)
+    assert max(replay.values()) == simulate.makespan(order, costs)

@@ -489,3 +489,29 @@ def test_two_machines_meet_at_the_endpoint(tmp_path, capfd):
     # one worker a machine, one pipeline of two stages: rank 0 (here) reports, the other machine does not
     assert [s[0] for s in STEP.findall(out)] == ["1", "2"] and "done: 2 steps" in out
     assert "pp=2" in other_out and "done:" not in other_out
+
+
+# -- the optimizer --------------------------------------------------------------------------------
+def test_the_trainers_adamw_is_fused_where_the_device_has_the_kernel_and_updates_as_torchs_default():
+    from ppzoo.training_loop import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32), torch.randn(100, 8)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    params = {kind: [torch.nn.Parameter(w.clone()) for w in weights] for kind in ("fused", "default")}
+    optimizers = {
+        "fused": adamw(params["fused"], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+        "default": torch.optim.AdamW(params["default"], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+    }
+    assert optimizers["fused"].defaults["fused"] is True
+    assert not optimizers["default"].defaults["fused"]
+    for step in grads:
+        for kind, optimizer in optimizers.items():
+            for p, g in zip(params[kind], step):
+                p.grad = g.clone()
+            optimizer.step()
+    for fused, default, start in zip(params["fused"], params["default"], weights):
+        assert not torch.equal(fused, start)
+        torch.testing.assert_close(fused, default, rtol=0, atol=1e-6)
+    # a parameter on a device without the kernel (here the meta device) keeps torch's default
+    assert not adamw([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=1e-3).defaults["fused"]
