@@ -513,5 +513,15 @@ def test_the_trainers_adamw_is_fused_where_the_device_has_the_kernel_and_updates
     for fused, default, start in zip(params["fused"], params["default"], weights):
         assert not torch.equal(fused, start)
         torch.testing.assert_close(fused, default, rtol=0, atol=1e-6)
+    # a state saved by either kind loads into the other and steps on alike
+    default_state, fused_state = optimizers["default"].state_dict(), optimizers["fused"].state_dict()
+    optimizers["fused"].load_state_dict(default_state)
+    optimizers["default"].load_state_dict(fused_state)
+    for kind, optimizer in optimizers.items():
+        for p, g in zip(params[kind], grads[0]):
+            p.grad = g.clone()
+        optimizer.step()
+    for fused, default in zip(params["fused"], params["default"]):
+        torch.testing.assert_close(fused, default, rtol=0, atol=1e-6)
     # a parameter on a device without the kernel (here the meta device) keeps torch's default
     assert not adamw([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=1e-3).defaults["fused"]
