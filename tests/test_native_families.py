@@ -12,7 +12,7 @@ import pytest
 
 import ppzoo
 from ppzoo import registry
-from ppzoo.architectures.native import NativeAdapter, layout, prefix
+from ppzoo.architectures.native import NativeAdapter, keys, layout, prefix
 from ppzoo.testing import census
 from ppzoo.testing.tiny_configs import tiny_config
 from ppzoo.validation import ValidationError
@@ -113,7 +113,7 @@ def _two_stages_against_the_reference(directory, model_type: str) -> dict:
 def test_hybrid_families_split_exactly(tmp_path, model_type):
     """Two stages against Hugging Face: logits, loss (with the router aux loss where the forward
     adds one) and every gradient, the shared block's copies' gradients summed as the pipeline sums them."""
-    from ppzoo.testing.checks import _sync_tied_grads
+    from ppzoo.testing.chain_checks import _sync_tied_grads
     from ppzoo.testing.reference import grad_mismatches
 
     chain = _two_stages_against_the_reference(tmp_path, model_type)
@@ -249,7 +249,7 @@ def test_the_key_check_on_fewer_experts_finds_what_the_full_model_does(monkeypat
     monkeypatch.setattr(layout, "checkpoint_renames", spy)
     shrunk = layout._discover(config)
     # NOTE: the whole model, watched whole (no cut to its first layers of each kind, native.prefix)
-    monkeypatch.setattr(layout, "_fewer_experts_model", lambda config: None)
+    monkeypatch.setattr(keys, "fewer_experts_model", lambda config: None)
     monkeypatch.setattr(prefix, "observe", lambda *args, **kwargs: None)
     full = layout._discover(config)
     assert checked[0] is not None and checked[1] is None  # the key check ran on fewer experts, then all
@@ -261,7 +261,7 @@ def test_fewer_experts_changes_the_expert_count_only():
     from test_real_size_plans import config_of
 
     config = config_of("deepseek-v3")
-    fewer = layout._fewer_experts(config)
+    fewer = keys.fewer_experts(config)
     # the routing still works: 8 groups of 2, top-8 from the 4 groups kept
     assert fewer.n_routed_experts == 16 and config.n_routed_experts == 256
     assert {k: v for k, v in fewer.to_dict().items() if k != "n_routed_experts"} == {
@@ -272,19 +272,19 @@ def test_fewer_experts_changes_the_expert_count_only():
 def test_fewer_experts_keeps_the_routing_valid_and_the_layer_list_unique():
     from transformers import AutoConfig
 
-    assert layout._fewer_experts(tiny_config("gpt2")) is None  # no experts
+    assert keys.fewer_experts(tiny_config("gpt2")) is None  # no experts
     mixtral = AutoConfig.for_model("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=4)
-    assert layout._fewer_experts(mixtral).num_local_experts == 2
+    assert keys.fewer_experts(mixtral).num_local_experts == 2
     # 2 experts would make a second list of num_hidden_layers modules
     mixtral = AutoConfig.for_model("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-    assert layout._fewer_experts(mixtral).num_local_experts == 3
+    assert keys.fewer_experts(mixtral).num_local_experts == 3
     few = AutoConfig.for_model("mixtral", num_local_experts=2, num_experts_per_tok=2, num_hidden_layers=6)
-    assert layout._fewer_experts(few) is None  # no fewer to go to
+    assert keys.fewer_experts(few) is None  # no fewer to go to
     grouped = AutoConfig.for_model(
         "deepseek_v3", n_routed_experts=64, n_group=4, topk_group=2, num_experts_per_tok=6, num_hidden_layers=8
     )
     # 3 per group so that the 2 groups kept hold the top-6
-    assert layout._fewer_experts(grouped).n_routed_experts == 12
+    assert keys.fewer_experts(grouped).n_routed_experts == 12
 
 
 def test_the_watched_forward_finds_the_tensors_pytree_finds():

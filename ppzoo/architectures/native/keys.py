@@ -16,12 +16,15 @@ within one layer stays on one stage as one parameter, read through :class:`Check
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from torch import nn
 
 from ppzoo.adapter import KeyMap
 from ppzoo.validation import Problem
 
-__all__ = ["CheckpointKeys", "checkpoint_renames", "tied_parameters"]
+__all__ = ["CheckpointKeys", "checkpoint_renames", "fewer_experts", "fewer_experts_model", "tied_parameters"]
 
 
 class CheckpointKeys(KeyMap):
@@ -158,3 +161,52 @@ def checkpoint_renames(
             )
         ]
     return renames, []
+
+
+_EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
+_TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")
+
+
+def fewer_experts(config: Any) -> Any | None:
+    """A copy of ``config`` with as few routed experts as its routing allows, or None when it has
+    no expert count to lower.
+
+    NOTE: only the checkpoint-key round trip (:func:`checkpoint_renames`) runs on it, and its
+    result does not depend on the count: the model keeps every layer and key name, only fewer
+    per-expert ones (fused expert tensors a shorter first dimension); transformers' rules name experts by a
+    pattern (``experts.*.gate_proj``) and split or merge along that dimension whatever its size.
+    A 256-expert model saves ~45k per-expert keys (seconds to convert and read back); a few do.
+    The count stays a multiple of the routing groups (``n_group``) with two or more experts each
+    and enough in the ``topk_group`` groups kept for the top-k, and is never ``num_hidden_layers``
+    (so that no expert list passes for the layer list).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = next((a for a in _EXPERT_COUNTS if isinstance(getattr(text, a, None), int)), None)
+    if name is None:
+        return None
+    experts = getattr(text, name)
+    top_k = next((v for a in _TOP_K if isinstance(v := getattr(text, a, None), int)), 1)
+    groups = getattr(text, "n_group", None) or 1
+    kept = getattr(text, "topk_group", None) or groups
+    per_group = max(2, -(-top_k // kept))
+    while groups * per_group == getattr(text, "num_hidden_layers", None):
+        per_group += 1
+    fewer = groups * per_group
+    if fewer >= experts:
+        return None
+    config = copy.deepcopy(config)
+    setattr(config.get_text_config() if hasattr(config, "get_text_config") else config, name, fewer)
+    return config
+
+
+def fewer_experts_model(config: Any) -> nn.Module | None:
+    """The meta model of :func:`fewer_experts`'s config, or None (the check then runs on the full model)."""
+    from ppzoo.meta import meta_model
+
+    fewer = fewer_experts(config)
+    if fewer is None:
+        return None
+    try:
+        return meta_model(fewer, attn_implementation="eager")
+    except Exception:  # noqa: BLE001 - a count the model refuses: the full model is checked instead
+        return None

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
-import textwrap
-import tokenize
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +23,12 @@ import torch
 from torch import nn
 
 from ppzoo.architectures.native import direct as _direct
+from ppzoo.architectures.native import keys as _keys
 from ppzoo.architectures.native import prefix as _prefix
+from ppzoo.architectures.native import refusals as _refusals
 from ppzoo.architectures.native.boundary import Boundary, plan_boundary
 from ppzoo.architectures.native.keys import checkpoint_renames, tied_parameters
+from ppzoo.architectures.native.refusals import short
 from ppzoo.architectures.native.trace import IDS, TRACE_BATCH, TRACE_SEQ, Observed, layer_tag, unit_tag, watch
 from ppzoo.layout import Layout
 from ppzoo.validation import Problem
@@ -115,7 +115,7 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     from ppzoo.meta import meta_model
 
     kind = f"model_type {getattr(config, 'model_type', None)!r}"
-    changed = _config_round_trip(config, kind)
+    changed = _refusals.config_round_trip(config, kind)
     if changed:
         return changed
     config = copy.deepcopy(config)
@@ -126,9 +126,7 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     try:
         model = meta_model(config, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - any build failure is reported, not raised
-        return [
-            Problem("native-build", f"{kind} cannot be built from its config ({type(exc).__name__}: {_short(exc)})")
-        ]
+        return [Problem("native-build", f"{kind} cannot be built from its config ({type(exc).__name__}: {short(exc)})")]
     model.eval()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -173,8 +171,8 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     top = language.rpartition(".")[0] if language else None
     direct = _direct.direct_parameters(model.get_submodule(top)) if top is not None else ()
     units, problems = _units(model, container, kind, deferred=top)
-    problems += _loss_problems(model, kind)
-    problems += _shared_parameters(model, kind)
+    problems += _refusals.loss_problems(model, kind)
+    problems += _refusals.shared_parameters(model, kind)
     if problems:
         return problems
     try:
@@ -189,7 +187,7 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
             Problem(
                 "native-trace",
                 f"{kind}'s forward runs neither on the meta device nor on a copy with constant weights, so its "
-                f"layout cannot be read ({_short(exc)})",
+                f"layout cannot be read ({short(exc)})",
             )
         ]
     layer_calls = [i for i, name in enumerate(seen.order) if name.startswith("layer ")]
@@ -273,7 +271,7 @@ def _discover(config: Any) -> NativeLayout | list[Problem]:
     tied, local_ties, tie_problems = tied_parameters(model, inputs_, outputs_, kind, layers=container)
     # NOTE: the key round trip runs on fewer experts, and on the cut model's layers where the
     # trace was cut (:mod:`.prefix`); the renames are the whole model's
-    check = (_fewer_experts_model(cut[1]) or cut[2]) if cut else _fewer_experts_model(config)
+    check = (_keys.fewer_experts_model(cut[1]) or cut[2]) if cut else _keys.fewer_experts_model(config)
     renames, key_problems = checkpoint_renames(model, kind, check=check)
     problems += tie_problems + key_problems
     if problems:
@@ -350,8 +348,8 @@ def _watch(model: nn.Module, container: str, units: list[str]) -> Observed:
         return watch(real, real.get_submodule(container), {fqn: real.get_submodule(fqn) for fqn in units}, device="cpu")
     except Exception as exc:
         raise RuntimeError(
-            f"on the meta device {type(on_meta).__name__}: {_short(on_meta)}; with constant weights "
-            f"{type(exc).__name__}: {_short(exc)}"
+            f"on the meta device {type(on_meta).__name__}: {short(on_meta)}; with constant weights "
+            f"{type(exc).__name__}: {short(exc)}"
         ) from on_meta
 
 
@@ -381,10 +379,6 @@ def _constant_copy(model: nn.Module) -> nn.Module:
 
 
 #: config attributes that count the routed experts, and that give how many each token picks
-_EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
-_TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")
-
-
 def _vision_language(model: nn.Module) -> tuple[str, tuple[str, ...]]:
     """The FQN of a vision-language model's language model and of its image-side modules, or
     ``("", ())`` for a text-only model.
@@ -442,51 +436,6 @@ def _under(fqn: str, root: str) -> bool:
     return not root or fqn == root or fqn.startswith(root + ".")
 
 
-def _fewer_experts(config: Any) -> Any | None:
-    """A copy of ``config`` with as few routed experts as its routing allows, or None when it has
-    no expert count to lower.
-
-    NOTE: only the checkpoint-key round trip (:func:`.keys.checkpoint_renames`) runs on it, and its
-    result does not depend on the count: the model keeps every layer and key name, only fewer
-    per-expert ones (fused expert tensors a shorter first dimension); transformers' rules name experts by a
-    pattern (``experts.*.gate_proj``) and split or merge along that dimension whatever its size.
-    A 256-expert model saves ~45k per-expert keys (seconds to convert and read back); a few do.
-    The count stays a multiple of the routing groups (``n_group``) with two or more experts each
-    and enough in the ``topk_group`` groups kept for the top-k, and is never ``num_hidden_layers``
-    (so that no expert list passes for the layer list).
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    name = next((a for a in _EXPERT_COUNTS if isinstance(getattr(text, a, None), int)), None)
-    if name is None:
-        return None
-    experts = getattr(text, name)
-    top_k = next((v for a in _TOP_K if isinstance(v := getattr(text, a, None), int)), 1)
-    groups = getattr(text, "n_group", None) or 1
-    kept = getattr(text, "topk_group", None) or groups
-    per_group = max(2, -(-top_k // kept))
-    while groups * per_group == getattr(text, "num_hidden_layers", None):
-        per_group += 1
-    fewer = groups * per_group
-    if fewer >= experts:
-        return None
-    config = copy.deepcopy(config)
-    setattr(config.get_text_config() if hasattr(config, "get_text_config") else config, name, fewer)
-    return config
-
-
-def _fewer_experts_model(config: Any) -> nn.Module | None:
-    """The meta model of :func:`_fewer_experts`'s config, or None (the check then runs on the full model)."""
-    from ppzoo.meta import meta_model
-
-    fewer = _fewer_experts(config)
-    if fewer is None:
-        return None
-    try:
-        return meta_model(fewer, attn_implementation="eager")
-    except Exception:  # noqa: BLE001 - a count the model refuses: the full model is checked instead
-        return None
-
-
 def _units(model: nn.Module, container: str, kind: str, deferred: str | None = None) -> tuple[list[str], list[Problem]]:
     """Modules outside the layer list that hold parameters or persistent buffers, in tree order.
 
@@ -526,46 +475,6 @@ def _units(model: nn.Module, container: str, kind: str, deferred: str | None = N
     return units, problems
 
 
-def _config_round_trip(config: Any, kind: str) -> list[Problem]:
-    """Stages load a checkpoint saved with the config; a config that changes when transformers
-    saves and loads it (a per-layer-type setting lost) would give them another model."""
-    ignored = {"_name_or_path", "transformers_version", "architectures"}
-    # NOTE: a sub-config other than the text config (Moshi's depth decoder) belongs to a model the
-    # causal LM does not hold
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    ignored |= {
-        name
-        for name, value in vars(config).items()
-        if value is not text and type(value).__name__.endswith("Config") and hasattr(value, "to_dict")
-    }
-    try:
-        before = config.to_dict()
-        after = type(config).from_dict(copy.deepcopy(before)).to_dict()
-    except Exception as exc:  # noqa: BLE001 - any failure to load back is the problem reported
-        return [
-            Problem(
-                "native-round-trip",
-                f"{kind}: its config does not load back from what it saves ({type(exc).__name__}: {_short(exc)})",
-            )
-        ]
-    # NOTE: a field left None that loading fills in (Moshi's audio_vocab_size) is the default the
-    # model computes anyway; a value that changes is another model
-    changed = sorted(
-        k
-        for k in before.keys() | after.keys()
-        if k not in ignored and before.get(k) is not None and before.get(k) != after.get(k)
-    )
-    if not changed:
-        return []
-    return [
-        Problem(
-            "native-round-trip",
-            f"{kind}: its config changes when transformers saves and loads it ({', '.join(changed[:3])}), so a "
-            "checkpoint saved from it loads as another model",
-        )
-    ]
-
-
 def _called(module: nn.Module, path: str, holds) -> list[str]:
     """``path``, or for a list or dict of modules (which a forward never calls) its members."""
     if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
@@ -575,59 +484,6 @@ def _called(module: nn.Module, path: str, holds) -> list[str]:
         for name, child in module._modules.items()
         if child is not None and holds(child)
         for fqn in _called(child, f"{path}.{name}", holds)
-    ]
-
-
-def _loss_problems(model: nn.Module, kind: str) -> list[Problem]:
-    """ppzoo trains with transformers' causal-LM loss; a CausalLM that computes another one is refused."""
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return []
-    names = {
-        tok.string
-        for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
-        if tok.type == tokenize.NAME
-    }
-    if "loss_function" in names:
-        # NOTE: a term added to the causal-LM loss on the logits (Bamba's z-loss) is not ppzoo's
-        # loss; the families that have one default it to 0.
-        added = {
-            attr: getattr(model.config, attr)
-            for attr in model.config.to_dict()
-            if "z_loss" in attr and isinstance(getattr(model.config, attr), (int, float))
-        }
-        added = {attr: value for attr, value in added.items() if value > 0}
-        if added and any("z_loss" in name for name in names):
-            attr, value = next(iter(added.items()))
-            return [
-                Problem(
-                    "native-loss",
-                    f"{kind}: {type(model).__name__}.forward adds a z-loss on the logits ({attr}={value}) to the "
-                    "causal-LM loss, which ppzoo's loss does not; set it to 0 to train without it",
-                )
-            ]
-        return []
-    return [
-        Problem(
-            "native-loss",
-            f"{kind}: {type(model).__name__}.forward computes a loss of its own, not transformers' causal-LM loss (next-token cross-entropy) that ppzoo trains with",
-        )
-    ]
-
-
-def _shared_parameters(model: nn.Module, kind: str) -> list[Problem]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    shared = [group for group in names.values() if len(group) > 1]
-    if not shared:
-        return []
-    return [
-        Problem(
-            "native-shared-parameters",
-            f"{kind} uses one parameter in several places ({', '.join(shared[0][:3])}): a block shared by several layers cannot be split over stages",
-        )
     ]
 
 
@@ -676,8 +532,3 @@ def _standin(shapes: Any) -> StandIn | None:
     if not any(source == "arg" for source, _ in dims):
         return None
     return StandIn(tuple(dims), "argument" if out_dtype == arg_dtype else "parameters")
-
-
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] + ("..." if len(text) > 200 else "")
