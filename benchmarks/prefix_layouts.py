@@ -1,7 +1,7 @@
 """The native layout with the forward cut to one layer of each kind, against the whole forward watched.
 
 For every zoo row (the decoder types and variants of ``ppzoo.testing.tiny_configs``, the
-vision-language tiny configs of ``ppzoo.testing.vision``) and the real-size configs of
+vision-language tiny configs of ``ppzoo.testing.tiny_vision_configs``) and the real-size configs of
 ``tests/test_real_size_plans.py``, the layout is discovered twice in this process
 (``native.layout._discover``): as ppzoo does (``native.prefix`` may cut the forward), and with the
 whole model watched (``prefix.observe`` answering None). One JSON line a row: ``equal`` (the two
@@ -28,7 +28,7 @@ def _names() -> list[str]:
     from test_real_size_plans import MODELS
 
     from ppzoo.testing.tiny_configs import VARIANTS, decoder_model_types
-    from ppzoo.testing.vision import VISION_TYPES
+    from ppzoo.testing.tiny_vision_configs import VISION_TYPES
 
     return [
         *decoder_model_types(),
@@ -40,7 +40,7 @@ def _names() -> list[str]:
 
 def _config(name: str):
     if name.startswith("vision:"):
-        from ppzoo.testing.vision import tiny_vision_config
+        from ppzoo.testing.tiny_vision_configs import tiny_vision_config
 
         return tiny_vision_config(name.removeprefix("vision:"))
     if name.startswith("real:"):

@@ -152,9 +152,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     types_ = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
-    from ppzoo.testing import vision
+    from ppzoo.testing import vision_census
 
-    images = vision.vision_model_types() if args.vision else []
+    images = vision_census.vision_model_types() if args.vision else []
     if types_ is not None:
         images = [t for t in types_ if t in images]
         types_ = [t for t in types_ if t in set(decoder_model_types()) | set(VARIANTS) or t not in images]
@@ -180,10 +180,10 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         else []
     )
 
-    def progress_images(result: vision.VisionResult) -> None:
+    def progress_images(result: vision_census.VisionResult) -> None:
         print(f"[images] {result.model_type}: {result.result}", file=sys.stderr, flush=True)
 
-    image_results = vision.vision_zoo(images, progress=progress_images, timeout_s=args.timeout) if images else []
+    image_results = vision_census.vision_zoo(images, progress=progress_images, timeout_s=args.timeout) if images else []
     if args.json:
         report = {"results": [r.to_dict() for r in results], "totals": census.totals(results)}
         if any(census.is_variant(r.model_type) for r in results):
@@ -197,7 +197,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         if results:
             print(census.render(results, markdown=args.markdown))
         if image_results:
-            print(("\n" if results else "") + vision.render_vision(image_results, markdown=args.markdown))
+            print(("\n" if results else "") + vision_census.render_vision(image_results, markdown=args.markdown))
     failed = any(r.result in ("wrong", "error") or r.step in ("wrong", "error") for r in results)
     return 1 if failed or any(r.result in ("wrong", "error") for r in image_results) else 0
 

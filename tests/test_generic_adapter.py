@@ -198,7 +198,7 @@ def test_starcoder2_embedding_dropout_is_applied_not_refused(without_native):
     """StarCoder2 as released (embedding and residual dropout 0.1): the generic adapter takes it and
     drops out the embeddings as its base forward does, in train mode with the reference's masks."""
     from ppzoo.testing.census import zoo_adapter
-    from ppzoo.testing.checks import check_stage_chain
+    from ppzoo.testing.chain_checks import check_stage_chain
 
     released = AutoConfig.for_model("starcoder2", embedding_dropout=0.1, residual_dropout=0.1)
     assert registry.problems(released) == [] and registry.adapter_for(released).name == "generic"

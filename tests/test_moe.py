@@ -15,7 +15,7 @@ from ppzoo.config import load_config
 from ppzoo.meta import meta_model
 from ppzoo.stage import build_stage, run_chain
 from ppzoo.testing import census
-from ppzoo.testing.checks import check_stage_chain
+from ppzoo.testing.chain_checks import check_stage_chain
 from ppzoo.testing.reference import batch, load_reference, save_tiny_model, tiny
 from ppzoo.testing.tiny_configs import tiny_config
 

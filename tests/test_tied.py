@@ -201,7 +201,7 @@ def test_a_block_shared_by_layers_on_three_stages_equals_reference(shared_block,
     """Each stage holding a layer of the shared block keeps a copy loaded from the one checkpoint
     key transformers saves (layer 1's); the copies' gradients sum to the unsplit model's (saving
     back is checked through the pipeline, in tests/test_native_families.py)."""
-    from ppzoo.testing.checks import _sync_tied_grads
+    from ppzoo.testing.chain_checks import _sync_tied_grads
 
     adapter, directory, reference, out, (ids, mask, labels) = shared_block
     config = reference.config

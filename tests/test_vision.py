@@ -17,15 +17,10 @@ from ppzoo.checkpoint import Checkpoint
 from ppzoo.config import load_config
 from ppzoo.stage import build_stage
 from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.image_batches import image_batch
 from ppzoo.testing.reference import grad_mismatches, load_reference
-from ppzoo.testing.vision import (
-    VISION_TYPES,
-    _save_config_model,
-    image_batch,
-    save_tiny_vision_model,
-    tiny_vision_config,
-    vision_step_problems,
-)
+from ppzoo.testing.tiny_vision_configs import VISION_TYPES, tiny_vision_config
+from ppzoo.testing.vision_step import _save_config_model, save_tiny_vision_model, vision_step_problems
 
 #: the vision tower's and the projector's checkpoint keys, by how the released classes save them
 _IMAGE_KEYS = ("vision_tower.", "multi_modal_projector.", "visual.")
@@ -273,7 +268,7 @@ def _frozen_case(rank, world_size, directories, out):
 
 def test_the_zoo_s_second_table_reports_refusals_with_their_reason(capsys):
     from ppzoo.cli import main
-    from ppzoo.testing.vision import vision_model_types, vision_zoo
+    from ppzoo.testing.vision_census import vision_model_types, vision_zoo
 
     assert {"llava", "gemma3", "qwen2_vl"} <= set(vision_model_types())
     (deepstack,) = vision_zoo(["qwen3_vl"])
@@ -288,7 +283,8 @@ def test_the_zoo_s_second_table_reports_refusals_with_their_reason(capsys):
 
 def test_llama_4_with_images_is_refused_because_its_own_forward_fails():
     from ppzoo.meta import model_class
-    from ppzoo.testing.vision import vision_zoo, zoo_vision_config
+    from ppzoo.testing.vision_census import vision_zoo
+    from ppzoo.testing.vision_zoo_configs import zoo_vision_config
 
     # NOTE: the released class fails in transformers itself (it reads image_outputs from its
     # language model's output), so there is no unsplit model to equal; a fix there fails this test
@@ -308,7 +304,7 @@ def test_llama_4_s_image_path_is_exact_once_its_forward_runs(tmp_path):
     # in the forward, on the first stage); checked with transformers' failing line mended
     from ppzoo.meta import model_class
     from ppzoo.testing.reference import perturb_zero_init
-    from ppzoo.testing.vision import zoo_vision_config
+    from ppzoo.testing.vision_zoo_configs import zoo_vision_config
 
     config = zoo_vision_config("llama4")
     torch.manual_seed(0)
@@ -340,9 +336,9 @@ def _mended_llama_4(rank, world_size, directories):
 
 
 def test_the_zoo_claims_nothing_where_the_unsplit_model_fails_with_images(monkeypatch):
-    from ppzoo.testing import vision
+    from ppzoo.testing import tiny_vision_configs, vision_census
 
-    exact = vision.VISION_TYPES["paligemma"]
+    exact = tiny_vision_configs.VISION_TYPES["paligemma"]
 
     def mismatched():
         # NOTE: a projector narrower than the language model: the unsplit model's own check fails
@@ -350,7 +346,7 @@ def test_the_zoo_claims_nothing_where_the_unsplit_model_fails_with_images(monkey
         config.projection_dim = config.vision_config.projection_dim = 16
         return config
 
-    monkeypatch.setitem(vision.VISION_TYPES, "paligemma", mismatched)
-    (paligemma,) = vision.vision_zoo(["paligemma"])
+    monkeypatch.setitem(tiny_vision_configs.VISION_TYPES, "paligemma", mismatched)
+    (paligemma,) = vision_census.vision_zoo(["paligemma"])
     assert (paligemma.result, paligemma.adapter) == ("unchecked", "native")
     assert "Image features and image tokens do not match" in paligemma.detail

@@ -10,19 +10,12 @@ With pytest, enable the opt-in plugin ``ppzoo.testing.pytest_plugin`` (see its d
 """
 
 from ppzoo.testing.census import ZooResult, zoo
-from ppzoo.testing.checks import (
-    check_buffers_after_meta_init,
-    check_layout,
-    check_plan,
-    check_stage_chain,
-    check_stage_reads,
-    check_tied_weights,
-    check_tiny_config,
-    check_validation,
-    resolving_to,
-)
+from ppzoo.testing.chain_checks import check_stage_chain, check_tied_weights
+from ppzoo.testing.config_checks import check_layout, check_plan, check_tiny_config, check_validation
 from ppzoo.testing.dropout import check_dropout
+from ppzoo.testing.harness import resolving_to
 from ppzoo.testing.kit import CHECKS, Case, Check, CheckResult, cases, check_adapter, check_adapters
+from ppzoo.testing.loading_checks import check_buffers_after_meta_init, check_stage_reads
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
 __all__ = [

@@ -153,7 +153,7 @@ def zoo_adapter(model_type: str, adapter: Any = None) -> Any:
 def check_model_type(model_type: str) -> ZooResult:
     """The zoo's verdict on ``model_type``, checked in this process (see the module docstring)."""
     from ppzoo import registry
-    from ppzoo.testing.checks import check_stage_chain
+    from ppzoo.testing.chain_checks import check_stage_chain
     from ppzoo.testing.dropout import check_dropout, with_dropout
     from ppzoo.testing.tiny_configs import tiny_config
 

@@ -20,8 +20,9 @@ from ppzoo.dropout import LAYER_DROP, key_dropout
 from ppzoo.loss import causal_lm_loss
 from ppzoo.planner import plan
 from ppzoo.stage import run_chain
-from ppzoo.testing.checks import DROPOUT_SEED as SEED
-from ppzoo.testing.checks import SEQ_LEN, _build_stages, _fail_if, _sync_tied_grads, resolving_to
+from ppzoo.testing.chain_checks import _sync_tied_grads
+from ppzoo.testing.harness import DROPOUT_SEED as SEED
+from ppzoo.testing.harness import SEQ_LEN, _build_stages, _fail_if, resolving_to
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 
 __all__ = ["DROPOUT", "check_dropout", "with_dropout"]

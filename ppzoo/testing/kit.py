@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 from ppzoo.adapter import Adapter
 from ppzoo.capabilities import Capability
-from ppzoo.testing import checks as _checks
+from ppzoo.testing.chain_checks import check_stage_chain, check_tied_weights
+from ppzoo.testing.config_checks import check_layout, check_plan, check_tiny_config, check_validation
 from ppzoo.testing.dropout import check_dropout
+from ppzoo.testing.generate_check import check_generate
+from ppzoo.testing.loading_checks import check_buffers_after_meta_init, check_stage_reads
 from ppzoo.testing.step import check_distributed_step, distributed_step_problems
 
 __all__ = ["CHECKS", "Case", "Check", "CheckResult", "check_adapter", "cases", "check_adapters"]
@@ -41,17 +44,17 @@ class Check:
 
 
 CHECKS: tuple[Check, ...] = (
-    Check("tiny_config", _checks.check_tiny_config),
-    Check("layout", _checks.check_layout),
-    Check("plan", _checks.check_plan),
-    Check("validation", _checks.check_validation),
-    Check("stage_reads", _checks.check_stage_reads),
-    Check("buffers", _checks.check_buffers_after_meta_init),
-    Check("stage_chain", _checks.check_stage_chain),
+    Check("tiny_config", check_tiny_config),
+    Check("layout", check_layout),
+    Check("plan", check_plan),
+    Check("validation", check_validation),
+    Check("stage_reads", check_stage_reads),
+    Check("buffers", check_buffers_after_meta_init),
+    Check("stage_chain", check_stage_chain),
     Check("dropout", check_dropout),
-    Check("tied_weights", _checks.check_tied_weights, frozenset({Capability.TIED_EMBEDDINGS})),
+    Check("tied_weights", check_tied_weights, frozenset({Capability.TIED_EMBEDDINGS})),
     Check("distributed_step", check_distributed_step),
-    Check("generate", _checks.check_generate),
+    Check("generate", check_generate),
 )
 _BY_NAME = {check.name: check for check in CHECKS}
 
@@ -106,7 +109,7 @@ def _skip_reason(adapter: Adapter, check: Check) -> str | None:
     missing = _capability_skip(adapter, check)
     if missing:
         return missing
-    if check.function is _checks.check_generate:
+    if check.function is check_generate:
         problem = adapter.generation_problem(adapter.tiny_config())
         if problem is not None:
             return f"adapter {adapter.name!r} does not support generation: {problem}"

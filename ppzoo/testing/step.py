@@ -22,7 +22,7 @@ from ppzoo.adapter import Adapter
 from ppzoo.architectures.moe import RouterLoss, router_loss_of, router_modules
 from ppzoo.dropout import key_dropout
 from ppzoo.loss import causal_lm_loss
-from ppzoo.testing.checks import DROPOUT_SEED, SEQ_LEN, resolving_to
+from ppzoo.testing.harness import DROPOUT_SEED, SEQ_LEN, resolving_to
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 from ppzoo.validation import ValidationError
 
