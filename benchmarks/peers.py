@@ -297,6 +297,11 @@ def _load_runtime(path: str) -> Any:
     spec = importlib.util.spec_from_file_location("ppzoo_runtime_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "pipeline", None)):
+        raise SystemExit(
+            f"{path} has no pipeline(): give a runtime.py from before pipeline() moved to ppzoo/build.py "
+            "(commit 8f780e1's, say), or compare two trees another way"
+        )
     return module
 
 

@@ -17,7 +17,7 @@ _LAZY = {
     "Problem": "ppzoo.validation",
     "Settings": "ppzoo.validation",
     "ValidationError": "ppzoo.validation",
-    "pipeline": "ppzoo.runtime",
+    "pipeline": "ppzoo.build",
     "Pipeline": "ppzoo.runtime",
     "RankError": "ppzoo.agreement",
 }

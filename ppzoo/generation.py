@@ -278,7 +278,7 @@ def _keep_rows(cache: Any, index: torch.Tensor) -> None:
 
 
 def _prepare(input_ids, attention_mask, *, vocab_size: int, max_new_tokens: int, microbatches: int | None, pad):
-    from ppzoo.runtime import check_tokens
+    from ppzoo.inputs import check_tokens
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(

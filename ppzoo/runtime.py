@@ -1,14 +1,10 @@
-"""The runtime: the ``Pipeline`` object users hold, and ``pipeline()``, which builds it on every rank."""
+"""The runtime: the ``Pipeline`` object users hold (``pipeline()``, in :mod:`ppzoo.build`, builds it on every rank)."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
-import logging
 import os
-import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,74 +15,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import pipelining
 
-from ppzoo import registry
-from ppzoo.agreement import batch_groups, check_same, exchange, schedule_failure, tensor_digest
+from ppzoo.agreement import batch_groups, schedule_failure
 from ppzoo.aux_loss import AuxLoss
-from ppzoo.checkpoint import Checkpoint, resolve
-from ppzoo.config import load_config
-from ppzoo.dtypes import parse_dtype
-from ppzoo.loss import IGNORE_INDEX, PendingLoss, causal_lm_loss, count_label_tokens
-from ppzoo.mesh import Degrees, build_mesh, default_device, init_distributed, parse_timeout
-from ppzoo.parallelize import (
-    FSDP_MIXED_PRECISION,
-    TP_GRAD_ALLREDUCE,
-    ParallelizeFn,
-    parse_activation_checkpointing,
-    stage_parallelizer,
-)
+from ppzoo.inputs import StepInputs
+from ppzoo.loss import PendingLoss, causal_lm_loss
+from ppzoo.parallelize import TP_GRAD_ALLREDUCE
 from ppzoo.planner import Plan
-from ppzoo.planner import plan as make_plan
-from ppzoo.precision import activation_dtype as boundary_dtype
-from ppzoo.precision import apply_autocast, parse_mixed_precision
-from ppzoo.schedule import SPLIT_BACKWARD, build_schedule, check_batch, csv_stage_count, schedule_kind
-from ppzoo.stage import build_stage
+from ppzoo.schedule import SPLIT_BACKWARD, build_schedule, schedule_kind
 from ppzoo.tied import TiedWeights
-from ppzoo.vision import TOKEN_IDS, ImageBatch, finish_images, freeze_modules, prepare_images
+from ppzoo.vision import ImageBatch, finish_images, prepare_images
 
-__all__ = ["Pipeline", "PipelineStage", "check_tokens", "pipeline"]
+__all__ = ["Pipeline", "PipelineStage"]
 
-log = logging.getLogger("ppzoo")
-
-#: keyword arguments of ``from_pretrained`` that ppzoo passes on when loading the config
-_CONFIG_LOADING_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir")
 #: how many batch shapes keep their stages and schedules (each shape needs its own, see below)
 _SHAPE_CACHE = 4
-#: where a rank's count of tokens to learn sits among the facts it tells the others (the last)
-_TOKENS_FACT = 7
-
-
-def check_tokens(tokens: torch.Tensor, name: str, *, vocab_size: int, ignore_index: int | None = None) -> None:
-    """Refuse ``tokens`` that are not integer ids in ``[0, vocab_size)`` (or ``ignore_index``).
-
-    Args:
-        tokens: a ``(batch, sequence)`` tensor of token ids (``input_ids`` or ``labels``).
-        name: what ``tokens`` is, for the message.
-        vocab_size: the model's vocabulary size.
-        ignore_index: a value allowed besides the ids (``-100`` for labels).
-
-    Raises:
-        ValueError: ``tokens`` is not an integer tensor, or holds an id out of range; the message
-            names the first such value, its position (row, column) and the vocabulary size.
-    """
-    dtype = tokens.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be an integer tensor of token ids, got dtype {dtype}; "
-            f"tokenize to ids (torch.long) in [0, {vocab_size})"
-        )
-    bad = (tokens < 0) | (tokens >= vocab_size)
-    if ignore_index is not None:
-        bad &= tokens != ignore_index
-    if not bool(bad.any()):
-        return
-    where = tuple(int(i) for i in bad.nonzero()[0])
-    count = int(bad.sum())
-    allowed = f"ids 0..{vocab_size - 1}" + (f" or {ignore_index} (ignored)" if ignore_index is not None else "")
-    others = f" ({count - 1} more out of range)" if count > 1 else ""
-    raise ValueError(
-        f"{name}[{', '.join(map(str, where))}] is {int(tokens[where])}, outside the vocabulary of {vocab_size} "
-        f"tokens{others}; {name} must hold {allowed}: check that the tokenizer is the model's"
-    )
 
 
 class PipelineStage(pipelining.PipelineStage):
@@ -102,7 +44,7 @@ class PipelineStage(pipelining.PipelineStage):
         return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
 
 
-class Pipeline:
+class Pipeline(StepInputs):
     """This rank's pipeline stages and the schedules that run them.
 
     Every rank of a pipeline calls :meth:`step` / :meth:`eval` with the same batch (with data
@@ -261,98 +203,6 @@ class Pipeline:
         # data parallelism the factor is 1 and left out (x * 1 == x: one autograd node less).
         loss = causal_lm_loss(logits, labels, self._num_tokens)
         return loss * self._dp_size if self._dp_size > 1 else loss
-
-    @property
-    def _vocab_size(self) -> int:
-        return int(self.adapter.text_config(self.config).vocab_size)
-
-    def _inputs(self, input_ids, attention_mask, position_ids) -> tuple[tuple, dict]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        check_batch(batch_size=batch, microbatches=self.microbatches)
-        # NOTE: every rank of a pipeline gets the same batch, so every rank refuses it here, before
-        # any communication; an id out of range would otherwise fail on the first rank only (or
-        # read past the embedding on a GPU) while its peers wait in the schedule.
-        check_tokens(input_ids, "input_ids", vocab_size=self._vocab_size)
-        kwargs = {}
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, seq):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, seq)}")
-            kwargs["attention_mask"] = attention_mask.to(self.device)
-        if position_ids is not None:
-            # NOTE: microbatching splits every kwarg along dim 0, so a shared (1, seq) row is expanded.
-            kwargs["position_ids"] = position_ids.to(self.device).expand(batch, seq).contiguous()
-        args = (input_ids.to(self.device),) if self.holds_first else ()
-        return args, kwargs
-
-    #: compare a hash of every rank's batch in each step / eval (see ``pipeline(check_batch=...)``)
-    check_batch: bool = False
-
-    def _agreed_inputs(
-        self, what: str, input_ids, labels, attention_mask, position_ids, images: dict[str, Any] | None = None
-    ) -> tuple[tuple, dict, int]:
-        """This rank's checked inputs, once every rank has checked its own and they agree, and the
-        global count of tokens to learn (this rank's labels' summed over its data-parallel peers).
-
-        NOTE: a rank whose batch is refused still joins the exchange with its error, so its peers
-        raise too instead of waiting in the schedule for it; ranks of one pipeline that pass
-        different shapes (or, with ``check_batch``, different contents) are refused on every rank.
-        The token count rides in the same exchange, so no collective of its own sums it over the
-        data-parallel ranks.
-        """
-        error: Exception | None = None
-        facts: list[int] = []
-        try:
-            args, kwargs = self._inputs(input_ids, attention_mask, position_ids)
-            if self._vision_language:
-                kwargs[TOKEN_IDS] = input_ids.to(self.device)
-            if images:
-                # NOTE: the vision tower runs here, before the exchange, so that a failure in it is
-                # told to every rank instead of leaving them waiting in the schedule
-                self._images = self._image_batch(
-                    input_ids, attention_mask, images, train=labels is not None, positions=position_ids is None
-                )
-                kwargs.update(self._images.kwargs)
-            tokens = 0
-            if labels is not None:
-                if tuple(labels.shape) != tuple(input_ids.shape):
-                    raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
-                check_tokens(labels, "labels", vocab_size=self._vocab_size, ignore_index=IGNORE_INDEX)
-                tokens = count_label_tokens(labels)
-            facts = [*input_ids.shape, labels is not None, attention_mask is not None, position_ids is not None]
-            facts.append(tensor_digest(input_ids, labels, attention_mask, position_ids) if self.check_batch else 0)
-            facts += [0] * (_TOKENS_FACT - len(facts)) + [tokens]
-        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
-            error = exc
-        facts_seen = exchange(what, error, facts)
-
-        def describe(v: list[int]) -> str:
-            given = [n for n, f in zip(("labels", "attention_mask", "position_ids"), v[2:5], strict=True) if f]
-            parts = [f"input_ids {(v[0], v[1])}", *given]
-            return ", ".join(parts + ([f"content hash {v[5]:016x}"] if self.check_batch else []))
-
-        # NOTE: the token count is not compared: without check_batch, ranks may pass different
-        # labels of one shape, and each counts its own (summed over its data-parallel peers)
-        check_same(facts_seen[:, :_TOKENS_FACT], self._batch_groups, what=what, describe=describe)
-        self._check_length(input_ids.shape[1])
-        return args, kwargs, int(facts_seen[self._dp_peers, _TOKENS_FACT].sum())
-
-    #: whether this pipeline has warned of sequences longer than the model's positions
-    _warned_length: bool = False
-
-    def _check_length(self, seq_len: int) -> None:
-        limit = getattr(self.adapter.text_config(self.config), "max_position_embeddings", None)
-        if self._warned_length or not isinstance(limit, int) or seq_len <= limit:
-            return
-        self._warned_length = True
-        warnings.warn(
-            f"sequences of {seq_len} tokens are longer than the model's max_position_embeddings={limit}: the "
-            "positions past it were never trained (and learned position embeddings have no entry for them); "
-            f"cut or split the sequences to {limit} tokens at most. Warned once per pipeline",
-            UserWarning,
-            stacklevel=4,
-        )
 
     @contextlib.contextmanager
     def _earlier_grads_set_aside(self) -> Iterator[None]:
@@ -669,210 +519,3 @@ class Pipeline:
         from ppzoo.checkpoint import load_state
 
         return load_state(self.stages, directory, optimizer, adapter=self.adapter, config=self.config)
-
-
-def pipeline(
-    model: str | os.PathLike,
-    *,
-    pp: int,
-    schedule: str = "1F1B",
-    microbatches: int | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: torch.device | str | None = None,
-    stages_per_rank: int | None = None,
-    layers_per_stage: int | None = None,
-    stage_modules: Sequence[Sequence[str]] | None = None,
-    seq_len: int = 2048,
-    cost: str = "flops",
-    dp_replicate: int = 1,
-    dp_shard: int = 1,
-    cp: int = 1,
-    tp: int = 1,
-    parallelize_fn: ParallelizeFn | None = None,
-    attn_implementation: str | None = None,
-    timeout: float | datetime.timedelta | None = None,
-    check_batch: bool = False,
-    mixed_precision: str | torch.dtype | None = None,
-    activation_checkpointing: str | int | None = None,
-    compile: bool = False,
-    freeze_vision: bool = False,
-    **from_pretrained_kwargs: Any,
-) -> Pipeline:
-    """Build this rank's pipeline stages of ``model`` and the schedule that runs them.
-
-    Call it on every rank (under ``torchrun``, or with a process group already initialised).
-
-    Args:
-        model: a local checkpoint directory or a hub id.
-        pp: pipeline-parallel degree.
-        schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble,
-            DualPipeV (any case), or a path to a ``.csv`` schedule.
-        microbatches: microbatches per step (default: the number of stages).
-        dtype: parameter dtype.
-        device: target device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
-        stages_per_rank, layers_per_stage, stage_modules: how to split; see :func:`ppzoo.plan`.
-        seq_len: the sequence length the cost-balanced split assumes (attention's share of a
-            layer's cost grows with it); set it to your training length.
-        cost: what the split balances: ``"flops"`` (default, FLOP counts) or ``"measured"``
-            (global rank 0 times each layer kind's and the head's forward + backward and an AdamW
-            step on its device at start-up, cached, and every rank splits by those times;
-            :mod:`ppzoo.calibration`).
-        dp_replicate, dp_shard, cp, tp: the other mesh degrees; world size = their product × pp.
-            Each data-parallel rank passes its own part of the global batch to ``step``.
-        parallelize_fn: ``fn(stage_module, stage_mesh)`` replacing the default tensor parallel +
-            FSDP2 (:func:`ppzoo.parallelize.parallelize_stage`); ``stage_mesh`` is the stage's
-            ``(dp_replicate, dp_shard, cp, tp)`` sub-mesh. The module is still on the meta device.
-        attn_implementation: as in ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...).
-        timeout: how long a rank waits for the others (seconds or a ``timedelta``) before it
-            fails: the process-group timeout, given to the group ppzoo initialises (default 600 s)
-            or set on the one that exists, and on the mesh's groups. A rank whose stage fails
-            inside the schedule leaves its peers waiting this long at most.
-        check_batch: compare a hash of every rank's batch (ids, labels, mask, positions) in each
-            ``step`` / ``eval``, and refuse a step whose ranks passed different batches (shapes
-            are always compared). Also settable later as ``Pipeline.check_batch``.
-        mixed_precision: ``"bf16"``: float32 parameters and optimizer state (``dtype`` must stay
-            float32), bfloat16 compute, float32 gradient reduction and loss; hidden states and
-            logits cross stages (and ``eval`` returns logits) in bfloat16. None (default): compute
-            in ``dtype``. float16 is refused (it needs loss scaling). See :mod:`ppzoo.precision`.
-        activation_checkpointing: recompute decoder layers' activations in backward instead of
-            keeping them: ``"full"`` (every layer), ``"selective"`` (every second layer), an
-            integer k (every k-th layer by its index in the whole model), or None (default).
-        compile: ``torch.compile`` each decoder layer (after activation checkpointing, before
-            FSDP2, as torchtitan does). The first step of each batch shape compiles.
-        freeze_vision: a vision-language model's vision tower and projector get no gradients
-            (``requires_grad=False``), as fine-tuning recipes that train the language model do;
-            its images still reach the language model (:mod:`ppzoo.vision`).
-        **from_pretrained_kwargs: other ``from_pretrained`` keywords: ``trust_remote_code``,
-            ``revision``, ``token``, ``cache_dir``, or config attributes to override.
-
-    Returns:
-        The :class:`Pipeline`.
-
-    Raises:
-        ValueError: an argument of the wrong type, before any communication.
-        ppzoo.validation.ValidationError: the config, split, schedule, microbatch count or degrees
-            break validation rules (every problem at once, each with its code), before any
-            communication.
-    """
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype)
-    timeout = parse_timeout(timeout)
-    compute_dtype = parse_mixed_precision(mixed_precision, dtype=dtype)
-    checkpoint_every = parse_activation_checkpointing(activation_checkpointing)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
-    if not isinstance(freeze_vision, bool):
-        raise ValueError(f"freeze_vision must be True or False, got {freeze_vision!r}")
-    degrees = Degrees(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
-    name, kind = schedule_kind(schedule)
-    if kind == "csv" and stages_per_rank is None and stage_modules is None and layers_per_stage is None:
-        stages_per_rank = csv_stage_count(name) // pp
-    loading = {k: from_pretrained_kwargs.pop(k) for k in _CONFIG_LOADING_KWARGS if k in from_pretrained_kwargs}
-    hub_kwargs = {k: v for k, v in loading.items() if k != "trust_remote_code"}
-    local = resolve(model, **hub_kwargs)
-    config = load_config(local, trust_remote_code=loading.get("trust_remote_code", False))
-    for key, value in from_pretrained_kwargs.items():
-        if not hasattr(config, key):
-            raise TypeError(f"pipeline() got an unexpected keyword argument {key!r} (not a config attribute either)")
-        setattr(config, key, value)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    if cost not in ("flops", "measured"):
-        raise ValueError(f"cost must be 'flops' or 'measured', got {cost!r}")
-    planning = dict(
-        pp=pp,
-        schedule=name,
-        stages_per_rank=stages_per_rank,
-        layers_per_stage=layers_per_stage,
-        stage_modules=stage_modules,
-        dtype=dtype,
-        seq_len=seq_len,
-        microbatches=microbatches,
-        dp_replicate=dp_replicate,
-        dp_shard=dp_shard,
-        cp=cp,
-        tp=tp,
-        custom_parallelize=parallelize_fn is not None,
-    )
-    the_plan = make_plan(config, **planning)
-    # NOTE: the plan ran every validation rule on these settings; none needs a process group.
-    microbatches = the_plan.num_stages if microbatches is None else microbatches
-    adapter = registry.adapter_for(config)
-    if freeze_vision and not adapter.image_modules(config):
-        raise ValueError(
-            f"freeze_vision=True, but model_type {getattr(config, 'model_type', None)!r} has no vision tower; "
-            "leave freeze_vision out for a text-only model"
-        )
-
-    init_distributed(device, timeout=timeout)
-    if cost == "measured":
-        from ppzoo.calibration import agreed_costs
-
-        measured = agreed_costs(
-            config, adapter, the_plan.layout, seq_len=seq_len, device=device, dtype=compute_dtype or dtype
-        )
-        the_plan = make_plan(config, **planning, cost=measured)
-    mesh = build_mesh(degrees, device, timeout=timeout)
-    pp_rank = mesh["pp"].get_local_rank()
-    on_hub = not Path(os.fspath(model)).expanduser().is_dir()
-    checkpoint = Checkpoint(local, repo_id=str(model) if on_hub else None, hub_kwargs=hub_kwargs if on_hub else None)
-    checkpoint.check_layer_count(the_plan.layout.layers, the_plan.layout.num_layers)
-    stage_mesh = mesh["dp_replicate", "dp_shard", "cp", "tp"]
-    parallelize = stage_parallelizer(
-        stage_mesh,
-        adapter=adapter,
-        config=config,
-        parallelize_fn=parallelize_fn,
-        mixed_precision=compute_dtype,
-        activation_checkpointing=checkpoint_every,
-        compile=compile,
-    )
-    modules: dict[int, nn.Module] = {}
-    error: BaseException | None = None
-    try:
-        for spec in the_plan.stages_for_rank(pp_rank):
-            started = time.perf_counter()
-            modules[spec.index] = build_stage(
-                config,
-                adapter,
-                the_plan,
-                spec.index,
-                checkpoint=checkpoint,
-                device=device,
-                dtype=dtype,
-                parallelize=parallelize,
-                attn_implementation=config._attn_implementation,
-            )
-            log.info(
-                "rank %d: stage %d/%d ready (%s params) in %.1fs",
-                dist.get_rank(),
-                spec.index,
-                the_plan.num_stages,
-                f"{spec.params:,}",
-                time.perf_counter() - started,
-            )
-            if freeze_vision:
-                freeze_modules(modules[spec.index], adapter.image_modules(config))
-            if compute_dtype is not None and not getattr(modules[spec.index], FSDP_MIXED_PRECISION, False):
-                apply_autocast(modules[spec.index], compute_dtype, param_dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here
-        error = exc
-    # NOTE: building a stage is local to its rank (it reads only its own tensors); a rank that
-    # failed (a missing shard, a corrupt file) tells the others here instead of leaving them
-    # waiting in the first step's collectives
-    exchange("pipeline", error)
-    pipe = Pipeline(
-        config=config,
-        adapter=adapter,
-        plan=the_plan,
-        modules=modules,
-        mesh=mesh,
-        device=device,
-        microbatches=microbatches,
-        dtype=dtype,
-        activation_dtype=boundary_dtype(dtype=dtype, compute=compute_dtype),
-    )
-    pipe.source = local
-    pipe.check_batch = bool(check_batch)
-    pipe.vision_frozen = freeze_vision
-    return pipe

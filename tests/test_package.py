@@ -25,13 +25,14 @@ def test_every_module_imports_as_itself(name):
 
 
 def test_public_functions_are_functions():
+    import ppzoo.build
     import ppzoo.planner
     import ppzoo.registry
     import ppzoo.runtime
 
     assert ppzoo.plan is ppzoo.planner.plan
     assert ppzoo.adapters is ppzoo.registry.adapters
-    assert ppzoo.pipeline is ppzoo.runtime.pipeline and ppzoo.Pipeline is ppzoo.runtime.Pipeline
+    assert ppzoo.pipeline is ppzoo.build.pipeline and ppzoo.Pipeline is ppzoo.runtime.Pipeline
     assert set(ppzoo.__all__) <= set(dir(ppzoo)) | {"pipeline", "Pipeline", "RankError"}
 
 

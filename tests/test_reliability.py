@@ -62,19 +62,19 @@ def _rank_fails_case(source):
 
 def _build_fails_case(source):
     """Rank 1 cannot read its stage's weights: both ranks fail in ``pipeline()``, rank 0 naming rank 1."""
-    import ppzoo.runtime
+    import ppzoo.build
 
-    build = ppzoo.runtime.build_stage
+    build = ppzoo.build.build_stage
 
     def unreadable(*args, **kwargs):
         raise OSError("model.safetensors: unexpected end of file")
 
     if dist.get_rank() == 1:
-        ppzoo.runtime.build_stage = unreadable
+        ppzoo.build.build_stage = unreadable
     try:
         built = _outcome(_pipeline, source)
     finally:
-        ppzoo.runtime.build_stage = build
+        ppzoo.build.build_stage = build
     return {"built": built, "after": _good_step(_pipeline(source))}
 
 

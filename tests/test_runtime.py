@@ -337,7 +337,7 @@ def test_pending_loss_waits_once_at_first_use():
     ids=["too-large", "negative", "not-the-ignore-index", "bool"],
 )
 def test_check_tokens_names_the_value_the_position_and_the_vocabulary(tokens, kwargs, message):
-    from ppzoo.runtime import check_tokens
+    from ppzoo.inputs import check_tokens
 
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         check_tokens(tokens, "t", vocab_size=10, **kwargs)
