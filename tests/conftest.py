@@ -104,3 +104,16 @@ def pytest_runtest_call(item):
     if started:
         pytest.fail(started[0] + f" in a test not marked {DISTRIBUTED!r}", pytrace=False)
     return result
+
+
+# -- one worker per module's process group ---------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n 2 --dist loadgroup``, a module's multi-process tests all go to one worker.
+
+    NOTE: they share the process group a module-scoped fixture starts; split over two workers, each
+    worker would start it (and import torch and transformers in every process of it) again.
+    """
+    for item in items:
+        if item.get_closest_marker(DISTRIBUTED) is not None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

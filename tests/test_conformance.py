@@ -303,8 +303,8 @@ def test_pytest_plugin_ids_skips_and_strict_xfails(pytester):
                 return Layout(layout.inputs, layout.layers, layout.num_layers, ("model.norm",), layout.shared)
 
         pytestmark = pytest.mark.ppzoo_adapters(
-            "llama", NoHead(), select=["layout", "plan", "tied_weights"],
-            expected_failures={"no-head-layout": "the head is left out", "llama-plan": "thought broken"},
+            "llama", NoHead(), select=["layout", "validation", "tied_weights"],
+            expected_failures={"no-head-layout": "the head is left out", "llama-validation": "thought broken"},
         )
 
         def test_kit(ppzoo_case):
@@ -315,15 +315,15 @@ def test_pytest_plugin_ids_skips_and_strict_xfails(pytester):
     assert [line for line in collected.outlines if "::" in line] == [
         f"test_pytest_plugin_ids_skips_and_strict_xfails.py::test_kit[{adapter}-{check}]"
         for adapter in ("llama", "no-head")
-        for check in ("layout", "plan", "tied_weights")
+        for check in ("layout", "validation", "tied_weights")
     ]
-    result = pytester.runpytest_inprocess("-p", "ppzoo.testing.pytest_plugin", "-rfsx", "-k", "not no-head-plan")
+    result = pytester.runpytest_inprocess("-p", "ppzoo.testing.pytest_plugin", "-rfsx", "-k", "not no-head-validation")
     result.assert_outcomes(passed=1, skipped=2, xfailed=1, failed=1, deselected=1)
     result.stdout.fnmatch_lines_random(
         [
             "SKIPPED * adapter 'llama' does not declare 'tied_embeddings' in its capabilities",
             "XFAIL *test_kit[[]no-head-layout[]] - the head is left out",
-            "FAILED *test_kit[[]llama-plan[]]*",
+            "FAILED *test_kit[[]llama-validation[]]*",
             "[[]XPASS(strict)[]] thought broken",
         ]
     )

@@ -1,10 +1,10 @@
 """Global gradient-norm clipping (``Pipeline.clip_grad_norm_``, ``ppzoo.grad_norm``) against the unsplit model.
 
-One spawned gloo group per world size runs every case: 2 ranks for pp=2 (one stage a rank, loop
-and V placement), 4 ranks for pp=2 × dp_shard=2 (FSDP2 shards), pp=2 × tp=2 (tensor-parallel
-slices beside replicated norms) and pp=2 × dp_replicate=2 (replicated, HSDP-style DTensors), each
-with an untied and a tied head. Each case returns its
-problems instead of raising, so one failure does not leave a peer rank blocked.
+One spawned 4-process gloo group runs every case: first pp=2 × dp_shard=2 (FSDP2 shards), pp=2 ×
+tp=2 (tensor-parallel slices beside replicated norms) and pp=2 × dp_replicate=2 (replicated,
+HSDP-style DTensors) on all four ranks; then ranks 0 and 1 join a fresh 2-process group for pp=2
+(one stage a rank, loop and V placement). Each runs with an untied and a tied head. Each case
+returns its problems instead of raising, so one failure does not leave a peer rank blocked.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ppzoo
-from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.distributed import free_port, run_distributed, shrink_group
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model, tiny
 from ppzoo.training_loop import data_parallel_rows
 
@@ -75,7 +75,7 @@ def _case(directory, settings):
     return {"problems": problems, "norms": norms}
 
 
-def _rank_main(rank, world_size, directories):
+def _cases_of(world_size, directories):
     results = {}
     for label, settings in CASES[world_size].items():
         for tie, directory in directories.items():
@@ -83,6 +83,13 @@ def _rank_main(rank, world_size, directories):
                 results[(label, tie)] = _case(directory, settings)
             except Exception:
                 results[(label, tie)] = {"problems": [traceback.format_exc()], "norms": {}}
+    return results
+
+
+def _rank_main(rank, world_size, directories, port):
+    results = {4: _cases_of(4, directories)}
+    if shrink_group(rank, 2, port):
+        results[2] = _cases_of(2, directories)
     return results
 
 
@@ -95,15 +102,16 @@ def directories(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def group(request, directories):
-    return request.param, run_distributed(_rank_main, request.param, directories, timeout_s=600)
+@pytest.fixture(scope="module")
+def group(directories):
+    return run_distributed(_rank_main, 4, directories, free_port(), timeout_s=600)
 
 
 @pytest.mark.distributed
-def test_clip_grad_norm_equals_unsplit_model(group):
+@pytest.mark.parametrize("world_size", sorted(CASES))
+def test_clip_grad_norm_equals_unsplit_model(group, world_size):
     """Norm (2 and inf) and clipped gradients equal torch's clip_grad_norm_ on the unsplit model."""
-    world_size, results = group
+    results = [per_rank[world_size] for per_rank in group[:world_size]]
     for label in CASES[world_size]:
         for tie in ("untied", "tied"):
             for rank, per_rank in enumerate(results):

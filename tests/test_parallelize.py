@@ -1,7 +1,8 @@
 """Parallelism inside stages (``ppzoo.parallelize``) on a 4-process gloo group: pp=2 × (dp_shard | tp | dp_replicate) = 2.
 
-Activation checkpointing runs there too (with FSDP2 and with tensor parallel), and in a 2-process
-group at pp=2 alone (full, selective, every third layer), with compiled layers (``compile=True``).
+Activation checkpointing runs there too (with FSDP2 and with tensor parallel), and then, with ranks
+0 and 1 in a fresh 2-process group, at pp=2 alone (full, selective, every third layer), with
+compiled layers (``compile=True``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import ppzoo
 import ppzoo.parallelize
 from ppzoo import registry
-from ppzoo.testing.distributed import run_distributed
+from ppzoo.testing.distributed import free_port, run_distributed, shrink_group
 from ppzoo.testing.reference import batch, grad_mismatches, load_reference, save_tiny_model
 from ppzoo.training_loop import data_parallel_rows
 
@@ -259,7 +260,7 @@ def _compile_case(directory, degrees):
     return {"problems": problems}
 
 
-def _pipeline_only_main(rank, world_size, directory):
+def _pipeline_only_main(directory):
     results = {}
     for label, case in {
         "checkpointing": lambda: _checkpointing_case(directory, {}, ("full", "selective", 3)),
@@ -272,16 +273,33 @@ def _pipeline_only_main(rank, world_size, directory):
     return results
 
 
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
-    return run_distributed(_rank_main, 4, str(directory), timeout_s=600)
+def _both_main(rank, world_size, directory, port):
+    results = {"pp2-dp2": _rank_main(rank, world_size, directory)}
+    if shrink_group(rank, 2, port):
+        # NOTE: compiled as in a fresh process: the compile case counts the graphs it captures
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        results["pp2"] = _pipeline_only_main(directory)
+    return results
 
 
 @pytest.fixture(scope="module")
-def pipeline_only_group(tmp_path_factory):
+def both_groups(tmp_path_factory):
     directory = save_tiny_model(registry.adapters()["llama"], tmp_path_factory.mktemp("llama"))
-    return run_distributed(_pipeline_only_main, 2, str(directory), timeout_s=600)
+    return run_distributed(_both_main, 4, str(directory), free_port(), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def group(both_groups):
+    """Results of the 4-process group (pp=2 × 2), by rank."""
+    return [per_rank["pp2-dp2"] for per_rank in both_groups]
+
+
+@pytest.fixture(scope="module")
+def pipeline_only_group(both_groups):
+    """Results of the 2-process group (pp=2 alone), by rank."""
+    return [per_rank["pp2"] for per_rank in both_groups[:2]]
 
 
 @pytest.mark.distributed

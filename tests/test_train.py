@@ -1,9 +1,12 @@
 """``ppzoo train``: runs, worker failures, option checks, the config file, accumulation, resuming."""
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -44,11 +47,56 @@ def _jsonl(path, texts):
 
 
 # -- the run ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _captured(directory):
+    """Capture this process's output and its workers' (file descriptors 1 and 2) in files; yields
+    ``read()``.
+
+    NOTE: for a module-scoped fixture, where ``capfd`` (function-scoped) cannot be used.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    paths = [directory / "stdout", directory / "stderr"]
+    saved, streams = [os.dup(1), os.dup(2)], (sys.stdout, sys.stderr)
+    try:
+        for fd, path in zip((1, 2), paths):
+            with open(path, "wb") as file:
+                os.dup2(file.fileno(), fd)
+        # NOTE: pytest's capture replaces sys.stdout too; this process writes through the same fds
+        sys.stdout, sys.stderr = (open(fd, "w", encoding="utf-8", buffering=1, closefd=False) for fd in (1, 2))
+        yield lambda: [path.read_text(encoding="utf-8") for path in paths]
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            if stream not in streams:
+                stream.close()  # NOTE: closefd=False: flushes, leaves the descriptor to dup2 below
+        sys.stdout, sys.stderr = streams
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)
+            os.close(original)
+
+
+@pytest.fixture(scope="module")
+def pp2_run(tmp_path_factory):
+    """``SMALL`` at pp=2, saved: the smoke test reads its output, the resume test goes on from it.
+
+    NOTE: one launch of two workers instead of two such launches (each worker imports torch and
+    transformers, many seconds of CPU).
+    """
+    directory = tmp_path_factory.mktemp("pp2")
+    model_dir, saved = directory / "model", directory / "saved"
+    argv = [*SMALL, "--pp", "2", "--log-every", "1", "--model-dir", model_dir, "--save", saved]
+    with _captured(directory) as read:
+        code = main(["train", *map(str, argv)])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = read()
+    # the metrics as this run left them (the resume test appends to the file)
+    return code, out, err, model_dir, saved, (saved / "metrics.jsonl").read_text()
+
+
 @pytest.mark.distributed
-def test_train_pp2_smoke(tmp_path, capfd):
-    model_dir = tmp_path / "model"
-    metrics = tmp_path / "metrics.jsonl"
-    code, out, err = run(capfd, *SMALL, "--pp", "2", "--log-every", "1", "--model-dir", model_dir, "--metrics", metrics)
+def test_train_pp2_smoke(pp2_run):
+    code, out, err, model_dir, _, metrics = pp2_run
     assert code == 0, err
     # the built-in model went through a real checkpoint: config + safetensors on disk
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 256
@@ -72,7 +120,7 @@ def test_train_pp2_smoke(tmp_path, capfd):
     assert float(done[1]) == pytest.approx(sum(losses[:2]) / 2, abs=1e-3)
     assert float(done[2]) == pytest.approx(sum(losses[2:]) / 2, abs=1e-3)
     # the same numbers, unrounded, in the metrics file; one peak memory per rank
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [f"{r['loss']:.4f}" for r in records] == [s[1] for s in steps]
     assert all(len(r["peak_memory_bytes"]) == 2 and min(r["peak_memory_bytes"]) > 0 for r in records)
@@ -250,10 +298,10 @@ def one_rank(monkeypatch):
     """A one-process group in this process (world size 1)."""
     import torch.distributed as dist
 
-    from ppzoo.testing.distributed import _free_port
+    from ppzoo.testing.distributed import free_port
 
     for key, value in dict(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     ).items():
         monkeypatch.setenv(key, value)
     threads = torch.get_num_threads()
@@ -362,34 +410,35 @@ def _tensors(directory):
 
 
 @pytest.mark.distributed
-def test_resumed_run_continues_exactly(tmp_path, capfd, one_rank):
+def test_resumed_run_continues_exactly(pp2_run, tmp_path, capfd, one_rank):
     from ppzoo.checkpoint import saved_step
 
-    model_dir, saved = tmp_path / "model", tmp_path / "saved"
-    # two steps at pp=2, saved; then resumed at pp=1 up to step 4, saving into the same directory
-    code, first, err = run(
-        capfd, *SMALL, "--steps", "2", "--pp", "2", "--log-every", "1", "--model-dir", model_dir, "--save", saved
+    # four steps at pp=2, saved (the smoke test's run); then resumed at pp=1 up to step 6, saving
+    # into the same directory
+    code, first, err, model_dir, saved, _ = pp2_run
+    assert code == 0, err
+    code, second, err = run(
+        capfd, *SMALL, "--steps", "6", "--pp", "1", "--log-every", "1", "--resume", saved, "--save", saved
     )
     assert code == 0, err
-    code, second, err = run(capfd, *SMALL, "--pp", "1", "--log-every", "1", "--resume", saved, "--save", saved)
-    assert code == 0, err
-    assert f"resuming from {saved} at step 2" in second
+    assert f"resuming from {saved} at step 4" in second
     assert f"({saved / 'model'})" in second  # the model comes from the saved run
     printed = [(s[0], s[1]) for s in STEP.findall(first + second)]
     reference = tmp_path / "reference"
     reference.mkdir()
-    losses = _uninterrupted(model_dir, reference, steps=4)
+    losses = _uninterrupted(model_dir, reference, steps=6)
     assert printed == [(str(i + 1), f"{loss:.4f}") for i, loss in enumerate(losses)]
-    assert saved_step(saved / "state") == 4
+    assert saved_step(saved / "state") == 6
     resumed, straight = _tensors(saved / "model"), _tensors(reference / "run" / "model")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     # the metrics file in the save directory holds both runs' steps
-    assert [json.loads(line)["step"] for line in (saved / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    # nothing left to do at step 4: refused before any worker starts
-    code, _, err = run(capfd, *SMALL, "--resume", saved)
+    steps = [json.loads(line)["step"] for line in (saved / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # nothing left to do at step 6: refused before any worker starts
+    code, _, err = run(capfd, *SMALL, "--steps", "6", "--resume", saved)
     assert code == 2
-    assert f"--resume {str(saved)!r} is at step 4, --steps is 4; raise --steps above 4 to train further" in err
+    assert f"--resume {str(saved)!r} is at step 6, --steps is 6; raise --steps above 6 to train further" in err
 
 
 @pytest.mark.parametrize(
@@ -468,9 +517,9 @@ def test_two_machines_meet_at_the_endpoint(tmp_path, capfd):
     import subprocess
     import sys
 
-    from ppzoo.testing.distributed import _free_port
+    from ppzoo.testing.distributed import free_port
 
-    argv = [*SMALL, "--steps", "2", "--log-every", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+    argv = [*SMALL, "--steps", "2", "--log-every", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     other = subprocess.Popen(
         [sys.executable, "-m", "ppzoo.cli", "train", *argv, "--node-rank", "1"],

@@ -18,17 +18,38 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["DistributedFailure", "run_distributed"]
+__all__ = ["DistributedFailure", "free_port", "run_distributed", "shrink_group"]
 
 
 class DistributedFailure(RuntimeError):
     """A rank raised, died or timed out; the message holds each failing rank's traceback."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shrink_group(rank: int, size: int, port: int, *, timeout_s: float = 300.0) -> bool:
+    """Leave this process group; the first ``size`` ranks join a new gloo group of ``size`` on ``port``.
+
+    Returns True on those ranks, False on the others (which then have no group). Cases that need
+    fewer ranks run on in processes that already imported torch and transformers, instead of in a
+    second spawned group. ``port`` must be the same on every rank: take it in the parent
+    (:func:`free_port`) and pass it to every rank.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    gc.collect()  # NOTE: pipelines hold their process groups in reference cycles
+    dist.destroy_process_group()
+    if rank >= size:
+        return False
+    os.environ.update(MASTER_PORT=str(port), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size))
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any, timeout_s: float) -> None:
@@ -73,7 +94,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue, timeout_s), daemon=True)
         for rank in range(world_size)
