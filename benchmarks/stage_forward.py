@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import PressureMonitor, llama_config, machine, write_json
-from benchmarks.step import CASES, _batch, _Single, ideal_efficiency
+from benchmarks.step import CASES, _batch, _Single, case_pipeline, ideal_efficiency
 from ppzoo.testing.synthetic import generate_checkpoint
 
 SIDES = ("now", "before")
@@ -85,21 +85,10 @@ def _measure(rank: int, world: int, directory: str, case: dict[str, Any], schedu
     import torch
     import torch.distributed as dist
 
-    import ppzoo
-
     single = _Single(directory, case) if rank == 0 else None
     pipes, optimizers = {}, {}
     for side in SIDES:
-        pipes[side] = ppzoo.pipeline(
-            directory,
-            pp=world,
-            schedule=schedule,
-            microbatches=case["microbatches"],
-            dtype=torch.float32,
-            device="cpu",
-            attn_implementation="sdpa",
-            seq_len=case["seq_len"],
-        )
+        pipes[side] = case_pipeline(directory, world, schedule, case)
         optimizers[side] = torch.optim.AdamW(pipes[side].parameters(), lr=1e-5)
     _as_before(pipes["before"])
     hooks = {side: sum(bool(m._forward_pre_hooks) for s in p.stages for m in s.modules()) for side, p in pipes.items()}

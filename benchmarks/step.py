@@ -111,6 +111,25 @@ def _batch(vocab: int, case: dict[str, Any], seed: int = 0):
     return ids, ids.clone()
 
 
+def case_pipeline(directory: str, world: int, schedule: str, case: dict[str, Any], **options: Any) -> Any:
+    """``ppzoo.pipeline`` as every step benchmark builds it for ``case``: fp32 on the CPU, SDPA attention."""
+    import torch
+
+    import ppzoo
+
+    return ppzoo.pipeline(
+        directory,
+        pp=world,
+        schedule=schedule,
+        microbatches=case["microbatches"],
+        dtype=torch.float32,
+        device="cpu",
+        attn_implementation="sdpa",
+        seq_len=case["seq_len"],
+        **options,
+    )
+
+
 class _Single:
     """The unsplit model with its own AdamW: whole-batch steps and microbatch-accumulated steps."""
 
@@ -186,7 +205,6 @@ def _measure(
     import torch
     import torch.distributed as dist
 
-    import ppzoo
     from ppzoo.config import load_config
 
     single = _Single(directory, case) if rank == 0 else None
@@ -197,17 +215,7 @@ def _measure(
             extra["stage_modules"] = layer_balanced_split(
                 load_config(directory), pp=world, schedule=schedule, seq_len=case["seq_len"]
             )
-        pipe = ppzoo.pipeline(
-            directory,
-            pp=world,
-            schedule=schedule,
-            microbatches=case["microbatches"],
-            dtype=torch.float32,
-            device="cpu",
-            attn_implementation="sdpa",
-            seq_len=case["seq_len"],
-            **extra,
-        )
+        pipe = case_pipeline(directory, world, schedule, case, **extra)
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5)
         ids, labels = _batch(pipe.config.vocab_size, case)
         record: dict[str, Any] = {

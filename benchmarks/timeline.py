@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import PressureMonitor, command_line, llama_config, machine, table, write_json
-from benchmarks.step import CASES, _batch, _Single, _stages_per_rank, ideal_efficiency
+from benchmarks.step import CASES, _batch, _Single, _stages_per_rank, case_pipeline, ideal_efficiency
 from ppzoo.testing.synthetic import generate_checkpoint
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble")
@@ -83,22 +83,11 @@ def _measure(
     import torch
     import torch.distributed as dist
 
-    import ppzoo
-
     fused = fused or None  # NOTE: None is torch's default (a loop of element-wise ops on a CPU)
     single = _Single(directory, case, fused=fused) if rank == 0 else None
     out: dict[str, Any] = {"load": [os.getloadavg()], "schedules": {}}
     for schedule in schedules:
-        pipe = ppzoo.pipeline(
-            directory,
-            pp=world,
-            schedule=schedule,
-            microbatches=case["microbatches"],
-            dtype=torch.float32,
-            device="cpu",
-            attn_implementation="sdpa",
-            seq_len=case["seq_len"],
-        )
+        pipe = case_pipeline(directory, world, schedule, case)
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-5, fused=fused)
         ids, labels = _batch(pipe.config.vocab_size, case)
         events: list = []
